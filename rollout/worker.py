@@ -1,0 +1,163 @@
+"""The rollout worker: one inference engine, many concurrent episodes, groups pushed to the buffer.
+
+Hosted as a Ray actor (async methods share one event loop, so `run` and `update_weights` interleave:
+weights land between decoding steps while episodes stay in flight). Each of `max_concurrent_groups`
+loops repeats: acquire an admission ticket from the buffer -> pick task `ticket` of the (seeded,
+per-epoch shuffled) dataset -> run `group_size` episodes concurrently -> put the Group into the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any
+
+from slime.config import EnvConfig, ModelConfig, RolloutConfig
+from slime.types import Group, SamplingParams, Task, WeightManifest
+
+
+def set_thread_budget(threads: int) -> None:
+    """Pin torch/OMP threads for this process (two busy processes on two cores otherwise thrash)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class TaskSchedule:
+    """Ticket -> task: each epoch is a seeded permutation of the dataset, identical on every worker."""
+
+    def __init__(self, tasks: list[Task], seed: int, shuffle: bool) -> None:
+        self.tasks = tasks
+        self.seed = seed
+        self.shuffle = shuffle
+        self._perms: dict[int, list[int]] = {}
+
+    def __call__(self, ticket: int) -> Task:
+        epoch, i = divmod(ticket, len(self.tasks))
+        if epoch not in self._perms:
+            order = list(range(len(self.tasks)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._perms = {epoch: order}
+        return self.tasks[self._perms[epoch][i]]
+
+
+class RolloutWorker:
+    """Owns one engine; runs episodes for admitted tickets until stopped."""
+
+    def __init__(
+        self,
+        index: int,
+        model_dir: str,
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        env_cfg: EnvConfig,
+        seed: int,
+        work_dir: str,
+    ) -> None:
+        self.index = index
+        self.model_dir = model_dir
+        self.model_cfg = model_cfg
+        self.cfg = rollout_cfg
+        self.env_cfg = env_cfg
+        self.seed = seed
+        self.work_dir = work_dir
+        self.engine: Any = None
+        self._stopping = False
+        self._tokens = 0
+        self._episodes = 0
+        self._busy_s = 0.0
+
+    async def start(self) -> dict[str, Any]:
+        """Build the engine, tokenizer, chat format, environment class and task schedule."""
+        set_thread_budget(self.cfg.threads_per_worker)
+        from envs.dataset import load_tasks
+        from envs.registry import load_env_class
+        from rollout.chat import ChatFormat
+        from slime.models import load_tokenizer
+
+        t0 = time.perf_counter()
+        self.env_cls = load_env_class(self.env_cfg.name)
+        self.schedule = TaskSchedule(load_tasks(self.env_cfg, self.seed), self.seed, self.env_cfg.dataset.shuffle)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.chat = ChatFormat(self.tokenizer)
+        self.engine = make_engine(self.model_dir, self.model_cfg, self.cfg, self.seed + self.index, self.work_dir)
+        await self.engine.start()
+        return {"worker": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
+
+    def _sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.cfg.max_tokens_per_turn, temperature=self.cfg.temperature, top_p=self.cfg.top_p
+        )
+
+    async def run_group(self, task: Task, ticket: int, start_version: int) -> Group:
+        from rollout.episode import run_group
+
+        t0 = time.perf_counter()
+        trajs = await run_group(
+            self.engine,
+            lambda: self.env_cls(**self.env_cfg.kwargs),
+            task,
+            self.cfg.group_size,
+            self.chat,
+            self.cfg,
+            self._sampling(),
+        )
+        self._busy_s += time.perf_counter() - t0
+        self._tokens += sum(t.num_generated for t in trajs)
+        self._episodes += len(trajs)
+        return Group(task=task, trajectories=trajs, ticket=ticket, start_version=start_version, worker=self.index)
+
+    async def _loop(self, buffer: Any) -> None:
+        while not self._stopping:
+            admitted = await buffer.acquire.remote()
+            if admitted is None:  # buffer closed: the run is over
+                return
+            ticket, version = admitted
+            group = await self.run_group(self.schedule(ticket), ticket, version)
+            await buffer.put.remote(group)
+
+    async def run(self, buffer: Any) -> None:
+        """Run until stopped; an exception here is a worker failure the controller surfaces."""
+        await asyncio.gather(*(self._loop(buffer) for _ in range(self.cfg.max_concurrent_groups)))
+
+    async def update_weights(self, manifest: WeightManifest) -> float:
+        return await self.engine.update_weights(manifest, mode=self.cfg.weight_update_mode)
+
+    async def stats(self) -> dict[str, float]:
+        """Counters since the previous call."""
+        out = {"tokens": float(self._tokens), "episodes": float(self._episodes), "busy_s": self._busy_s}
+        self._tokens, self._episodes, self._busy_s = 0, 0, 0.0
+        return out
+
+    async def health(self) -> bool:
+        return await self.engine.health()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+
+def make_engine(model_dir: str, model_cfg: ModelConfig, cfg: RolloutConfig, seed: int, work_dir: str) -> Any:
+    """The configured engine: vLLM by default, transformers generate only as a fallback."""
+    if cfg.engine == "vllm":
+        from rollout.engine import VLLMEngine
+
+        return VLLMEngine(
+            model_dir,
+            dtype=model_cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            kv_cache_gib=cfg.kv_cache_gib,
+            enforce_eager=cfg.enforce_eager,
+            seed=seed,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            work_dir=work_dir,
+        )
+    from rollout.hf_engine import TransformersEngine
+
+    return TransformersEngine(model_dir, dtype=model_cfg.dtype, seed=seed)

@@ -1,0 +1,184 @@
+"""The replay buffer: finished groups in, training batches out, staleness bounded.
+
+Admission control keeps the data fresh before it is generated: a rollout worker must `acquire()` a
+ticket before starting a group, and tickets are issued only while
+
+    issued < (version + max_staleness + 1) * batch_groups + refunded
+
+where `version` is the policy version the engines already serve and `refunded` counts groups that were
+admitted but will never be trained on (dropped). Batch k (trained at version k) consumes tickets
+[k*B, (k+1)*B) in FIFO order, so a group admitted at version v is trained at a version <= v +
+max_staleness unless it finishes late; those slip-throughs are dropped at `get_batch` ("stale").
+With max_staleness=0 exactly one batch is in flight per version: the synchronous on-policy baseline.
+
+Every accepted group can be appended to `groups.jsonl` so a run can be replayed into the trainer alone.
+The class is plain asyncio (unit-testable); `slime.controller` hosts it in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import time
+from typing import Any
+
+from slime.config import BufferConfig
+from slime.types import Group, Status
+
+
+class ReplayBuffer:
+    """Version-tagged groups with admission control and a staleness bound."""
+
+    def __init__(
+        self,
+        cfg: BufferConfig,
+        batch_groups: int,
+        record_dir: str | None = None,
+        drop_zero_variance: bool = False,
+        min_group_size: int = 1,
+    ) -> None:
+        self.cfg = cfg
+        self.batch_groups = batch_groups
+        self.drop_zero_variance = drop_zero_variance  # DAPO dynamic sampling
+        self.min_group_size = min_group_size
+        self.version = 0
+        self.issued = 0
+        self.refunded = 0
+        self.closed = False
+        self._groups: list[Group] = []
+        self._cond = asyncio.Condition()
+        self._dropped: collections.Counter[str] = collections.Counter()  # since last stats()
+        self._dropped_total: collections.Counter[str] = collections.Counter()
+        self._failed_episodes = 0
+        self._failure_reasons: collections.Counter[str] = collections.Counter()
+        self._episodes = 0
+        self._record = None
+        if record_dir and cfg.record:
+            os.makedirs(record_dir, exist_ok=True)
+            self._record = open(os.path.join(record_dir, "groups.jsonl"), "a", encoding="utf-8")
+
+    # -- admission ---------------------------------------------------------------------------------
+    def _window(self) -> int:
+        return (self.version + self.cfg.max_staleness + 1) * self.batch_groups + self.refunded
+
+    async def acquire(self) -> tuple[int, int] | None:
+        """Wait for an admission ticket; returns (ticket, version at admission), or None once closed."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.closed or self.issued < self._window())
+            if self.closed:
+                return None
+            ticket = self.issued
+            self.issued += 1
+            return ticket, self.version
+
+    async def set_version(self, version: int) -> None:
+        """The engines now serve `version`: widen the admission window."""
+        async with self._cond:
+            self.version = version
+            self._cond.notify_all()
+
+    async def close(self) -> None:
+        async with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    # -- data in -------------------------------------------------------------------------------------
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self._dropped[reason] += n
+        self._dropped_total[reason] += n
+        self.refunded += n
+
+    async def put(self, group: Group) -> bool:
+        """Accept a finished group; returns False when it was dropped (the ticket is refunded)."""
+        async with self._cond:
+            self._episodes += len(group.trajectories)
+            failed = [t for t in group.trajectories if t.status == Status.FAILED]
+            self._failed_episodes += len(failed)
+            for t in failed:
+                self._failure_reasons[str(t.info.get("error", "unknown"))[:80]] += 1
+            # Failed episodes carry no learning signal about the policy (their reward is an env
+            # failure, not an outcome), so they never reach the trainer.
+            group.trajectories = [t for t in group.trajectories if t.status != Status.FAILED]
+            if len(group.trajectories) < self.min_group_size:
+                self._drop("failed")
+            elif self.drop_zero_variance and len(set(group.rewards)) <= 1:
+                self._drop("zero_variance")
+            else:
+                if len(self._groups) >= self.cfg.max_groups:
+                    self._groups.pop(0)
+                    self._drop("overflow")
+                self._groups.append(group)
+                if self._record is not None:
+                    self._record.write(json.dumps(group.to_dict()) + "\n")
+                    self._record.flush()
+                self._cond.notify_all()
+                return True
+            self._cond.notify_all()
+            return False
+
+    # -- data out ------------------------------------------------------------------------------------
+    def _drop_stale(self, version: int) -> None:
+        keep = []
+        for g in self._groups:
+            if version - g.min_version > self.cfg.max_staleness:
+                self._drop("stale")
+            else:
+                keep.append(g)
+        self._groups = keep
+
+    async def get_batch(self, n: int, version: int) -> tuple[list[Group], float]:
+        """Wait until n fresh groups are ready; return the n oldest (by ticket) and seconds waited."""
+        t0 = time.perf_counter()
+        async with self._cond:
+
+            def ready() -> bool:
+                self._drop_stale(version)
+                return self.closed or len(self._groups) >= n
+
+            await self._cond.wait_for(ready)
+            if len(self._groups) < n:
+                raise RuntimeError("replay buffer closed before a full batch was ready")
+            self._groups.sort(key=lambda g: g.ticket)
+            batch, self._groups = self._groups[:n], self._groups[n:]
+            # Dropping stale groups refunded tickets: let workers start replacements.
+            self._cond.notify_all()
+        return batch, time.perf_counter() - t0
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since the previous call (dropped by reason, failures) plus gauges."""
+        out: dict[str, Any] = {
+            "buffer/size": len(self._groups),
+            "buffer/issued": self.issued,
+            "episode/failed": self._failed_episodes,
+            "episode/count": self._episodes,
+        }
+        for reason in ("stale", "zero_variance", "failed", "overflow"):
+            out[f"buffer/dropped_{reason}"] = self._dropped.get(reason, 0)
+        out["episode/failure_reasons"] = dict(self._failure_reasons)
+        self._dropped.clear()
+        self._failed_episodes = 0
+        self._episodes = 0
+        self._failure_reasons.clear()
+        return out
+
+    def totals(self) -> dict[str, int]:
+        return dict(self._dropped_total)
+
+    def shutdown(self) -> None:
+        if self._record is not None:
+            self._record.close()
+            self._record = None
+
+
+def load_recorded_groups(path: str) -> list[Group]:
+    """Read a groups.jsonl written by the buffer (for replaying rollouts into the trainer alone)."""
+    groups = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                groups.append(Group.from_dict(json.loads(line)))
+    if not groups:
+        raise ValueError(f"buffer.replay_path={path!r} holds no groups")
+    return groups
