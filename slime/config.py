@@ -113,6 +113,7 @@ class AlgorithmConfig:
     tis_cap: float = 2.0  # truncation of the behaviour importance weight
     mask_low: float = 0.5  # mask tokens whose behaviour ratio is below this
     mask_high: float = 2.0  # ... or above this
+    decoupled_cap: float = 0.0  # decoupled: drop tokens whose behaviour weight exceeds this (0 = off)
     kl_coef: float = 0.0  # KL to a frozen reference model (0 = no reference model)
     kl_estimator: str = "k3"  # k1 | k2 | k3
     kl_mode: str = "loss"  # "loss" term or "reward" penalty
@@ -260,6 +261,17 @@ def validate(cfg: SlimeConfig) -> None:
         )
     if cfg.algorithm.clip_low < 0 or cfg.algorithm.clip_high < 0:
         raise ValueError("algorithm.clip_low and algorithm.clip_high must be >= 0")
+    if cfg.algorithm.tis_cap < 1.0:
+        raise ValueError(f"algorithm.tis_cap must be >= 1 (on-policy weight 1), got {cfg.algorithm.tis_cap}")
+    if not 0.0 <= cfg.algorithm.mask_low <= 1.0 <= cfg.algorithm.mask_high:
+        raise ValueError(
+            f"algorithm.mask_low ({cfg.algorithm.mask_low}) and algorithm.mask_high "
+            f"({cfg.algorithm.mask_high}) must satisfy 0 <= mask_low <= 1 <= mask_high"
+        )
+    if cfg.algorithm.decoupled_cap != 0.0 and cfg.algorithm.decoupled_cap < 1.0:
+        raise ValueError(f"algorithm.decoupled_cap must be 0 or >= 1, got {cfg.algorithm.decoupled_cap}")
+    if cfg.algorithm.overlong_buffer < 0:
+        raise ValueError(f"algorithm.overlong_buffer must be >= 0, got {cfg.algorithm.overlong_buffer}")
     if cfg.env.name == "openai_agent" and not cfg.env.agent:
         raise ValueError("env.agent=package.module:function is required when env.name=openai_agent")
 

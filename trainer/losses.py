@@ -1,0 +1,490 @@
+"""Policy and value losses, KL estimators, entropy and token logprobs: pure functions of tensors.
+
+Conventions (shared with `trainer.advantages`):
+
+- Per-token tensors are [B, T], aligned with *predicted* tokens: position t holds the logprob of
+  token t+1 given tokens <= t (already shifted).
+- `mask` [B, T] is 1.0 on tokens the policy generated (the loss mask), 0.0 on prompt, environment and
+  padding tokens; anything non-zero counts. Masked positions never influence a loss, a gradient or a
+  metric, even when they hold nan or inf (inputs are zeroed there with `torch.where` before any
+  arithmetic, so no 0 * inf reaches autograd).
+- Three logprobs of the same tokens:
+    `logprobs`           current policy pi_theta, with grad;
+    `proximal_logprobs`  pi_prox: the trainer's recomputation before this update (no grad), the
+                         "old" policy of PPO and of the decoupled objective;
+    `behavior_logprobs`  mu: what the inference engine reported when it sampled (possibly several
+                         policy versions old, and computed by different kernels).
+- Log-ratios are clamped to [-20, 20] before `exp`, so ratios stay finite; beyond that the gradient
+  through the ratio is 0 (such tokens are clipped or masked in any sane configuration).
+- Computation is in float32 (float64 stays float64), whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from slime.config import AlgorithmConfig
+
+LOG_RATIO_CLAMP = 20.0
+# Elements of one [rows, V] float32 slab materialised at a time by the logits functions (64 MiB).
+# Module-level so tests can shrink it to exercise chunking.
+CHUNK_ELEMENTS = 1 << 24
+
+AGG_MODES = ("token_mean", "seq_mean", "seq_sum_norm")
+
+
+def _dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _safe_exp(log_x: Tensor) -> Tensor:
+    return torch.exp(log_x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------------------------------
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, loss_norm: float | None = None) -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar over the tokens where mask != 0.
+
+    Modes (S = sequences with at least one loss token; |y_i| = loss tokens of sequence i):
+
+    - "token_mean":   sum_{i,t} x / sum_i |y_i|                 every token weighs the same (DAPO).
+    - "seq_mean":     (1/|S|) sum_{i in S} (1/|y_i|) sum_t x      every sequence weighs the same (GRPO).
+    - "seq_sum_norm": sum_{i,t} x / (|S| * loss_norm)            Dr. GRPO: a constant per-sequence
+                      normaliser, so a token's weight does not depend on its sequence's length.
+                      `loss_norm` defaults to T (this batch's padded length); pass a constant (e.g.
+                      the maximum response length) to make it the same across batches.
+
+    A sequence without loss tokens (e.g. a failed episode padded into the batch) is not a sample: it
+    counts in no denominator. An all-masked batch gives 0, not nan.
+
+    Gradient accumulation: each call normalises within its micro-batch. To reproduce the full-batch
+    value, weight micro-batch k's result by (its loss tokens / all loss tokens) for token_mean and by
+    (its non-empty sequences / all non-empty sequences) for seq_mean and seq_sum_norm.
+
+    Args:
+        per_token: [B, T] loss per token.
+        mask: [B, T] 1.0 on tokens that count.
+        mode: one of AGG_MODES.
+        loss_norm: the seq_sum_norm constant (ignored by the other modes).
+
+    Returns:
+        0-dim tensor, differentiable w.r.t. per_token (gradient exactly 0 at masked positions).
+    """
+    if per_token.shape != mask.shape or per_token.dim() != 2:
+        raise ValueError(
+            f"aggregate expects [B, T] per_token and mask, got {tuple(per_token.shape)}, {tuple(mask.shape)}"
+        )
+    m = mask != 0
+    x = torch.where(m, per_token, 0.0)  # [B, T]
+    if mode == "token_mean":
+        return x.sum() / m.sum().clamp(min=1)
+    tokens = m.sum(dim=-1)  # [B]
+    num_seqs = (tokens > 0).sum().clamp(min=1)
+    if mode == "seq_mean":
+        return (x.sum(dim=-1) / tokens.clamp(min=1)).sum() / num_seqs
+    if mode == "seq_sum_norm":
+        norm = float(per_token.shape[1]) if loss_norm is None else float(loss_norm)
+        if norm <= 0:
+            raise ValueError(f"loss_norm must be > 0, got {loss_norm}")
+        return x.sum() / (num_seqs * norm)
+    raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {', '.join(AGG_MODES)}")
+
+
+def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Detached mean of x over valid (bool, same shape); 0 when nothing is valid."""
+    x = torch.where(valid, x.detach().to(torch.float32), 0.0)
+    return x.sum() / valid.sum().clamp(min=1)
+
+
+def _stats(x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Detached (mean, max, min) of x over valid; zeros when nothing is valid."""
+    x = x.detach().to(torch.float32)
+    if not bool(valid.any()):
+        zero = x.new_zeros(())
+        return zero, zero, zero
+    v = x[valid]
+    return v.mean(), v.max(), v.min()
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy loss
+# --------------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: Tensor,
+    proximal_logprobs: Tensor,
+    behavior_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cfg: AlgorithmConfig,
+    loss_norm: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate policy loss with an off-policy correction for asynchronous rollouts.
+
+    All tensors are [B, T]; only `logprobs` needs grad (the others are detached here). `advantages`
+    are per token (use `broadcast_to_tokens` for sequence-level estimators).
+
+    1. Anchor ("old" policy of the clip): pi_prox, except `cfg.off_policy == "none"` where the
+       anchor is mu (proximal := behaviour: classic PPO straight on the engine's logprobs; the
+       proximal recompute may then be skipped by passing behavior_logprobs twice).
+    2. Policy ratio r = pi_theta / anchor:
+       - `cfg.ratio_level == "token"`: r_t = exp(logprobs_t - anchor_t).
+       - `"sequence"` (GSPO): s_i = exp(mean_t (logprobs - anchor)) over the sequence's loss tokens
+         (length-normalised geometric mean), used at every token as
+         s_{i,t} = sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)], so the value is s_i (clipping is
+         per sequence) and the gradient is s_i * grad logprob_t, i.e. GSPO's gradient.
+    3. Per-token clipped loss with asymmetric range (DAPO clip-higher):
+       l_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high)).
+    4. Off-policy correction from the behaviour ratio rho = pi_prox / mu (token level, or the
+       product over the sequence's loss tokens at `cfg.off_policy_level == "sequence"`):
+       - "none":      nothing beyond step 1.
+       - "tis":       l_t *= min(rho, tis_cap)  (truncated importance sampling, detached).
+       - "mask":      drop tokens (or whole sequences) with rho outside [mask_low, mask_high].
+       - "decoupled": l_t *= rho, untruncated (AReaL's decoupled PPO: clip against pi_prox, correct
+                      pi_prox -> mu by importance weighting); with `decoupled_cap > 0` tokens whose
+                      rho exceeds the cap are dropped instead (AReaL's behav_imp_weight_cap).
+       Dropped tokens contribute 0 but stay in the aggregation's denominators, so the loss scale
+       and the micro-batch weighting rule of `aggregate` do not depend on how many were dropped.
+    5. `aggregate(l, mask, cfg.loss_agg, loss_norm)`.
+
+    On-policy (logprobs == proximal == behaviour numerically) every variant has the value and the
+    gradient of the plain policy gradient aggregate(-A * logprobs) (given tis_cap >= 1 and
+    mask_low <= 1 <= mask_high, which config validation enforces).
+
+    KL and entropy terms are not included; add e.g.
+    `cfg.kl_coef * aggregate(kl_estimate(logprobs, ref, cfg.kl_estimator), mask, cfg.loss_agg, n)`.
+
+    Returns:
+        (loss: 0-dim tensor with grad, metrics: detached 0-dim float32 tensors):
+        - "clip_frac": fraction of contributing tokens whose gradient the clip removed;
+          "clip_frac/low" (A < 0, r below 1 - clip_low), "clip_frac/high" (A > 0, r above 1 + clip_high).
+        - "policy_ratio/mean|max|min": r over contributing tokens (over sequences for ratio_level sequence).
+        - "is_ratio/mean|max|min": rho before truncation/masking, over loss tokens (over non-empty
+          sequences at off_policy_level sequence). Reported for every mode, "none" included.
+        - "is_weight/mean": weight that multiplied the loss, over contributing tokens (1 for none/mask).
+        - "is_truncated_frac": fraction of loss units with rho > tis_cap (tis only, else 0).
+        - "masked_frac": fraction of loss tokens dropped by the correction (mask/decoupled cap).
+        - "approx_kl": k3 estimate of KL(anchor || pi_theta) over contributing tokens.
+        - "mismatch/logprob_abs": mean |behavior - proximal| logprob over loss tokens.
+        "contributing" = loss tokens not dropped by the correction.
+    """
+    shape = logprobs.shape
+    if logprobs.dim() != 2 or not (
+        proximal_logprobs.shape == behavior_logprobs.shape == advantages.shape == mask.shape == shape
+    ):
+        raise ValueError(
+            "policy_loss expects [B, T] tensors of one shape, got "
+            f"{[tuple(t.shape) for t in (logprobs, proximal_logprobs, behavior_logprobs, advantages, mask)]}"
+        )
+    dt = _dtype(logprobs)
+    m = mask != 0  # [B, T] loss tokens
+
+    def clean(x: Tensor) -> Tensor:  # zero masked positions before any arithmetic (nan/inf safe)
+        return torch.where(m, x.to(dt), 0.0)
+
+    lp = clean(logprobs)  # [B, T], grad flows to loss tokens only
+    prox = clean(proximal_logprobs.detach())
+    behav = clean(behavior_logprobs.detach())
+    adv = clean(advantages.detach())
+    tokens = m.sum(dim=-1)  # [B]
+    seq_valid = tokens > 0  # [B]
+
+    # --- off-policy correction: behaviour ratio rho = pi_prox / mu -----------------------------
+    off, level = cfg.off_policy, cfg.off_policy_level
+    if level not in ("token", "sequence"):
+        raise ValueError(f"unknown off_policy_level {level!r}")
+    log_rho_tok = prox - behav  # [B, T], 0 at masked positions
+    if level == "sequence":
+        # The importance weight of a whole sequence is the product of its token ratios.
+        log_rho_seq = log_rho_tok.sum(dim=-1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
+        rho_unit, unit_valid = torch.exp(log_rho_seq), seq_valid  # [B], per sequence
+        rho = rho_unit[:, None].expand(shape)  # [B, T]
+    else:
+        rho = _safe_exp(log_rho_tok)  # [B, T]
+        rho_unit, unit_valid = rho, m
+    weight = torch.ones_like(rho)
+    keep = m
+    if off == "none":
+        anchor = behav
+    elif off == "tis":
+        anchor = prox
+        weight = rho.clamp(max=cfg.tis_cap)
+    elif off == "mask":
+        anchor = prox
+        keep = m & (rho >= cfg.mask_low) & (rho <= cfg.mask_high)
+    elif off == "decoupled":
+        anchor = prox
+        weight = rho
+        if cfg.decoupled_cap > 0:
+            keep = m & (rho <= cfg.decoupled_cap)
+    else:
+        raise ValueError(f"unknown off_policy correction {off!r}")
+
+    # --- policy ratio r = pi_theta / anchor ------------------------------------------------------
+    log_ratio_tok = lp - anchor  # [B, T]
+    if cfg.ratio_level == "sequence":
+        seq_log_ratio = log_ratio_tok.detach().sum(dim=-1) / tokens.clamp(min=1)  # [B]
+        seq_log_ratio = seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        # Value s_i at every token; gradient of the token's own logprob (lp - sg[lp] == 0 in value).
+        ratio = torch.exp(seq_log_ratio[:, None] + lp - lp.detach())  # [B, T]
+    elif cfg.ratio_level == "token":
+        seq_log_ratio = None
+        ratio = _safe_exp(log_ratio_tok)  # [B, T]
+    else:
+        raise ValueError(f"unknown ratio_level {cfg.ratio_level!r}")
+
+    # --- clipped surrogate ----------------------------------------------------------------------
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    # Explicit selection instead of torch.maximum: on ties maximum splits the gradient in halves;
+    # here a tie takes the unclipped branch, whose gradient is the plain policy gradient.
+    clipped = pg_clipped > pg_unclipped  # [B, T]
+    per_token = torch.where(clipped, pg_clipped, pg_unclipped) * weight
+    per_token = torch.where(keep, per_token, 0.0)  # dropped tokens: 0, but still in denominators
+    loss = aggregate(per_token, mask, cfg.loss_agg, loss_norm)
+
+    # --- metrics (detached) ----------------------------------------------------------------------
+    with torch.no_grad():
+        metrics: dict[str, Tensor] = {}
+        metrics["clip_frac"] = _masked_mean(clipped, keep)
+        metrics["clip_frac/low"] = _masked_mean(clipped & (adv < 0), keep)
+        metrics["clip_frac/high"] = _masked_mean(clipped & (adv > 0), keep)
+        if seq_log_ratio is not None:
+            stats = _stats(torch.exp(seq_log_ratio), keep.any(dim=-1))
+        else:
+            stats = _stats(ratio, keep)
+        metrics["policy_ratio/mean"], metrics["policy_ratio/max"], metrics["policy_ratio/min"] = stats
+        stats = _stats(rho_unit, unit_valid)
+        metrics["is_ratio/mean"], metrics["is_ratio/max"], metrics["is_ratio/min"] = stats
+        truncated = rho_unit > cfg.tis_cap if off == "tis" else torch.zeros_like(unit_valid)
+        metrics["is_truncated_frac"] = _masked_mean(truncated, unit_valid)
+        metrics["is_weight/mean"] = _masked_mean(weight, keep)
+        metrics["masked_frac"] = _masked_mean(m & ~keep, m)
+        d = log_ratio_tok.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        metrics["approx_kl"] = _masked_mean(torch.exp(d) - 1.0 - d, keep)
+        metrics["mismatch/logprob_abs"] = _masked_mean((behav - prox).abs(), m)
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# KL, value loss
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
+    """Per-token estimators of KL(pi || pi_ref) for tokens sampled from pi (Schulman, 2020).
+
+    With d = logprobs - ref_logprobs = log(pi / pi_ref):
+        k1 = d                       unbiased, high variance, can be negative;
+        k2 = d^2 / 2                 biased, low variance, >= 0;
+        k3 = exp(-d) - 1 + d         unbiased, low variance, >= 0 (GRPO's choice).
+    For k3, d is clamped to [-20, 20] first (finite values; zero gradient beyond).
+
+    Args:
+        logprobs: [B, T] policy logprobs (with grad for a KL loss).
+        ref_logprobs: [B, T] reference-model logprobs.
+        kind: "k1" | "k2" | "k3".
+
+    Returns:
+        [B, T] estimates, unmasked: aggregate them with the loss mask.
+    """
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d.square()
+    if kind == "k3":
+        d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return torch.exp(-d) - 1.0 + d
+    raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """PPO clipped value loss, token mean over the mask.
+
+        v_clip = old + clamp(v - old, -clip, clip)
+        loss   = token_mean( 0.5 * max((v - R)^2, (v_clip - R)^2) )
+
+    `clip <= 0` disables clipping (plain 0.5 * squared error).
+
+    Args:
+        values: [B, T] critic values with grad.
+        old_values: [B, T] values from the critic that produced the returns (no grad).
+        returns: [B, T] value targets (e.g. from `gae`).
+        mask: [B, T] 1.0 on generated tokens.
+        clip: value clip range.
+
+    Returns:
+        0-dim loss.
+    """
+    m = mask != 0
+    dt = _dtype(values)
+    v = torch.where(m, values.to(dt), 0.0)
+    old = torch.where(m, old_values.detach().to(dt), 0.0)
+    ret = torch.where(m, returns.detach().to(dt), 0.0)
+    err = (v - ret).square()  # [B, T]
+    if clip > 0:
+        v_clipped = old + (v - old).clamp(-clip, clip)
+        err_clipped = (v_clipped - ret).square()
+        # Pessimistic of the two, as in PPO; a tie keeps the unclipped gradient.
+        err = torch.where(err_clipped > err, err_clipped, err)
+    return aggregate(0.5 * err, mask, "token_mean")
+
+
+# --------------------------------------------------------------------------------------------------
+# Logits -> token logprobs, entropy (chunked, with hand-written backward: memory-frugal)
+# --------------------------------------------------------------------------------------------------
+
+
+def _chunks(shape: torch.Size):
+    """Yield (b, start, end) covering [B, T] in slabs of at most CHUNK_ELEMENTS logits each."""
+    B, T, V = shape
+    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for b in range(B):
+        for s in range(0, T, rows):
+            yield b, s, min(s + rows, T)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits / tau)[target], without materialising log_softmax over [B, T, V].
+
+    Saves only the logits (a reference, no copy), the targets and the logsumexp [B, T]; the backward
+    recomputes softmax per chunk: d logp / d z = (onehot(target) - softmax(z / tau)) / tau.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+        cdt = _dtype(logits)
+        B, T, _ = logits.shape
+        out = torch.empty((B, T), dtype=cdt, device=logits.device)
+        lse = torch.empty((B, T), dtype=cdt, device=logits.device)
+        for b, s, e in _chunks(logits.shape):
+            z = logits[b, s:e].to(cdt)  # [n, V], a view when possible; upcast per chunk only
+            if temperature != 1.0:
+                z = z / temperature
+            chunk_lse = torch.logsumexp(z, dim=-1)  # [n]
+            out[b, s:e] = z.gather(-1, targets[b, s:e, None]).squeeze(-1) - chunk_lse
+            lse[b, s:e] = chunk_lse
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        logits, targets, lse = ctx.saved_tensors
+        tau = ctx.temperature
+        cdt = lse.dtype
+        grad = torch.empty_like(logits)  # [B, T, V] in the logits' dtype
+        for b, s, e in _chunks(logits.shape):
+            z = logits[b, s:e].to(cdt)
+            if tau != 1.0:
+                z = z / tau
+            g = grad_out[b, s:e].to(cdt)  # [n]
+            d = torch.exp(z - lse[b, s:e, None]).mul_(-g[:, None])  # -g * softmax
+            d.scatter_add_(-1, targets[b, s:e, None], g[:, None])  # + g at the target
+            if tau != 1.0:
+                d.div_(tau)
+            grad[b, s:e] = d.to(grad.dtype)
+        return grad, None, None
+
+
+def token_logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+    """Logprob of each target token under softmax(logits / temperature).
+
+    Memory-frugal: computes z[target] - logsumexp(z) chunk by chunk (at most CHUNK_ELEMENTS logits
+    upcast at a time) and has a hand-written chunked backward, so neither the forward nor autograd
+    keeps a [B, T, V] log_softmax or a float32 copy of low-precision logits. Non-contiguous inputs
+    (e.g. `logits[:, :-1]`) are read in place, not copied.
+
+    Args:
+        logits: [B, T, V] (or [T, V]) model outputs, any float dtype; already aligned so that
+            logits[:, t] predicts targets[:, t].
+        targets: [B, T] (or [T]) token ids.
+        temperature: the sampling temperature the engine used (its logprobs are of the scaled
+            distribution), > 0.
+
+    Returns:
+        [B, T] float32 logprobs (float64 for float64 logits), differentiable w.r.t. logits
+        (first order).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.dim() == 2:
+        return token_logprobs_from_logits(logits[None], targets[None], temperature)[0]
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
+    return _TokenLogprobs.apply(logits, targets.long(), float(temperature))
+
+
+class _Entropy(torch.autograd.Function):
+    """H = logsumexp(z) - sum softmax(z) * z per row, chunked, with hand-written backward.
+
+    Rows are shifted by their max first (H is shift-invariant) so large logits lose no precision.
+    Saves the logits (reference), the shifted logsumexp and the shifted mean logit E_p[z - max];
+    dH/dz_j = -p_j (z_j - E_p[z]).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:  # type: ignore[override]
+        cdt = _dtype(logits)
+        B, T, _ = logits.shape
+        ent = torch.empty((B, T), dtype=cdt, device=logits.device)
+        lse = torch.empty_like(ent)
+        mean_z = torch.empty_like(ent)
+        for b, s, e in _chunks(logits.shape):
+            z = logits[b, s:e].to(cdt)
+            z = z - z.amax(dim=-1, keepdim=True)  # [n, V], <= 0
+            chunk_lse = torch.logsumexp(z, dim=-1)  # [n]
+            p = torch.exp(z - chunk_lse[:, None])
+            # p == 0 where z == -inf (banned tokens): 0 * -inf would be nan, the true term is 0.
+            ez = torch.where(p > 0, p * z, 0.0).sum(dim=-1)  # [n]
+            ent[b, s:e] = chunk_lse - ez
+            lse[b, s:e] = chunk_lse
+            mean_z[b, s:e] = ez
+        ctx.save_for_backward(logits, lse, mean_z)
+        return ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> Tensor:  # type: ignore[override]
+        logits, lse, mean_z = ctx.saved_tensors
+        cdt = lse.dtype
+        grad = torch.empty_like(logits)
+        for b, s, e in _chunks(logits.shape):
+            z = logits[b, s:e].to(cdt)
+            z = z - z.amax(dim=-1, keepdim=True)
+            p = torch.exp(z - lse[b, s:e, None])
+            d = torch.where(p > 0, p * (z - mean_z[b, s:e, None]), 0.0)
+            grad[b, s:e] = (d * -grad_out[b, s:e, None].to(cdt)).to(grad.dtype)
+        return grad
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) per position, in nats.
+
+    Numerically stable (max-shifted logsumexp; -inf logits allowed) and chunk-friendly: processes
+    at most CHUNK_ELEMENTS logits at a time, forward and backward, without keeping a [B, T, V]
+    probability tensor for autograd. Differentiable (first order) for an entropy bonus.
+
+    Args:
+        logits: [B, T, V] (or [T, V]), any float dtype. Divide by the temperature first if the
+            entropy of the sampling distribution is wanted.
+
+    Returns:
+        [B, T] float32 entropies (float64 for float64 logits); unmasked, aggregate with the mask.
+    """
+    if logits.dim() == 2:
+        return entropy_from_logits(logits[None])[0]
+    if logits.dim() != 3:
+        raise ValueError(f"expected logits [B, T, V], got {tuple(logits.shape)}")
+    return _Entropy.apply(logits)
