@@ -82,11 +82,26 @@ class RolloutWorker:
 
         t0 = time.perf_counter()
         self.env_cls = load_env_class(self.env_cfg.name)
-        self.schedule = TaskSchedule(load_tasks(self.env_cfg, self.seed), self.seed, self.env_cfg.dataset.shuffle)
+        self.schedule = TaskSchedule(
+            load_tasks(self.env_cfg, self.seed), self.seed, self.env_cfg.dataset.shuffle
+        )
         self.tokenizer = load_tokenizer(self.model_dir)
         self.chat = ChatFormat(self.tokenizer)
-        self.engine = make_engine(self.model_dir, self.model_cfg, self.cfg, self.seed + self.index, self.work_dir)
+        self.engine = make_engine(
+            self.model_dir, self.model_cfg, self.cfg, self.seed + self.index, self.work_dir
+        )
         await self.engine.start()
+        self.agent_server = None
+        from envs.openai_agent import uses_agent
+
+        if uses_agent(self.env_cls):  # env=openai_agent: black-box agent code drives the episodes
+            from rollout.agent_episode import load_agent
+            from rollout.openai_server import AgentServer
+
+            self.agent_fn = load_agent(self.env_cfg.agent)
+            self.agent_server = await AgentServer.start(
+                self.engine, self.chat, self.cfg, model_name=self.model_cfg.name
+            )
         return {"worker": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
 
     def _sampling(self) -> SamplingParams:
@@ -95,22 +110,30 @@ class RolloutWorker:
         )
 
     async def run_group(self, task: Task, ticket: int, start_version: int) -> Group:
+        from rollout.agent_episode import run_agent_group
         from rollout.episode import run_group
 
         t0 = time.perf_counter()
-        trajs = await run_group(
-            self.engine,
-            lambda: self.env_cls(**self.env_cfg.kwargs),
-            task,
-            self.cfg.group_size,
-            self.chat,
-            self.cfg,
-            self._sampling(),
-        )
+        if self.agent_server is not None:
+            trajs = await run_agent_group(
+                self.engine, self.agent_server, self.chat, task, self.cfg.group_size, self.agent_fn, self.cfg
+            )
+        else:
+            trajs = await run_group(
+                self.engine,
+                lambda: self.env_cls(**self.env_cfg.kwargs),
+                task,
+                self.cfg.group_size,
+                self.chat,
+                self.cfg,
+                self._sampling(),
+            )
         self._busy_s += time.perf_counter() - t0
         self._tokens += sum(t.num_generated for t in trajs)
         self._episodes += len(trajs)
-        return Group(task=task, trajectories=trajs, ticket=ticket, start_version=start_version, worker=self.index)
+        return Group(
+            task=task, trajectories=trajs, ticket=ticket, start_version=start_version, worker=self.index
+        )
 
     async def _loop(self, buffer: Any) -> None:
         while not self._stopping:
@@ -139,6 +162,8 @@ class RolloutWorker:
 
     async def stop(self) -> None:
         self._stopping = True
+        if getattr(self, "agent_server", None) is not None:
+            await self.agent_server.stop()
         if self.engine is not None:
             await self.engine.shutdown()
 

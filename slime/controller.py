@@ -96,7 +96,10 @@ class Controller:
                 min_group_size=min(2, cfg.rollout.group_size),
             )
         )
-        self.trainer = TrainerGroup(self.model_dir, cfg.model, cfg.trainer, cfg.algorithm, cfg.seed)
+        max_response = min(cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn, cfg.rollout.max_total_tokens)
+        self.trainer = TrainerGroup(
+            self.model_dir, cfg.model, cfg.trainer, cfg.algorithm, cfg.seed, max_response_len=max_response
+        )
         if not cfg.buffer.replay_path:
             worker_cls = ray.remote(RolloutWorker).options(
                 num_cpus=cfg.rollout.num_cpus_per_worker,

@@ -36,7 +36,13 @@ def prepare(cfg: SlimeConfig) -> str:
         raise ValueError(f"buffer.replay_path={cfg.buffer.replay_path!r} does not exist")
     if cfg.resume and not os.path.isdir(cfg.resume):
         raise ValueError(f"resume={cfg.resume!r} is not a checkpoint directory")
-    load_env_class(cfg.env.name)  # unknown env / broken plugin -> clear error now
+    env_cls = load_env_class(cfg.env.name)  # unknown env / broken plugin -> clear error now
+    from envs.openai_agent import uses_agent
+
+    if uses_agent(env_cls):
+        from rollout.agent_episode import load_agent
+
+        load_agent(cfg.env.agent)  # a wrong env.agent fails here, not inside a worker
     tasks = load_tasks(cfg.env, cfg.seed)  # empty or malformed dataset -> clear error now
     log.info("env %s: %d tasks", cfg.env.name, len(tasks))
     return resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
