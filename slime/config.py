@@ -24,7 +24,7 @@ class ModelConfig:
     architecture: str = ""  # transformers class for source=random, e.g. LlamaForCausalLM
     hf_config: dict[str, Any] = field(default_factory=dict)  # config kwargs for source=random
     tokenizer: str = "smollm2"  # "smollm2" (the embedded one) or a tokenizer path / hub id
-    dtype: str = "bfloat16"  # parameter/compute dtype on engine and trainer: bfloat16 | float32
+    dtype: str = "auto"  # engine weights and weight-push dtype: auto (bf16 where native) | bfloat16 | float32
     trust_remote_code: bool = False  # passed to transformers and vLLM
 
 
@@ -62,6 +62,7 @@ class RolloutConfig:
     max_tokens_per_turn: int = 128  # new tokens per generate call
     max_total_tokens: int = 1024  # prompt + all turns; episode is truncated past it
     step_timeout_s: float = 30.0  # seconds an env step may take before the episode fails
+    agent_timeout_s: float = 0.0  # openai_agent: seconds per agent episode (0 = step_timeout_s * max_turns)
     on_malformed_tool_call: str = "error_message"  # "error_message" back to the model | "end_episode"
     weight_update_mode: str = "keep"  # in-flight requests: "keep" decoding on new weights | "abort" and resume
     max_model_len: int = 2048  # engine context length
@@ -87,7 +88,7 @@ class TrainerConfig:
     warmup_steps: int = 0  # linear LR warm-up
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
-    dtype: str = "bfloat16"  # training precision: bfloat16 (where the hardware has it) | float32
+    dtype: str = "auto"  # training precision: auto (bf16 where native) | bfloat16 | float32
     gradient_checkpointing: bool = False  # trade compute for activation memory
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     weight_bucket_mb: int = 256  # size of one weight-push bucket
@@ -179,11 +180,11 @@ class SlimeConfig:
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.source": ("pretrained", "smollm2_gguf", "random"),
-    "model.dtype": ("bfloat16", "float32"),
+    "model.dtype": ("auto", "bfloat16", "float32"),
     "rollout.engine": ("vllm", "transformers"),
     "rollout.weight_update_mode": ("keep", "abort"),
     "rollout.on_malformed_tool_call": ("error_message", "end_episode"),
-    "trainer.dtype": ("bfloat16", "float32"),
+    "trainer.dtype": ("auto", "bfloat16", "float32"),
     "algorithm.name": ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo"),
     "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"),
     "algorithm.ratio_level": ("token", "sequence"),

@@ -29,6 +29,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -138,6 +139,7 @@ class Controller:
             self.trainer.shutdown()
             for w in self.workers:
                 ray.kill(w)
+            shutil.rmtree(self._weights_dir(), ignore_errors=True)  # /dev/shm is RAM: leave nothing behind
 
     # -- supervision -----------------------------------------------------------------------------
     async def _supervised(self, awaitable: Any) -> Any:

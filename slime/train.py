@@ -29,9 +29,12 @@ def prepare(cfg: SlimeConfig) -> str:
     """
     from envs.dataset import load_tasks
     from envs.registry import load_env_class
-    from slime.models import resolve_model
+    from slime.models import resolve_dtype, resolve_model
 
     validate(cfg)
+    # Resolved once here so every actor gets a concrete dtype (set explicitly for mixed clusters).
+    cfg.model.dtype = resolve_dtype(cfg.model.dtype)
+    cfg.trainer.dtype = resolve_dtype(cfg.trainer.dtype)
     if cfg.buffer.replay_path and not os.path.exists(cfg.buffer.replay_path):
         raise ValueError(f"buffer.replay_path={cfg.buffer.replay_path!r} does not exist")
     if cfg.resume and not os.path.isdir(cfg.resume):

@@ -38,6 +38,16 @@ CONTRACT_KEYS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray cluster for every run in the session (the controller reuses it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+
+
 @pytest.fixture(scope="module")
 def learning_run(tmp_path_factory, ray_session):
     run_dir = tmp_path_factory.mktemp("learn")

@@ -1,0 +1,154 @@
+"""The trainer as a group of Ray actors: one `TrainerWorker` per data-parallel rank.
+
+The controller talks only to `TrainerGroup`. Every method fans out to all ranks (they run
+collectives together) and awaits them; the first rank to fail fails the call with its rank in the
+message (the others may be stuck in a collective then: call `shutdown()`; the group is not
+reusable after a failure).
+
+Groups are sharded here (`trainer.batching.shard_groups`: whole groups, equal counts, balanced
+tokens); metrics come back from rank 0 and are already reduced over all ranks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from slime.types import Group, WeightManifest
+from trainer.batching import shard_groups
+
+log = logging.getLogger(__name__)
+
+
+def rank_env(trainer_cfg: TrainerConfig) -> dict[str, str]:
+    """Environment variables for a rank's process: its thread budget, and the CPU accelerator when
+    the rank has no GPU (DeepSpeed otherwise probes for one and warns on stdout)."""
+    threads = str(trainer_cfg.threads_per_rank)
+    env = {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if trainer_cfg.gpus_per_rank <= 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+class TrainerGroup:
+    """`trainer_cfg.num_ranks` trainer actors in one process group.
+
+    Construction creates the actors (cheap); `await setup()` joins the process group and builds the
+    DeepSpeed engines. `max_response_len` is passed to every rank (DAPO overlong shaping and the
+    seq_sum_norm constant; see TrainerWorker).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        model_cfg: ModelConfig,
+        trainer_cfg: TrainerConfig,
+        algo_cfg: AlgorithmConfig,
+        seed: int,
+        max_response_len: int = 0,
+    ) -> None:
+        import ray
+
+        from trainer.worker import TrainerWorker
+
+        self.cfg = trainer_cfg
+        self.num_ranks = trainer_cfg.num_ranks
+        actor_cls = ray.remote(TrainerWorker).options(
+            num_cpus=trainer_cfg.num_cpus_per_rank,
+            num_gpus=trainer_cfg.gpus_per_rank,
+            runtime_env={"env_vars": rank_env(trainer_cfg)},
+        )
+        # master_addr/port are filled in by setup() from rank 0's node.
+        self.actors = [
+            actor_cls.remote(
+                rank,
+                self.num_ranks,
+                "",
+                0,
+                model_dir,
+                model_cfg,
+                trainer_cfg,
+                algo_cfg,
+                seed,
+                max_response_len,
+            )
+            for rank in range(self.num_ranks)
+        ]
+        self.info: list[dict[str, Any]] = []
+
+    async def _all(self, method: str, per_rank_args: list[tuple] | None = None) -> list[Any]:
+        """Call `method` on every rank, return the results in rank order; the first failure raises
+        RuntimeError("trainer rank R failed in METHOD: ...")."""
+        args = per_rank_args or [()] * self.num_ranks
+        futures = {
+            asyncio.ensure_future(self._one(rank, method, getattr(actor, method).remote(*a))): rank
+            for rank, (actor, a) in enumerate(zip(self.actors, args, strict=True))
+        }
+        done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        for fut in done:
+            if fut.exception() is not None:
+                for p in pending:
+                    p.cancel()
+                raise fut.exception()
+        return [fut.result() for fut in sorted(futures, key=futures.__getitem__)]
+
+    @staticmethod
+    async def _one(rank: int, method: str, ref: Any) -> Any:
+        try:
+            return await ref
+        except Exception as e:
+            raise RuntimeError(f"trainer rank {rank} failed in {method}: {e}") from e
+
+    async def setup(self) -> list[dict[str, Any]]:
+        """Rendezvous at rank 0's node on a free port, then build the engines on every rank."""
+        addr, port = await self._one(0, "node_address", self.actors[0].node_address.remote())
+        self.info = await self._all("setup", [(addr, port)] * self.num_ranks)
+        log.info("trainer ready: %d rank(s) at %s:%d, %s", self.num_ranks, addr, port, self.info[0])
+        return self.info
+
+    async def train_step(self, groups: list[Group], version: int) -> dict[str, float]:
+        """Shard `groups` over the ranks (whole groups), train one step, return the global metrics."""
+        if len(groups) < self.num_ranks:
+            raise ValueError(f"train_step got {len(groups)} groups for {self.num_ranks} trainer ranks")
+        shards = shard_groups(groups, self.num_ranks)
+        results = await self._all("train_step", [([groups[i] for i in s], version) for s in shards])
+        return results[0]
+
+    async def export_weights(self, version: int, out_dir: str, bucket_mb: int) -> WeightManifest:
+        """Full weights of `version` as buckets under out_dir (rank 0 writes; all ranks gather)."""
+        results = await self._all("export_weights", [(version, out_dir, bucket_mb)] * self.num_ranks)
+        manifest = results[0]
+        if manifest is None:
+            raise RuntimeError("trainer rank 0 returned no weight manifest")
+        return manifest
+
+    async def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
+        """DeepSpeed state of every rank plus the transformers export; returns ckpt_dir."""
+        results = await self._all("save_checkpoint", [(ckpt_dir, step, version)] * self.num_ranks)
+        return results[0]
+
+    async def load_checkpoint(self, ckpt_dir: str) -> tuple[int, int]:
+        """Resume every rank from a checkpoint (or the latest under a directory); returns (step, version)."""
+        results = await self._all("load_checkpoint", [(ckpt_dir,)] * self.num_ranks)
+        return results[0]
+
+    async def ping(self) -> list[dict[str, Any]]:
+        """Health of every rank (fails with the rank of an actor that died)."""
+        return await self._all("ping")
+
+    def shutdown(self) -> None:
+        """Kill the rank actors (their process group goes with them). Safe to call twice."""
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception as e:  # an actor that is already gone
+                log.debug("killing a trainer actor: %s", e)
+        self.actors = []
