@@ -1,0 +1,99 @@
+"""Find environment classes by name.
+
+`load_env_class(name)` resolves, in order:
+1. a built-in short name (`calculator`, `math`, ...; see BUILTIN_ENVS),
+2. a dotted path `package.module:Class` (any importable class),
+3. an installed entry point in the group `slime.envs` (pip-installable plugins declare
+   `[project.entry-points."slime.envs"] my_env = "my_pkg.env:MyEnv"`).
+Every class found is checked with `check_environment_class`, so a plugin with the wrong shape fails
+here, at start-up, with a message naming what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import EntryPoint, entry_points
+
+from envs.base import check_environment_class
+
+ENTRY_POINT_GROUP = "slime.envs"
+
+# Short name -> "module:Class". Imported lazily: listing the registry must not import every env.
+BUILTIN_ENVS: dict[str, str] = {
+    "calculator": "envs.calculator:CalculatorEnv",
+    "math": "envs.math_env:MathEnv",
+    "guess_number": "envs.guess_number:GuessNumberEnv",
+    "reasoning_gym": "envs.reasoning_gym_env:ReasoningGymEnv",
+    "target": "envs.target:TargetEnv",
+    "flaky": "envs.flaky:FlakyEnv",
+    # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent_episode.py).
+    "openai_agent": "envs.openai_agent:OpenAIAgentEnv",
+}
+
+
+class EnvNotFoundError(ValueError):
+    """The name matches no built-in, importable path or entry point."""
+
+
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def list_envs() -> dict[str, str]:
+    """Every environment that can be named without a dotted path: short name -> "module:Class".
+
+    Built-ins first; an entry point with a built-in's name is listed as "<name> (entry point)" only if
+    it points elsewhere, since the built-in wins when resolving.
+    """
+    found = dict(BUILTIN_ENVS)
+    for name, ep in sorted(_entry_points().items()):
+        if name in found and found[name] != ep.value:
+            found[f"{name} (entry point, shadowed)"] = ep.value
+        else:
+            found[name] = ep.value
+    return found
+
+
+def _import_path(path: str, what: str) -> type:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise EnvNotFoundError(f"{what} {path!r} must look like package.module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise EnvNotFoundError(f"{what} {path!r}: cannot import module {module_name!r} ({e})") from e
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise EnvNotFoundError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def load_env_class(name: str) -> type:
+    """Resolve `name` to a checked environment class (see the module docstring).
+
+    Raises EnvNotFoundError (a ValueError) listing the available names when nothing matches, and
+    TypeError/ValueError from `check_environment_class` when the class has the wrong shape.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise EnvNotFoundError(f"env.name must be a non-empty string; available: {', '.join(list_envs())}")
+    name = name.strip()
+    if name in BUILTIN_ENVS:
+        cls = _import_path(BUILTIN_ENVS[name], f"built-in env {name!r}")
+    elif ":" in name:
+        cls = _import_path(name, "env")
+    else:
+        eps = _entry_points()
+        if name not in eps:
+            raise EnvNotFoundError(
+                f"unknown environment {name!r}; available: {', '.join(list_envs())} "
+                f"(or give a dotted path package.module:Class, or install a plugin in entry-point group "
+                f"{ENTRY_POINT_GROUP!r})"
+            )
+        try:
+            cls = eps[name].load()
+        except Exception as e:
+            raise EnvNotFoundError(f"entry point {name!r} ({eps[name].value}) failed to load: {e}") from e
+    check_environment_class(cls)
+    return cls

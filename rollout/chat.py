@@ -1,0 +1,222 @@
+"""Chat formatting for token-in/token-out episodes: prompts, per-turn deltas, tool-call parsing.
+
+Token-exact multi-turn rollouts never re-tokenise what the model generated. The first prompt is the
+chat template rendered once; after that, each assistant turn is kept exactly as the engine produced it
+(ending with the turn-end token, `<|im_end|>` for SmolLM2) and only the *new* messages (tool results,
+user feedback) are tokenised, as the template's suffix for them plus the next generation prompt.
+
+Tools: when the tokenizer's chat template renders `tools` itself, it is used as is. Templates that
+ignore tools (SmolLM2's) get them in the system message in the format SmolLM2-Instruct was trained
+with: a JSON list of function schemas inside `<tools>...</tools>`, and calls emitted as
+`<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>`. The parser accepts that list form and
+the Qwen form (one JSON object per `<tool_call>` block), so both template families share it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from envs.base import Action, ToolCall
+from slime.types import Message
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+_TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+_CODE_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+# Base conversation for delta rendering: the assistant turn the delta is appended after.
+_BASE_CONVERSATION: list[Message] = [
+    {"role": "user", "content": "Hi."},
+    {"role": "assistant", "content": "Hello."},
+]
+
+TOOLS_SYSTEM_PROMPT = """You can call functions (tools) to help you. The available tools are listed as JSON inside <tools></tools>:
+<tools>{tools}</tools>
+
+To call tools, reply with a JSON list of calls inside <tool_call></tool_call>, in exactly this format:
+<tool_call>[{{"name": "func_name", "arguments": {{"argument1": "value1"}}}}]</tool_call>
+Each result comes back to you in a message with role "tool". When you no longer need a tool, answer in plain text without <tool_call>."""
+
+
+def strip_tool_calls(text: str) -> str:
+    """The text with `<tool_call>...</tool_call>` blocks (and an unclosed trailing one) removed."""
+    text = _TOOL_CALL_BLOCK.sub("", text)
+    cut = text.find(TOOL_CALL_OPEN)
+    if cut >= 0:
+        text = text[:cut]
+    return text.strip()
+
+
+def _parse_call(obj: Any, index: int) -> ToolCall:
+    """One call object -> ToolCall; raises ValueError with a short reason."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"tool call #{index} must be a JSON object with 'name' and 'arguments'")
+    if "function" in obj and isinstance(obj["function"], dict):
+        # OpenAI style {"type": "function", "function": {"name": ..., "arguments": ...}}.
+        obj = obj["function"]
+    name = obj.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"tool call #{index} has no 'name' string")
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        # Some models emit arguments as a JSON-encoded string (OpenAI's wire format does).
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tool call #{index} ({name}): arguments string is not JSON ({e.msg})") from None
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ValueError(f"tool call #{index} ({name}): 'arguments' must be a JSON object")
+    return ToolCall(name=name.strip(), arguments=args, id=f"call_{index}")
+
+
+def parse_tool_calls(text: str) -> tuple[list[ToolCall], str | None]:
+    """Parse every `<tool_call>` block in `text`.
+
+    Returns (calls, None) on success, ([], reason) when any block is malformed: unclosed tag, invalid
+    JSON, a call without a name, non-object arguments. A block holding `[]` means "no call".
+    """
+    calls: list[ToolCall] = []
+    blocks = _TOOL_CALL_BLOCK.findall(text)
+    if text.count(TOOL_CALL_OPEN) > len(blocks):
+        return [], f"unclosed {TOOL_CALL_OPEN} (expected {TOOL_CALL_OPEN}[...]{TOOL_CALL_CLOSE})"
+    if not blocks and TOOL_CALL_CLOSE in text:
+        return [], f"{TOOL_CALL_CLOSE} without {TOOL_CALL_OPEN}"
+    for body in blocks:
+        body = body.strip()
+        fence = _CODE_FENCE.match(body)
+        if fence:
+            body = fence.group(1)
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            return [], f"invalid JSON in {TOOL_CALL_OPEN}: {e.msg} at char {e.pos}"
+        items = obj if isinstance(obj, list) else [obj]
+        for item in items:
+            try:
+                calls.append(_parse_call(item, len(calls)))
+            except ValueError as e:
+                return [], str(e)
+    return calls, None
+
+
+class ChatFormat:
+    """Token-level chat formatting for one tokenizer (see the module docstring).
+
+    Contracts:
+    - `initial_prompt_ids(messages, tools)`: the chat template's tokens for `messages` plus the
+      generation prompt, tools rendered by the template or into the system message.
+    - `delta_ids(messages)`: tokens to append after an assistant turn that ended with the turn-end
+      token (`turn_end_id`), so that prompt + turns + deltas equals the template's rendering of the
+      whole conversation, up to the generation prompt for the next assistant turn.
+    - `parse_action(text)`: the assistant reply as an Action (tool calls parsed; `malformed` set with
+      a reason when a call cannot be parsed).
+    """
+
+    def __init__(
+        self, tokenizer: Any, turn_end_token: str | None = None, tools_in_template: bool | None = None
+    ):
+        self.tokenizer = tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template"
+            )
+        self.turn_end_token: str = turn_end_token or tokenizer.eos_token
+        ids = tokenizer.encode(self.turn_end_token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"turn-end token {self.turn_end_token!r} is not a single token: {ids}")
+        self.turn_end_id: int = ids[0]
+        # Any of these ends an assistant turn cleanly (the engine stops on EOS).
+        self.stop_ids: set[int] = {self.turn_end_id}
+        if tokenizer.eos_token_id is not None:
+            self.stop_ids.add(int(tokenizer.eos_token_id))
+        self.tools_in_template = (
+            self._template_renders_tools() if tools_in_template is None else tools_in_template
+        )
+        self._delta_prefix = self._base_prefix()
+
+    # ----------------------------------------------------------------------------------- rendering
+    def _render(
+        self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None = None
+    ) -> str:
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
+        if tools:
+            kwargs["tools"] = tools
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def _encode(self, text: str) -> list[int]:
+        # The rendered text already holds every special token the template wants (BOS included).
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _template_renders_tools(self) -> bool:
+        probe = [{"role": "user", "content": "Hi."}]
+        tool = {"type": "function", "function": {"name": "probe_tool_x", "description": "", "parameters": {}}}
+        try:
+            with_tools = self._render(probe, False, [tool])
+        except Exception:
+            return False
+        return with_tools != self._render(probe, False)
+
+    def _base_prefix(self) -> str:
+        base = self._render(_BASE_CONVERSATION, add_generation_prompt=False)
+        cut = base.rfind(self.turn_end_token)
+        if cut < 0:
+            raise ValueError(
+                f"the chat template does not end assistant turns with {self.turn_end_token!r}; "
+                "pass turn_end_token= to ChatFormat"
+            )
+        return base[: cut + len(self.turn_end_token)]
+
+    def with_tools(self, messages: list[Message], tools: list[dict] | None) -> list[Message]:
+        """Messages with the tool block merged into the system message (for templates that do not
+        render tools). Returns a copy; the input is not modified."""
+        messages = [dict(m) for m in messages]
+        if not tools or self.tools_in_template:
+            return messages
+        specs = [t.get("function", t) for t in tools]
+        block = TOOLS_SYSTEM_PROMPT.format(tools=json.dumps(specs, ensure_ascii=False))
+        if messages and messages[0].get("role") == "system":
+            messages[0]["content"] = f"{messages[0]['content'].rstrip()}\n\n{block}"
+        else:
+            messages.insert(0, {"role": "system", "content": block})
+        return messages
+
+    def prompt_text(self, messages: list[Message], tools: list[dict] | None = None) -> str:
+        """The rendered first prompt (with the generation prompt)."""
+        native = tools if self.tools_in_template else None
+        return self._render(self.with_tools(messages, tools), add_generation_prompt=True, tools=native)
+
+    def initial_prompt_ids(self, messages: list[Message], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the first prompt: `messages` (+ tools) and the assistant generation prompt."""
+        if not messages:
+            raise ValueError("initial_prompt_ids needs at least one message")
+        return self._encode(self.prompt_text(messages, tools))
+
+    def delta_text(self, messages: list[Message]) -> str:
+        """Text appended after an assistant turn's turn-end token: `messages` as the template renders
+        them after an assistant turn, then the next generation prompt. Computed as the suffix of the
+        base conversation rendered with the new messages, past the base's final turn-end token."""
+        full = self._render(_BASE_CONVERSATION + [dict(m) for m in messages], add_generation_prompt=True)
+        if not full.startswith(self._delta_prefix):
+            raise ValueError(
+                "the chat template renders earlier turns differently once new messages follow; "
+                "token-exact deltas are not possible with it"
+            )
+        return full[len(self._delta_prefix) :]
+
+    def delta_ids(self, messages: list[Message]) -> list[int]:
+        """Token ids of `delta_text(messages)` (see the class docstring)."""
+        return self._encode(self.delta_text(messages))
+
+    # ------------------------------------------------------------------------------------- parsing
+    def decode(self, token_ids: list[int]) -> str:
+        """Generated ids -> reply text, special tokens (the turn-end token) removed."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def parse_action(self, text: str) -> Action:
+        """Parse one assistant reply. Tool calls get ids call_0, call_1, ... in order."""
+        calls, error = parse_tool_calls(text)
+        return Action(content=text, tool_calls=calls, malformed=error)

@@ -1,0 +1,479 @@
+"""A transformers-generate engine with `VLLMEngine`'s interface.
+
+A fallback for architectures vLLM lacks (`rollout.engine: transformers`), and a reference the tests
+compare vLLM against; never the default: it has no paged KV cache and no continuous batching.
+
+How it works. One scheduler task owns the model. It takes up to `max_batch_size` queued requests
+that share sampling settings, left-pads them into one batch and runs `model.generate` in a thread.
+A stopping criterion runs between decoding steps, in that thread; it
+- records which policy version produced each step's tokens,
+- applies a pending weight update (so `keep` mode switches weights mid-generation, keeping the KV cache
+  computed with the old weights, exactly as vLLM keeps running requests), or ends every row for an
+  `abort`-mode update (those requests are resubmitted from prompt + tokens so far, as in `VLLMEngine`),
+- ends rows that were aborted by the user or reached their own `max_tokens`.
+Logprobs come from the raw logits (`output_logits=True`): the temperature-1 policy, as in vLLM's
+`raw_logprobs`. A request with a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
+
+Weights: `update_weights` reads the manifest (checkpoint names, see slime.weights) and loads them with
+`load_state_dict` when the names are the model's own; otherwise (transformers v5 layouts such as fused
+MoE experts) through transformers' checkpoint conversion, as `from_pretrained` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from rollout.engine import ProgressTracker
+from slime.types import GenerateOutput, SamplingParams, WeightManifest
+
+logger = logging.getLogger(__name__)
+
+UPDATE_MODES = ("keep", "abort")
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "auto": "float32",
+}
+
+
+@dataclass
+class _Request:
+    rid: str
+    prompt: list[int]
+    sampling: SamplingParams
+    max_new: int
+    future: asyncio.Future
+    aborted: bool = False  # set by the user's abort(); read by the generation thread
+    generated: int = 0  # tokens so far, all segments (written by the generation thread)
+
+
+@dataclass
+class _Pending:
+    state: dict[str, Any]
+    version: int
+    mode: str
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    applied: bool = False
+    load_s: float = 0.0
+
+
+@dataclass
+class _SegmentResult:
+    tokens: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    reason: str  # stop | length | abort | update_abort ("" while running)
+
+
+class TransformersEngine:
+    """Same contract as `rollout.engine.VLLMEngine`; see that class for the method semantics.
+
+    kv_cache_gib, enforce_eager and tensor_parallel_size are accepted for interface parity and ignored.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 2048,
+        kv_cache_gib: float = 1.0,
+        enforce_eager: bool = True,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        work_dir: str | None = None,
+        max_batch_size: int = 16,
+        num_threads: int | None = None,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.model_dir = model_dir
+        self.dtype = _DTYPES[dtype]
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.work_dir = work_dir
+        self.max_batch_size = max_batch_size
+        self.num_threads = num_threads
+        self.version: int = 0
+        self.start_s: float | None = None
+        self.last_update: dict[str, Any] = {}
+        self._model: Any = None
+        self._tok: Any = None
+        self._eos: set[int] = set()
+        self._pad: int = 0
+        self._queue: list[_Request] = []
+        self._active: dict[str, _Request] = {}
+        self._progress = ProgressTracker()
+        self._user_aborted: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._not_updating: asyncio.Event | None = None
+        self._update_lock: asyncio.Lock | None = None
+        self._pending: _Pending | None = None
+        self._pending_lock = threading.Lock()
+        self._scheduler: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        torch.manual_seed(self.seed)
+        self._tok = AutoTokenizer.from_pretrained(self.model_dir)
+        self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype))
+        self._model.eval()
+        eos = self._model.generation_config.eos_token_id
+        if eos is None:
+            eos = self._model.config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        pad = self._tok.pad_token_id
+        if pad is None:
+            pad = min(self._eos) if self._eos else 0
+        self._pad = int(pad)
+
+    async def start(self) -> None:
+        """Load the model and start the scheduler task on the running loop."""
+        if self._model is not None:
+            raise RuntimeError("engine already started")
+        t0 = time.perf_counter()
+        await asyncio.to_thread(self._load)
+        self._wake = asyncio.Event()
+        self._not_updating = asyncio.Event()
+        self._not_updating.set()
+        self._update_lock = asyncio.Lock()
+        self._scheduler = asyncio.create_task(self._schedule(), name="hf-engine-scheduler")
+        self.start_s = time.perf_counter() - t0
+
+    async def shutdown(self) -> None:
+        """Stop the scheduler; queued requests end with "abort". Idempotent."""
+        task, self._scheduler = self._scheduler, None
+        for req in list(self._queue) + list(self._active.values()):
+            req.aborted = True
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for req in self._queue:
+            if not req.future.done():
+                req.future.set_result(_SegmentResult([], [], [], "abort"))
+        self._queue.clear()
+        self._model = None
+
+    async def health(self) -> bool:
+        return self._model is not None and self._scheduler is not None and not self._scheduler.done()
+
+    # ------------------------------------------------------------------ generation
+
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None
+    ) -> GenerateOutput:
+        """See `VLLMEngine.generate`."""
+        if self._model is None or self._wake is None:
+            raise RuntimeError("engine is not started (call `await engine.start()`)")
+        rid = request_id or uuid.uuid4().hex
+        if rid in self._active:
+            raise ValueError(f"request_id {rid!r} is already running")
+        if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)}) + max_tokens ({sampling.max_tokens}) exceeds max_model_len "
+                f"{self.max_model_len}"
+            )
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        versions: list[int] = []
+        loop = asyncio.get_running_loop()
+        req = _Request(rid, list(prompt_ids), sampling, sampling.max_tokens, loop.create_future())
+        self._active[rid] = req
+        self._progress.begin(rid)
+        try:
+            while True:
+                remaining = sampling.max_tokens - len(tokens)
+                if remaining <= 0:
+                    reason = "length"
+                    break
+                if rid in self._user_aborted:
+                    reason = "abort"
+                    break
+                req.prompt = list(prompt_ids) + tokens
+                req.max_new = remaining
+                req.future = loop.create_future()
+                self._queue.append(req)
+                self._wake.set()
+                try:
+                    seg: _SegmentResult = await req.future
+                except asyncio.CancelledError:
+                    req.aborted = True
+                    raise
+                tokens += seg.tokens
+                logprobs += seg.logprobs
+                versions += seg.versions
+                if seg.reason == "update_abort" and rid not in self._user_aborted:
+                    await self._not_updating.wait()
+                    continue
+                reason = "abort" if seg.reason == "update_abort" else seg.reason
+                break
+        finally:
+            self._active.pop(rid, None)
+            self._progress.end(rid)
+            self._user_aborted.discard(rid)
+            if req in self._queue:
+                self._queue.remove(req)
+        return GenerateOutput(token_ids=tokens, logprobs=logprobs, versions=versions, finish_reason=reason)
+
+    def num_generated(self, request_id: str) -> int:
+        """Tokens a running request has produced so far (0 when it is not running)."""
+        return self._progress.counts.get(request_id, 0)
+
+    async def wait_generated(self, request_id: str, n: int) -> int:
+        """See `VLLMEngine.wait_generated`."""
+        return await self._progress.wait(request_id, n)
+
+    async def abort(self, request_id: str) -> None:
+        """See `VLLMEngine.abort`."""
+        req = self._active.get(request_id)
+        if req is None:
+            return
+        self._user_aborted.add(request_id)
+        req.aborted = True
+        if req in self._queue:  # not started yet: end it now
+            self._queue.remove(req)
+            if not req.future.done():
+                req.future.set_result(_SegmentResult([], [], [], "abort"))
+
+    def _take_batch(self) -> list[_Request]:
+        first = self._queue[0]
+        key = _batch_key(first.sampling)
+        batch = [first]
+        if first.sampling.seed is None:
+            for req in self._queue[1:]:
+                if len(batch) >= self.max_batch_size:
+                    break
+                if _batch_key(req.sampling) == key:
+                    batch.append(req)
+        for req in batch:
+            self._queue.remove(req)
+        return batch
+
+    async def _schedule(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending is not None or self._queue:
+                if self._pending is not None:
+                    await asyncio.to_thread(self._apply_pending_idle)
+                    continue
+                # Let tasks that became ready in the same loop iteration enqueue too, so requests
+                # submitted together (asyncio.gather) share one batch.
+                await asyncio.sleep(0)
+                batch = self._take_batch()
+                loop = asyncio.get_running_loop()
+                try:
+                    await asyncio.to_thread(self._run_batch, batch, loop)
+                except Exception as exc:  # a failed batch fails its requests, not the engine
+                    logger.exception("transformers generate failed")
+                    for req in batch:
+                        if not req.future.done():
+                            req.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        """Run one left-padded batch through `model.generate`; each row's future is resolved (on `loop`)
+        at the decoding step that ends it, so short requests return while long ones keep going."""
+        import torch
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessor,
+            LogitsProcessorList,
+            StoppingCriteria,
+            StoppingCriteriaList,
+        )
+
+        engine = self
+        n = len(batch)
+        s = batch[0].sampling
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.full((n, width), self._pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[i, width - len(r.prompt) :] = 1
+        rows = [_SegmentResult([], [], [], "") for _ in batch]
+        last_logprobs: list[Any] = [None]
+
+        def finish(i: int, reason: str) -> None:
+            rows[i].reason = reason
+            fut, res = batch[i].future, rows[i]
+
+            def resolve() -> None:
+                if not fut.done():
+                    fut.set_result(res)
+
+            loop.call_soon_threadsafe(resolve)
+
+        class _CaptureRaw(LogitsProcessor):
+            # Custom processors run before temperature / top-k / top-p, so these are the raw logits.
+            def __call__(self, input_ids, scores):
+                last_logprobs[0] = torch.log_softmax(scores.float(), dim=-1)
+                return scores
+
+        class _Control(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                version = engine.version  # the weights that produced this step's tokens
+                new = input_ids[:, -1].tolist()
+                for i, r in enumerate(batch):
+                    if rows[i].reason:
+                        continue
+                    row = rows[i]
+                    row.tokens.append(new[i])
+                    r.generated += 1
+                    loop.call_soon_threadsafe(engine._progress.update, r.rid, r.generated)
+                    row.logprobs.append(float(last_logprobs[0][i, new[i]]))
+                    row.versions.append(version)
+                    if new[i] in engine._eos:
+                        finish(i, "stop")
+                    elif r.sampling.stop and engine._hits_stop(row.tokens, r.sampling.stop):
+                        finish(i, "stop")
+                    elif r.aborted:
+                        finish(i, "abort")
+                    elif len(row.tokens) >= r.max_new:
+                        finish(i, "length")
+                if engine._apply_pending_in_batch():  # abort-mode update: end every running row
+                    for i in range(n):
+                        if not rows[i].reason:
+                            finish(i, "update_abort")
+                return torch.tensor([bool(row.reason) for row in rows], device=input_ids.device)
+
+        greedy = s.temperature <= 0
+        cfg = GenerationConfig(
+            max_new_tokens=max(r.max_new for r in batch),
+            do_sample=not greedy,
+            temperature=None if greedy else s.temperature,
+            top_p=None if greedy else s.top_p,
+            top_k=None if greedy or s.top_k is None or s.top_k <= 0 else s.top_k,
+            eos_token_id=sorted(self._eos) or None,
+            pad_token_id=self._pad,
+        )
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        with torch.inference_mode():
+            self._model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=cfg,
+                logits_processor=LogitsProcessorList([_CaptureRaw()]),
+                stopping_criteria=StoppingCriteriaList([_Control()]),
+            )
+        for i in range(n):  # generate stopped by itself (it should not): report what each row has
+            if not rows[i].reason:
+                finish(i, "length")
+
+    def _hits_stop(self, toks: list[int], stops: list[str]) -> bool:
+        """Whether the text of the last few tokens contains a stop string. Checked as each token arrives,
+        so the first hit ends the row at the token that completed the stop string (as vLLM does)."""
+        tail = self._tok.decode(toks[-8:], skip_special_tokens=True)
+        return any(st in tail for st in stops)
+
+    # ------------------------------------------------------------------ weights
+
+    def _load_state(self, state: dict[str, Any]) -> float:
+        import torch
+
+        t0 = time.perf_counter()
+        model = self._model
+        own = model.state_dict()
+        with torch.no_grad():
+            if all(k in own for k in state):
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                assert not unexpected, unexpected
+            else:
+                from transformers.core_model_loading import convert_and_load_state_dict_in_model
+                from transformers.modeling_utils import LoadStateDictConfig
+
+                mapping = getattr(model, "_weight_conversions", None)
+                if mapping is None:
+                    from transformers.conversion_mapping import get_model_conversion_mapping
+
+                    mapping = get_model_conversion_mapping(model, add_legacy=False)
+                cfg = LoadStateDictConfig(weight_mapping=mapping, dtype=model.dtype)
+                convert_and_load_state_dict_in_model(model, dict(state), cfg)
+            if getattr(model.config, "tie_word_embeddings", False):
+                model.tie_weights()
+        return time.perf_counter() - t0
+
+    def _finish_pending(self, p: _Pending) -> None:
+        def resolve() -> None:
+            if not p.future.done():
+                p.future.set_result(p.load_s)
+
+        p.loop.call_soon_threadsafe(resolve)
+
+    def _apply_pending_in_batch(self) -> bool:
+        """Called between decoding steps: apply a pending update; True if rows must end (abort mode)."""
+        with self._pending_lock:
+            p, self._pending = self._pending, None
+        if p is None:
+            return False
+        p.load_s = self._load_state(p.state)
+        self.version = p.version
+        self._finish_pending(p)
+        return p.mode == "abort"
+
+    def _apply_pending_idle(self) -> None:
+        with self._pending_lock:
+            p, self._pending = self._pending, None
+        if p is None:
+            return
+        p.load_s = self._load_state(p.state)
+        self.version = p.version
+        self._finish_pending(p)
+
+    async def update_weights(self, manifest: WeightManifest, mode: str = "keep") -> float:
+        """See `VLLMEngine.update_weights`: loads between decoding steps; returns seconds."""
+        if mode not in UPDATE_MODES:
+            raise ValueError(f"weight update mode must be one of {UPDATE_MODES}, got {mode!r}")
+        if self._model is None or self._wake is None:
+            raise RuntimeError("engine is not started (call `await engine.start()`)")
+        from slime.weights import read_weights
+
+        assert self._update_lock is not None and self._not_updating is not None
+        async with self._update_lock:
+            t0 = time.perf_counter()
+            state = await asyncio.to_thread(lambda: dict(read_weights(manifest)))
+            loop = asyncio.get_running_loop()
+            p = _Pending(state, manifest.version, mode, loop.create_future(), loop)
+            self._not_updating.clear()
+            try:
+                with self._pending_lock:
+                    self._pending = p
+                self._wake.set()
+                await p.future
+            finally:
+                self._not_updating.set()
+            elapsed = time.perf_counter() - t0
+            self.last_update = {
+                "total_s": elapsed,
+                "load_s": p.load_s,
+                "version": manifest.version,
+                "mode": mode,
+                "num_tensors": len(state),
+            }
+            return elapsed
+
+
+def _batch_key(s: SamplingParams) -> tuple:
+    return (s.temperature, s.top_p, s.top_k, s.seed)

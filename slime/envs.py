@@ -1,0 +1,61 @@
+"""Command line for environments.
+
+    python -m slime.envs list                 # built-ins and installed `slime.envs` entry points
+    python -m slime.envs check NAME           # resolve NAME, check the contract, print its tools
+    python -m slime.envs sample NAME [-n 3]   # print a few generated tasks (envs with make_tasks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m slime.envs", description="Inspect slime environments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list environments that can be named without a dotted path")
+    check = sub.add_parser("check", help="resolve an environment and check its contract")
+    check.add_argument("name")
+    sample = sub.add_parser("sample", help="print generated tasks")
+    sample.add_argument("name")
+    sample.add_argument("-n", type=int, default=3)
+    sample.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from envs.registry import BUILTIN_ENVS, list_envs, load_env_class
+
+    if args.command == "list":
+        envs = list_envs()
+        width = max(len(n) for n in envs)
+        for name, target in envs.items():
+            origin = "built-in" if BUILTIN_ENVS.get(name) == target else "entry point"
+            print(f"{name:<{width}}  {target}  ({origin})")
+        return 0
+    try:
+        cls = load_env_class(args.name)
+    except (TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        print(f"{args.name}: {cls.__module__}:{cls.__qualname__} satisfies the environment contract")
+        print(f"generates tasks: {'yes' if hasattr(cls, 'make_tasks') else 'no (needs env.dataset.path)'}")
+        try:
+            tools = getattr(cls(), "tools", [])  # default kwargs; an env may require some
+        except Exception as e:
+            print(f"tools: unknown (constructing it without env.kwargs failed: {e})")
+        else:
+            names = [t["function"]["name"] for t in tools]
+            print(f"tools (default kwargs): {', '.join(names) if names else 'none'}")
+        return 0
+    if not hasattr(cls, "make_tasks"):
+        print(f"error: {args.name} has no make_tasks; it reads tasks from env.dataset.path", file=sys.stderr)
+        return 1
+    for task in cls.make_tasks(args.n, args.seed):
+        print(json.dumps({"id": task.id, "prompt": task.prompt, "env_args": task.env_args}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
