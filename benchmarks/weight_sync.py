@@ -1,7 +1,7 @@
 """Weight sync cost, in one run: engine `update_weights` vs a plain memory copy of the same bytes.
 
-    python -m benchmarks.weight_sync                       # SmolLM2-135M, bf16 engine, 512 MB buckets
-    python -m benchmarks.weight_sync --dtype float32 --reps 5 --bucket-mb 64
+    python -m benchmarks.weight_sync                 # SmolLM2-135M, bf16 engine, 512 MB buckets, 1 thread
+    python -m benchmarks.weight_sync --dtype float32 --reps 5 --bucket-mb 64 --num-threads 2
 
 Measured (median of --reps):
 - write:   `write_weights` of the transformers state dict (cast to the engine dtype) to /dev/shm;
@@ -38,7 +38,7 @@ def _resolve_smollm2(cache_dir: str) -> str:
     return resolve_model(OmegaConf.to_object(cfg), cache_dir)
 
 
-async def run(model_dir: str, dtype: str, reps: int, bucket_mb: int) -> dict[str, float]:
+async def run(model_dir: str, dtype: str, reps: int, bucket_mb: int, num_threads: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +53,7 @@ async def run(model_dir: str, dtype: str, reps: int, bucket_mb: int) -> dict[str
     nbytes = sum(t.numel() * t.element_size() for t in cast.values())
 
     work = tempfile.mkdtemp(prefix="slime-bench-weights-")
-    engine = VLLMEngine(model_dir, dtype=dtype, kv_cache_gib=1, work_dir=work)
+    engine = VLLMEngine(model_dir, dtype=dtype, kv_cache_gib=1, work_dir=work, num_threads=num_threads)
     await engine.start()
     try:
         await engine.generate([1, 2, 3], SamplingParams(max_tokens=4))  # warm the engine up
@@ -96,9 +96,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
+    parser.add_argument("--num-threads", type=int, default=1, help="engine OpenMP threads")
     args = parser.parse_args(argv)
     model_dir = args.model_dir or _resolve_smollm2(os.path.expanduser(args.cache_dir))
-    r = asyncio.run(run(model_dir, args.dtype, args.reps, args.bucket_mb))
+    r = asyncio.run(run(model_dir, args.dtype, args.reps, args.bucket_mb, args.num_threads))
     mb = r["bytes"] / 1e6
     print(
         f"\nmodel: {model_dir}  dtype: {args.dtype}  {r['tensors']} tensors, {mb:.1f} MB, "

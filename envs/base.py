@@ -147,7 +147,10 @@ def check_environment_class(cls: Any) -> None:
     if not inspect.isclass(cls):
         raise TypeError(f"an environment must be a class, got {type(cls).__name__}: {cls!r}")
     name = cls.__name__
-    for method, signature in (("reset", "async def reset(self, task)"), ("step", "async def step(self, action)")):
+    for method, signature in (
+        ("reset", "async def reset(self, task)"),
+        ("step", "async def step(self, action)"),
+    ):
         fn = inspect.getattr_static(cls, method, None)
         if fn is None:
             raise TypeError(f"{name} has no {method} method (expected {signature})")
@@ -210,7 +213,9 @@ def coerce_step_result(result: Any) -> StepResult:
     elif isinstance(result, tuple | list) and len(result) == 4:
         obs, reward, done, info = result
     else:
-        raise TypeError(f"step returned {type(result).__name__}, expected StepResult or (obs, reward, done, info)")
+        raise TypeError(
+            f"step returned {type(result).__name__}, expected StepResult or (obs, reward, done, info)"
+        )
     check_messages(obs, "step observation")
     if isinstance(reward, bool) or not isinstance(reward, int | float):
         raise TypeError(f"step reward must be a float, got {type(reward).__name__}")

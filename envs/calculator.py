@@ -117,7 +117,9 @@ def _operand(rng: random.Random, digits: int) -> int:
     return rng.randint(2, 10**digits - 1)
 
 
-def make_problem(rng: random.Random, digits: int, num_ops: int, allow_division: bool, words: bool) -> tuple[str, int]:
+def make_problem(
+    rng: random.Random, digits: int, num_ops: int, allow_division: bool, words: bool
+) -> tuple[str, int]:
     """(question, integer answer): a start value changed by num_ops operations, left to right."""
     value = _operand(rng, digits)
     subject, unit = rng.choice(_SUBJECTS)
@@ -218,8 +220,14 @@ class CalculatorEnv(Environment):
         tasks = []
         for i in range(num):
             question, answer = make_problem(rng, digits, num_ops, allow_division, word_problems)
-            tasks.append(Task(id=f"calculator-{seed}-{i}", prompt=question, env="calculator",
-                              env_args={"answer": str(answer)}))
+            tasks.append(
+                Task(
+                    id=f"calculator-{seed}-{i}",
+                    prompt=question,
+                    env="calculator",
+                    env_args={"answer": str(answer)},
+                )
+            )
         return tasks
 
     async def reset(self, task: Task) -> list[Message]:

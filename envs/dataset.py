@@ -27,7 +27,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(f"env.dataset.path={str(path)!r}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+        raise ValueError(
+            f"env.dataset.path={str(path)!r}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)"
+        )
     if not path.exists():
         raise FileNotFoundError(f"env.dataset.path={str(path)!r} does not exist")
     # Quiet datasets' progress bars; they would interleave with the run's console lines.
@@ -49,7 +51,11 @@ def _row_to_task(row: dict[str, Any], index: int, path: Path, env_name: str) -> 
     prompt = row["prompt"]
     if isinstance(prompt, list):
         for m in prompt:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 raise ValueError(f"{where}: prompt messages need string 'role' and 'content'")
         prompt = [{k: v for k, v in m.items() if v is not None} for m in prompt]
     elif not isinstance(prompt, str) or not prompt:
@@ -91,7 +97,9 @@ def load_tasks(env_cfg: EnvConfig, seed: int) -> list[Task]:
                 "JSONL/Parquet file"
             )
         tasks = make(int(ds_cfg.num_tasks), int(seed), **dict(ds_cfg.kwargs))
-        source = f"env {env_cfg.name!r} make_tasks(num_tasks={ds_cfg.num_tasks}, kwargs={dict(ds_cfg.kwargs)})"
+        source = (
+            f"env {env_cfg.name!r} make_tasks(num_tasks={ds_cfg.num_tasks}, kwargs={dict(ds_cfg.kwargs)})"
+        )
         if not isinstance(tasks, list) or not all(isinstance(t, Task) for t in tasks):
             raise ValueError(f"env.dataset: {source} must return a list of Task")
         for t in tasks:

@@ -233,7 +233,9 @@ class MathEnv(Environment):
             raise ValueError(f"env.dataset.kwargs.difficulty must be >= 1, got {difficulty}")
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
-            raise ValueError(f"env.dataset.kwargs.kinds: unknown {unknown or 'empty list'}; choose from {', '.join(KINDS)}")
+            raise ValueError(
+                f"env.dataset.kwargs.kinds: unknown {unknown or 'empty list'}; choose from {', '.join(KINDS)}"
+            )
         rng = random.Random(f"math-{seed}")
         tasks = []
         for i in range(num):
@@ -263,5 +265,8 @@ class MathEnv(Environment):
         predicted = (_boxed_contents(text) or [None])[-1] if self.require_boxed else extract_answer(text)
         correct = answers_match(predicted, self.answer)
         return StepResult(
-            observation=[], reward=1.0 if correct else 0.0, done=True, info={"correct": correct, "extracted": predicted}
+            observation=[],
+            reward=1.0 if correct else 0.0,
+            done=True,
+            info={"correct": correct, "extracted": predicted},
         )

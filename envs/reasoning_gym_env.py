@@ -59,7 +59,9 @@ class ReasoningGymEnv(Environment):
         try:
             ds = _dataset(task, int(num), int(seed), _config_key(config))
         except Exception as e:
-            raise ValueError(f"env.dataset.kwargs: reasoning_gym cannot create {task!r} with {config}: {e}") from e
+            raise ValueError(
+                f"env.dataset.kwargs: reasoning_gym cannot create {task!r} with {config}: {e}"
+            ) from e
         tasks = []
         for i in range(len(ds)):
             entry = ds[i]
@@ -84,8 +86,12 @@ class ReasoningGymEnv(Environment):
         args = task.env_args
         missing = [k for k in ("task", "size", "seed", "index") if k not in args]
         if missing:
-            raise ValueError(f"task {task.id!r}: env_args lacks {', '.join(missing)} (make it with make_tasks)")
-        self.dataset = _dataset(args["task"], int(args["size"]), int(args["seed"]), _config_key(args.get("config", {})))
+            raise ValueError(
+                f"task {task.id!r}: env_args lacks {', '.join(missing)} (make it with make_tasks)"
+            )
+        self.dataset = _dataset(
+            args["task"], int(args["size"]), int(args["seed"]), _config_key(args.get("config", {}))
+        )
         self.entry = self.dataset[int(args["index"])]
         messages = task.messages()
         if self.system_prompt and messages[0]["role"] != "system":

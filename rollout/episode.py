@@ -8,6 +8,7 @@ One episode alternates engine turns and environment steps:
         action = chat.parse_action(decode(out))
         result = env.step(action)            (or the loop's own reply to a malformed tool call)
         done -> COMPLETED;  else append chat.delta_ids(result.observation)  mask 0
+    a reply cut off by a token limit is still scored by env.step (text only, no tool calls) -> TRUNCATED
 
 Generated ids are appended exactly as returned, never re-tokenised; environment messages are
 tokenised only as deltas (see rollout/chat.py), so `token_ids` always equals what the engine saw.
@@ -317,6 +318,13 @@ async def run_group(
         )
         return await run_episode(engine, env, task, chat, cfg, sp)
 
-    async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(one(i)) for i in range(n)]
-    return [t.result() for t in tasks]
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        # An engine error (or our own cancellation): stop the siblings, then raise the original
+        # exception itself rather than a TaskGroup's ExceptionGroup, so callers can catch it by type.
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

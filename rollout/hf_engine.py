@@ -80,6 +80,7 @@ class TransformersEngine:
     """Same contract as `rollout.engine.VLLMEngine`; see that class for the method semantics.
 
     kv_cache_gib, enforce_eager and tensor_parallel_size are accepted for interface parity and ignored.
+    num_threads calls `torch.set_num_threads` for this whole process (the model runs in-process).
     """
 
     def __init__(

@@ -1,8 +1,8 @@
 """Command line for environments.
 
-    python -m slime.envs list                 # built-ins and installed `slime.envs` entry points
-    python -m slime.envs check NAME           # resolve NAME, check the contract, print its tools
-    python -m slime.envs sample NAME [-n 3]   # print a few generated tasks (envs with make_tasks)
+python -m slime.envs list                 # built-ins and installed `slime.envs` entry points
+python -m slime.envs check NAME           # resolve NAME, check the contract, print its tools
+python -m slime.envs sample NAME [-n 3]   # print a few generated tasks (envs with make_tasks)
 """
 
 from __future__ import annotations

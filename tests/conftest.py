@@ -5,7 +5,8 @@
   `configs/model/*.yaml` (built once into the cache, reused afterwards).
 - `tokenizer`: the SmolLM2 tokenizer (all test models use it).
 - `engine`: ONE started `VLLMEngine` on tiny_dense for the whole session (dtype float32, so engine
-  logprobs can be compared with a transformers fp32 forward tightly). It lives on the session event loop:
+  logprobs can be compared with a transformers fp32 forward tightly; bf16 is also emulated, hence slow,
+  on CPUs without AVX512-BF16/AMX such as this one; one OpenMP thread). It lives on the session event loop:
   pytest's asyncio loop scope is "session" (pyproject.toml), so any async test in any module can use it.
   Tests may update its weights: the version only grows, and a test that needs particular weights loads
   them itself (test_engine restores the original checkpoint's weights after its update tests).
@@ -81,6 +82,7 @@ async def engine(tiny_dense_dir: str, tmp_path_factory: pytest.TempPathFactory):
         enforce_eager=True,
         seed=0,
         work_dir=str(tmp_path_factory.mktemp("vllm-engine")),
+        num_threads=1,  # the test machine is shared; oversubscribed OpenMP threads spin
     )
     await eng.start()
     try:

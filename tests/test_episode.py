@@ -32,8 +32,14 @@ class ScriptedEngine:
     version at call time. `finish` overrides the finish reason; `eos=False` omits the EOS token.
     """
 
-    def __init__(self, chat: ChatFormat, reply: Callable[[str], str] | list[str], eos: bool = True,
-                 finish: str = "stop", bump_version: bool = False):
+    def __init__(
+        self,
+        chat: ChatFormat,
+        reply: Callable[[str], str] | list[str],
+        eos: bool = True,
+        finish: str = "stop",
+        bump_version: bool = False,
+    ):
         self.chat = chat
         self.replies = iter(reply) if isinstance(reply, list) else None
         self.reply_fn = reply if callable(reply) else None
@@ -53,7 +59,9 @@ class ScriptedEngine:
         await asyncio.sleep(0.001)  # let concurrent episodes interleave
         self.in_flight -= 1
         text = next(self.replies) if self.replies else self.reply_fn(self.chat.tokenizer.decode(prompt_ids))
-        ids = self.chat.tokenizer.encode(text, add_special_tokens=False) + ([self.chat.turn_end_id] if self.eos else [])
+        ids = self.chat.tokenizer.encode(text, add_special_tokens=False) + (
+            [self.chat.turn_end_id] if self.eos else []
+        )
         finish = self.finish
         if len(ids) > sampling.max_tokens:
             ids, finish = ids[: sampling.max_tokens], "length"
@@ -110,8 +118,12 @@ def assert_token_exact(traj: Trajectory, engine: ScriptedEngine) -> None:
     assert len(engine.calls) == traj.turns
 
 
-CALC_TASK = Task(id="calc-1", prompt="A farmer has 47 apples. Then 19 are sold. Then 25 more are sold. How many are left?",
-                 env="calculator", env_args={"answer": "3"})
+CALC_TASK = Task(
+    id="calc-1",
+    prompt="A farmer has 47 apples. Then 19 are sold. Then 25 more are sold. How many are left?",
+    env="calculator",
+    env_args={"answer": "3"},
+)
 CALL = '<tool_call>[{"name": "calculator", "arguments": {"expression": "(47 - 19) - 25"}}]</tool_call>'
 
 
@@ -130,9 +142,13 @@ async def test_calculator_episode_is_token_exact(chat):
     assert chat.tokenizer.decode(delta) == "\n<|im_start|>tool\n3<|im_end|>\n<|im_start|>assistant\n"
     # The whole sequence is what the template renders for the conversation (replies re-tokenise the
     # same here, as they start without whitespace).
-    conversation = [{"role": "system", "content": env.system_prompt}, {"role": "user", "content": CALC_TASK.prompt},
-                    {"role": "assistant", "content": CALL}, {"role": "tool", "content": "3"},
-                    {"role": "assistant", "content": "The calculator says 3. Answer: 3"}]
+    conversation = [
+        {"role": "system", "content": env.system_prompt},
+        {"role": "user", "content": CALC_TASK.prompt},
+        {"role": "assistant", "content": CALL},
+        {"role": "tool", "content": "3"},
+        {"role": "assistant", "content": "The calculator says 3. Answer: 3"},
+    ]
     text = chat.tokenizer.apply_chat_template(chat.with_tools(conversation, env.tools), tokenize=False)
     assert chat.tokenizer.decode(traj.token_ids) + "\n" == text
     assert set(traj.timings) == {"generate_s", "env_s", "total_s"}
@@ -154,7 +170,9 @@ async def test_tool_errors_go_back_to_the_model(chat):
 
 
 async def test_malformed_tool_call_error_message(chat):
-    engine = ScriptedEngine(chat, ['<tool_call>{"name": "calculator", "arguments": {</tool_call>', CALL, "Answer: 3"])
+    engine = ScriptedEngine(
+        chat, ['<tool_call>{"name": "calculator", "arguments": {</tool_call>', CALL, "Answer: 3"]
+    )
     traj = await run_episode(engine, CalculatorEnv(tool_bonus=0.5), CALC_TASK, chat, cfg(), SAMPLING)
     assert traj.status is Status.COMPLETED and traj.turns == 3 and traj.reward == 1.0
     assert traj.info["malformed_tool_calls"] == 1 and traj.info["tool_calls"] == 1
@@ -164,7 +182,9 @@ async def test_malformed_tool_call_error_message(chat):
 
 async def test_malformed_tool_call_end_episode(chat):
     engine = ScriptedEngine(chat, ['<tool_call>{"name": "calculator"', "never used"])
-    traj = await run_episode(engine, CalculatorEnv(), CALC_TASK, chat, cfg(on_malformed_tool_call="end_episode"), SAMPLING)
+    traj = await run_episode(
+        engine, CalculatorEnv(), CALC_TASK, chat, cfg(on_malformed_tool_call="end_episode"), SAMPLING
+    )
     assert traj.status is Status.COMPLETED and traj.reward == 0.0 and traj.turns == 1
     assert traj.info["end_reason"] == "malformed_tool_call" and traj.info["malformed_tool_calls"] == 1
 
@@ -194,23 +214,32 @@ async def test_guess_number_binary_search(chat):
     for target in (1, 37, 100):
         task = Task(id=f"g{target}", prompt="Guess my number between 1 and 100.", env_args={"target": target})
         engine = ScriptedEngine(chat, bisect_reply)
-        traj = await run_episode(engine, GuessNumberEnv(max_guesses=7, shaping=0.5), task, chat, cfg(max_turns=10), SAMPLING)
+        traj = await run_episode(
+            engine, GuessNumberEnv(max_guesses=7, shaping=0.5), task, chat, cfg(max_turns=10), SAMPLING
+        )
         assert traj.status is Status.COMPLETED and traj.info["env"]["solved"]
         assert traj.turns <= 7
         assert traj.reward == pytest.approx(1.0 - 0.5 * (traj.turns - 1) / 7)
         assert_token_exact(traj, engine)
 
 
-async def test_truncation_by_length_skips_the_env(chat):
-    class NoStep(GuessNumberEnv):
-        async def step(self, action: Action) -> StepResult:
-            raise AssertionError("step must not be called for a cut-off reply")
+async def test_truncation_by_length_scores_the_cut_off_reply(chat):
+    """A reply cut by max_tokens_per_turn ends the episode TRUNCATED; the env still scores the text
+    (single-turn rewards must not depend on stopping in time), but no tool call in it is executed."""
+    seen: list[Action] = []
 
-    engine = ScriptedEngine(chat, ["word " * 50])
+    class Recorder(GuessNumberEnv):
+        async def step(self, action: Action) -> StepResult:
+            seen.append(action)
+            return StepResult([], 0.25, False, {"scored": True})
+
+    engine = ScriptedEngine(chat, [CALL + " and more words " * 20])
     task = Task(id="t", prompt="Guess.", env_args={"target": 5})
-    traj = await run_episode(engine, NoStep(), task, chat, cfg(max_tokens_per_turn=8), SAMPLING)
+    traj = await run_episode(engine, Recorder(), task, chat, cfg(max_tokens_per_turn=40), SAMPLING)
     assert traj.status is Status.TRUNCATED and traj.info["end_reason"] == "length"
-    assert traj.num_generated == 8 and traj.turns == 1
+    assert traj.num_generated == 40 and traj.turns == 1 and traj.reward == 0.25
+    assert len(seen) == 1 and seen[0].tool_calls == [] and seen[0].content.startswith("<tool_call>")
+    assert traj.info["env"] == {"scored": True} and traj.info["tool_calls"] == 0
 
 
 async def test_max_total_tokens(chat):
@@ -235,7 +264,9 @@ async def test_max_turns(chat):
 
 async def test_prompt_too_long_fails(chat):
     task = Task(id="t", prompt="word " * 300, env_args={"target": 5})
-    traj = await run_episode(ScriptedEngine(chat, ["1"]), GuessNumberEnv(), task, chat, cfg(max_total_tokens=100), SAMPLING)
+    traj = await run_episode(
+        ScriptedEngine(chat, ["1"]), GuessNumberEnv(), task, chat, cfg(max_total_tokens=100), SAMPLING
+    )
     assert traj.status is Status.FAILED and "max_total_tokens" in traj.info["error"]
 
 
@@ -252,7 +283,9 @@ async def test_stop_string_turn_is_closed_with_turn_end(chat):
 
 async def test_abort_is_reported(chat):
     task = Task(id="t", prompt="Guess.", env_args={"target": 7})
-    traj = await run_episode(ScriptedEngine(chat, ["5"], eos=False, finish="abort"), GuessNumberEnv(), task, chat, cfg(), SAMPLING)
+    traj = await run_episode(
+        ScriptedEngine(chat, ["5"], eos=False, finish="abort"), GuessNumberEnv(), task, chat, cfg(), SAMPLING
+    )
     assert traj.status is Status.ABORTED and traj.num_generated > 0
 
 
@@ -323,7 +356,9 @@ async def test_malformed_step_results(chat, result, reason):
         async def step(self, action):
             return result
 
-    traj = await run_episode(ScriptedEngine(chat, ["hi"]), Env(), Task(id="t", prompt="x"), chat, cfg(), SAMPLING)
+    traj = await run_episode(
+        ScriptedEngine(chat, ["hi"]), Env(), Task(id="t", prompt="x"), chat, cfg(), SAMPLING
+    )
     if reason is None:
         assert traj.status is Status.COMPLETED and traj.reward == 1.0
     else:
@@ -339,7 +374,9 @@ async def test_bad_reset_messages_fail(chat):
         async def step(self, action):
             return StepResult([], 0.0, True, {})
 
-    traj = await run_episode(ScriptedEngine(chat, ["hi"]), Env(), Task(id="t", prompt="x"), chat, cfg(), SAMPLING)
+    traj = await run_episode(
+        ScriptedEngine(chat, ["hi"]), Env(), Task(id="t", prompt="x"), chat, cfg(), SAMPLING
+    )
     assert traj.status is Status.FAILED and "reset() result[0].content" in traj.info["error"]
 
 
@@ -388,7 +425,9 @@ async def test_run_group_is_concurrent_and_contains_factory_errors(chat):
         raise ValueError("no such kwarg")
 
     trajs = await run_group(engine, bad_factory, task, 3, chat, cfg(), SAMPLING)
-    assert all(t.status is Status.FAILED and "env construction raised ValueError" in t.info["error"] for t in trajs)
+    assert all(
+        t.status is Status.FAILED and "env construction raised ValueError" in t.info["error"] for t in trajs
+    )
 
 
 async def test_engine_errors_propagate(chat):
@@ -399,7 +438,13 @@ async def test_engine_errors_propagate(chat):
             raise ConnectionError("engine died")
 
     with pytest.raises(ConnectionError):
-        await run_episode(Dead(), GuessNumberEnv(), Task(id="t", prompt="x", env_args={"target": 1}), chat, cfg(), SAMPLING)
+        await run_group(
+            Dead(), GuessNumberEnv, Task(id="t", prompt="x", env_args={"target": 1}), 3, chat, cfg(), SAMPLING
+        )
+    with pytest.raises(ConnectionError):
+        await run_episode(
+            Dead(), GuessNumberEnv(), Task(id="t", prompt="x", env_args={"target": 1}), chat, cfg(), SAMPLING
+        )
 
 
 # ------------------------------------------------------------------------------------ real engine
@@ -435,15 +480,23 @@ def assert_real_alignment(traj: Trajectory, rec: Recording, chat: ChatFormat) ->
             assert chat.tokenizer.decode(gen) == chat.tokenizer.decode(out.token_ids)
 
 
+# A random tiny model practically never samples its EOS token (1 in 49k), so its replies would all be
+# cut by length. A stop string ends its turns instead (the loop then closes each turn with the
+# turn-end token itself): "e" occurs in most replies within a few tokens.
+RANDOM_MODEL_SAMPLING = SamplingParams(max_tokens=16, temperature=1.0, stop=["e"], seed=7)
+
+
 async def test_real_engine_calculator_multi_turn(engine, chat):
     """A random tiny model never calls the tool, so with require_tool_call the env keeps reminding
     it: a multi-turn episode whose generated spans are the engine's tokens exactly."""
     rec = Recording(engine)
     task = CalculatorEnv.make_tasks(1, seed=3)[0]
-    c = cfg(max_turns=3, max_tokens_per_turn=12, max_total_tokens=1024)
-    traj = await run_episode(rec, CalculatorEnv(require_tool_call=True, max_turns=3), task, chat, c,
-                             SamplingParams(max_tokens=12, temperature=1.0, seed=7))
+    c = cfg(max_turns=3, max_tokens_per_turn=16, max_total_tokens=1024)
+    traj = await run_episode(
+        rec, CalculatorEnv(require_tool_call=True, max_turns=3), task, chat, c, RANDOM_MODEL_SAMPLING
+    )
     assert traj.status in (Status.TRUNCATED, Status.COMPLETED) and traj.turns >= 2
+    assert "Use the calculator tool before giving the final answer." in chat.tokenizer.decode(traj.token_ids)
     assert_real_alignment(traj, rec, chat)
     assert "<tools>" in chat.tokenizer.decode(traj.token_ids[: traj.prompt_len])
 
@@ -452,8 +505,16 @@ async def test_real_engine_guess_number(engine, chat):
     rec = Recording(engine)
     task = GuessNumberEnv.make_tasks(1, seed=0)[0]
     c = cfg(max_turns=4, max_tokens_per_turn=8, max_total_tokens=1024)
-    trajs = await run_group(rec, lambda: GuessNumberEnv(max_guesses=4), task, 2, chat, c,
-                            SamplingParams(max_tokens=8, temperature=1.0))
+    trajs = await run_group(
+        rec,
+        lambda: GuessNumberEnv(max_guesses=4),
+        task,
+        2,
+        chat,
+        c,
+        dataclasses.replace(RANDOM_MODEL_SAMPLING, max_tokens=8),
+    )
+    assert sum(t.turns for t in trajs) > 2
     for traj in trajs:
         assert traj.status in (Status.TRUNCATED, Status.COMPLETED)
         assert len(traj.token_ids) == len(traj.loss_mask) == len(traj.behavior_logprobs) == len(traj.versions)
