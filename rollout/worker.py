@@ -182,6 +182,7 @@ def make_engine(model_dir: str, model_cfg: ModelConfig, cfg: RolloutConfig, seed
             seed=seed,
             tensor_parallel_size=cfg.tensor_parallel_size,
             work_dir=work_dir,
+            num_threads=cfg.threads_per_worker,
         )
     from rollout.hf_engine import TransformersEngine
 

@@ -52,7 +52,7 @@ def ray_session():
 def learning_run(tmp_path_factory, ray_session):
     run_dir = tmp_path_factory.mktemp("learn")
     rows = api.run(
-        ["+experiment=tiny", "trainer.steps=16", "buffer.max_staleness=1", "logger.mode=offline"],
+        ["+experiment=tiny", "trainer.steps=20", "buffer.max_staleness=1", "logger.mode=offline"],
         run_dir=str(run_dir),
     )
     return run_dir, rows
