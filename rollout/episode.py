@@ -131,6 +131,14 @@ class _Episode:
         )
         return StepResult(observation=[tool_message(content)], reward=0.0, done=False, info={})
 
+    async def _step(self, action: Action) -> StepResult:
+        """env.step under the step timeout, its return value checked (malformed -> EpisodeError)."""
+        raw = await self._env_call("step", self.env.step(action))
+        try:
+            return coerce_step_result(raw)
+        except (TypeError, ValueError) as e:
+            raise EpisodeError(f"env.step returned a malformed result: {_one_line(e)}") from e
+
     def _turn_sampling(self, budget: int) -> SamplingParams:
         limit = self.cfg.max_tokens_per_turn
         if self.sampling.max_tokens and self.sampling.max_tokens > 0:
@@ -176,11 +184,7 @@ class _Episode:
                 # the model stopped in time; overlong shaping is the algorithm's business). Tool calls
                 # in a cut-off reply are not executed.
                 reason = "max_total_tokens" if sampling.max_tokens >= budget else "length"
-                raw = await self._env_call("step", self.env.step(Action(content=action.content)))
-                try:
-                    result = coerce_step_result(raw)
-                except (TypeError, ValueError) as e:
-                    raise EpisodeError(f"env.step returned a malformed result: {_one_line(e)}") from e
+                result = await self._step(Action(content=action.content))
                 self.reward += result.reward
                 self.env_info.update(result.info)
                 return Status.TRUNCATED, reason
@@ -194,11 +198,7 @@ class _Episode:
                 result = self._malformed_reply(action)
             else:
                 self.tool_calls += len(action.tool_calls)
-                raw = await self._env_call("step", self.env.step(action))
-                try:
-                    result = coerce_step_result(raw)
-                except (TypeError, ValueError) as e:
-                    raise EpisodeError(f"env.step returned a malformed result: {_one_line(e)}") from e
+                result = await self._step(action)
             self.reward += result.reward
             self.env_info.update(result.info)
             if result.done:
