@@ -47,6 +47,8 @@ class ReplayBuffer:
         self.issued = 0
         self.refunded = 0
         self.closed = False
+        self.failure: str | None = None  # set when episodes keep failing: the run cannot make progress
+        self._failed_in_a_row = 0
         self._groups: list[Group] = []
         self._cond = asyncio.Condition()
         self._dropped: collections.Counter[str] = collections.Counter()  # since last stats()
@@ -103,6 +105,14 @@ class ReplayBuffer:
             group.trajectories = [t for t in group.trajectories if t.status != Status.FAILED]
             if len(group.trajectories) < self.min_group_size:
                 self._drop("failed")
+                self._failed_in_a_row += 1
+                # Failed groups are refunded, so a broken env would spin forever: give up loudly.
+                if self._failed_in_a_row >= max(8, 4 * self.batch_groups) and self.failure is None:
+                    reasons = "; ".join(f"{r} (x{n})" for r, n in self._failure_reasons.most_common(3))
+                    self.failure = (
+                        f"{self._failed_in_a_row} groups in a row lost their episodes to env failures "
+                        f"(check env.name / env.kwargs / the environment code): {reasons}"
+                    )
             elif self.drop_zero_variance and len(set(group.rewards)) <= 1:
                 self._drop("zero_variance")
             else:
@@ -110,6 +120,7 @@ class ReplayBuffer:
                     self._groups.pop(0)
                     self._drop("overflow")
                 self._groups.append(group)
+                self._failed_in_a_row = 0
                 if self._record is not None:
                     self._record.write(json.dumps(group.to_dict()) + "\n")
                     self._record.flush()
@@ -135,9 +146,11 @@ class ReplayBuffer:
 
             def ready() -> bool:
                 self._drop_stale(version)
-                return self.closed or len(self._groups) >= n
+                return self.closed or self.failure is not None or len(self._groups) >= n
 
             await self._cond.wait_for(ready)
+            if self.failure is not None:
+                raise RuntimeError(self.failure)
             if len(self._groups) < n:
                 raise RuntimeError("replay buffer closed before a full batch was ready")
             self._groups.sort(key=lambda g: g.ticket)

@@ -40,6 +40,10 @@ def prepare(cfg: SlimeConfig) -> str:
     if cfg.resume and not os.path.isdir(cfg.resume):
         raise ValueError(f"resume={cfg.resume!r} is not a checkpoint directory")
     env_cls = load_env_class(cfg.env.name)  # unknown env / broken plugin -> clear error now
+    try:
+        env_cls(**cfg.env.kwargs)  # wrong env.kwargs -> clear error now, not a failed episode each
+    except Exception as e:
+        raise ValueError(f"env.kwargs={cfg.env.kwargs} do not construct {cfg.env.name}: {e}") from e
     from envs.openai_agent import uses_agent
 
     if uses_agent(env_cls):

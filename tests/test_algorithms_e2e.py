@@ -61,8 +61,7 @@ def test_plugin_env_trains_by_entry_point_name(tmp_path):
             "slime.train",
             "+experiment=tiny",
             "env.name=reverse",
-            "env.kwargs={}",
-            "env.dataset.kwargs={}",
+            "~env.kwargs.max_words",  # the target env's kwarg; ReverseEnv takes none
             "trainer.steps=2",
             "ray.num_cpus=2",
             f"hydra.run.dir={run_dir}",

@@ -110,3 +110,15 @@ async def test_record_and_replay(tmp_path):
     groups = load_recorded_groups(str(tmp_path / "groups.jsonl"))
     assert groups[1].trajectories[0].versions == [-1, -1, 0, 0]
     assert groups[0].trajectories[0].status is Status.COMPLETED
+
+
+async def test_env_that_always_fails_ends_the_run_with_its_reason():
+    buf = ReplayBuffer(BufferConfig(max_staleness=0, record=False), batch_groups=1, min_group_size=2)
+    for i in range(8):
+        g = _group(i, 0)
+        for t in g.trajectories:
+            t.status = Status.FAILED
+            t.info["error"] = "env construction raised TypeError: unknown env.kwargs: letters"
+        assert not await buf.put(g)
+    with pytest.raises(RuntimeError, match="unknown env.kwargs"):
+        await asyncio.wait_for(buf.get_batch(1, 0), 1)
