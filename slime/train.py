@@ -8,6 +8,7 @@ model, environment or dataset is checked before any Ray actor starts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -55,16 +56,33 @@ def prepare(cfg: SlimeConfig) -> str:
     return resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
 
 
+def _reject_unknown_keys(obj: object, path: str) -> None:
+    """`+group.key=...` can smuggle keys past the schema; refuse them instead of ignoring them."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    extra = sorted(set(vars(obj)) - names)
+    if extra:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{path}{k}' for k in extra)}")
+    for name in names:
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            _reject_unknown_keys(value, f"{path}{name}.")
+
+
 def to_config(dcfg: DictConfig) -> SlimeConfig:
     """The single DictConfig -> dataclass conversion; nothing downstream sees a DictConfig."""
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, SlimeConfig)
+    _reject_unknown_keys(cfg, "")
     return cfg
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
-    cfg = to_config(dcfg)
+    try:
+        cfg = to_config(dcfg)
+    except ValueError as e:
+        print(f"slime: config error: {e}", file=sys.stderr)
+        sys.exit(2)
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(OmegaConf.to_yaml(dcfg, resolve=True))

@@ -56,7 +56,9 @@ def test_user_contract_keys_override():
 
 def test_wrong_key_and_type_name_the_key():
     with pytest.raises(Exception, match="stepz"):
-        _compose(["+experiment=tiny", "+trainer.stepz=3"])
+        _compose(["+experiment=tiny", "trainer.stepz=3"])
+    with pytest.raises(ValueError, match=r"trainer\.stepz"):
+        _compose(["+experiment=tiny", "+trainer.stepz=3"])  # `+` must not smuggle a key past the schema
     with pytest.raises(Exception, match="steps"):
         _compose(["+experiment=tiny", "trainer.steps=abc"])
 
