@@ -39,7 +39,8 @@ def test_algorithm_runs_through_the_real_loop(algorithm, tmp_path, ray_cluster):
     for r in rows:
         for key in ("loss/policy", "entropy", "clip_frac", "is_ratio/mean", "mismatch/logprob_abs"):
             assert math.isfinite(r[key]), (key, r[key])
-        assert r["mismatch/logprob_abs"] < 0.5  # engine and trainer score the same tokens alike
+    # Step 0 trains on version-0 data only: engine and trainer score the same tokens with the same weights.
+    assert rows[0]["mismatch/logprob_abs"] < 1e-2, rows[0]["mismatch/logprob_abs"]
     if algorithm == "ppo":
         assert any(k.startswith("value") or k.startswith("critic") for k in rows[-1]), sorted(rows[-1])
 
