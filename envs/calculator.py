@@ -24,7 +24,7 @@ from fractions import Fraction
 from typing import Any
 
 from envs.base import Action, Environment, StepResult, ToolCall, function_tool, tool_message
-from envs.math_env import answers_match, extract_answer
+from envs.math_env import answer_task_messages, answers_match, extract_answer
 from envs.sandbox import PYTHON_TOOL, python_tool
 from slime.types import Message, Task
 
@@ -231,12 +231,7 @@ class CalculatorEnv(Environment):
         return tasks
 
     async def reset(self, task: Task) -> list[Message]:
-        if "answer" not in task.env_args:
-            raise ValueError(f"task {task.id!r} has no env_args['answer']")
-        self.answer = str(task.env_args["answer"])
-        messages = task.messages()
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        self.answer, messages = answer_task_messages(task, self.system_prompt)
         return messages
 
     async def _call(self, call: ToolCall) -> tuple[str, bool]:

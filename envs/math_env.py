@@ -210,6 +210,16 @@ def _problem(rng: random.Random, kind: str, difficulty: int) -> tuple[str, str]:
 INSTRUCTION = "Put your final answer in \\boxed{}."
 
 
+
+def answer_task_messages(task: Task, system_prompt: str) -> tuple[str, list[Message]]:
+    """The reference answer of a verifiable task and its first messages (system prompt prepended)."""
+    if "answer" not in task.env_args:
+        raise ValueError(f"task {task.id!r} has no env_args['answer']")
+    messages = task.messages()
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return str(task.env_args["answer"]), messages
+
 class MathEnv(Environment):
     """Single turn: the model answers once; reward 1.0 when the answer matches `env_args["answer"]`.
 
@@ -252,12 +262,7 @@ class MathEnv(Environment):
         return tasks
 
     async def reset(self, task: Task) -> list[Message]:
-        if "answer" not in task.env_args:
-            raise ValueError(f"task {task.id!r} has no env_args['answer']")
-        self.answer = str(task.env_args["answer"])
-        messages = task.messages()
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        self.answer, messages = answer_task_messages(task, self.system_prompt)
         return messages
 
     async def step(self, action: Action) -> StepResult:
