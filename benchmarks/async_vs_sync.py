@@ -40,7 +40,9 @@ def main(argv: list[str]) -> None:
         results[name] = _summary(rows)
     a, s = results["async"], results["sync"]
     print(f"\nworkload: {' '.join(overrides)}")
-    print(f"{'mode':<6} {'samples/s':>10} {'idle':>6} {'gen tok/s':>10} {'step s':>7} {'stale max':>9} {'reward':>7}")
+    print(
+        f"{'mode':<6} {'samples/s':>10} {'idle':>6} {'gen tok/s':>10} {'step s':>7} {'stale max':>9} {'reward':>7}"
+    )
     for name, r in results.items():
         print(
             f"{name:<6} {r['samples_per_s']:>10.3f} {r['trainer_idle_frac']:>6.0%} {r['rollout_tok_per_s']:>10.1f} "

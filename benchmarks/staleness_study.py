@@ -41,7 +41,9 @@ def main() -> None:
         for s in STALENESS:
             name = f"staleness={s} off_policy={corr}"
             t0 = time.perf_counter()
-            rows = api.run([*base, f"buffer.max_staleness={s}", f"algorithm.off_policy={corr}"], os.path.join(work, name))
+            rows = api.run(
+                [*base, f"buffer.max_staleness={s}", f"algorithm.off_policy={corr}"], os.path.join(work, name)
+            )
             rewards = [r["reward/mean"] for r in rows]
             k = max(1, len(rows) // 5)
             results[name] = {
@@ -57,7 +59,9 @@ def main() -> None:
                 "mismatch": sum(r["mismatch/logprob_abs"] for r in rows) / len(rows),
                 "wall_s": time.perf_counter() - t0,
             }
-            print(f"{name}: reward {results[name]['first20']:.3f} -> {results[name]['last20']:.3f}", flush=True)
+            print(
+                f"{name}: reward {results[name]['first20']:.3f} -> {results[name]['last20']:.3f}", flush=True
+            )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "staleness_study.json"), "w") as f:
         json.dump({"overrides": base, "results": results}, f, indent=1)

@@ -1,6 +1,6 @@
 """Summarise a run dir: wall time, steps, mean reward over the first and last 20% of steps.
 
-    python -m benchmarks.summarize outputs/2026-11-29/12-00-00
+python -m benchmarks.summarize outputs/2026-11-29/12-00-00
 """
 
 from __future__ import annotations

@@ -210,7 +210,6 @@ def _problem(rng: random.Random, kind: str, difficulty: int) -> tuple[str, str]:
 INSTRUCTION = "Put your final answer in \\boxed{}."
 
 
-
 def answer_task_messages(task: Task, system_prompt: str) -> tuple[str, list[Message]]:
     """The reference answer of a verifiable task and its first messages (system prompt prepended)."""
     if "answer" not in task.env_args:
@@ -219,6 +218,7 @@ def answer_task_messages(task: Task, system_prompt: str) -> tuple[str, list[Mess
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return str(task.env_args["answer"]), messages
+
 
 class MathEnv(Environment):
     """Single turn: the model answers once; reward 1.0 when the answer matches `env_args["answer"]`.

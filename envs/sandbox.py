@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 from envs.base import ToolCall, function_tool
 
+# Seconds to wait for the pipes to close once the child has finished or been killed.
+_DRAIN_GRACE_S = 5.0
+
 _BOOTSTRAP = """\
 import resource, runpy, sys
 mem, cpu, fsize = {mem}, {cpu}, {fsize}
@@ -71,15 +74,18 @@ class SandboxResult:
 
 
 async def _read_capped(stream: asyncio.StreamReader, cap: int, over: asyncio.Event) -> bytes:
+    """Read to EOF, keeping the first `cap` bytes. Past the cap it keeps draining and discarding:
+    on Python 3.11 `Process.wait()` resolves only once every pipe has seen EOF, and a reader that
+    stops early leaves its transport paused, so `wait()` would never return."""
     buf = bytearray()
     while True:
         chunk = await stream.read(65536)
         if not chunk:
-            return bytes(buf)
-        buf.extend(chunk)
-        if len(buf) > cap:
-            over.set()
             return bytes(buf[:cap])
+        if len(buf) <= cap:
+            buf.extend(chunk)
+            if len(buf) > cap:
+                over.set()
 
 
 def _kill_group(pid: int) -> None:
@@ -138,7 +144,14 @@ async def run_python(
             if readers not in done:
                 timed_out = not over.is_set()
                 _kill_group(proc.pid)
-            out, err = await readers
+            try:
+                # EOF follows the kill at once unless a grandchild left the process group holding
+                # the pipes; then give up on the rest of the output rather than hang the episode.
+                out, err = await asyncio.wait_for(asyncio.shield(readers), _DRAIN_GRACE_S)
+            except TimeoutError:
+                readers.cancel()
+                out, err = b"", b"(output lost: the pipes stayed open after the process ended)"
+                proc._transport.close()  # noqa: SLF001 -- the only way to drop pipes a stranger holds
             exit_code = await proc.wait()
         finally:
             over_wait.cancel()

@@ -97,7 +97,9 @@ class Controller:
                 min_group_size=min(2, cfg.rollout.group_size),
             )
         )
-        max_response = min(cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn, cfg.rollout.max_total_tokens)
+        max_response = min(
+            cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn, cfg.rollout.max_total_tokens
+        )
         self.trainer = TrainerGroup(
             self.model_dir, cfg.model, cfg.trainer, cfg.algorithm, cfg.seed, max_response_len=max_response
         )
@@ -122,7 +124,12 @@ class Controller:
             ]
         t0 = time.perf_counter()
         starts = await asyncio.gather(self.trainer.setup(), *(w.start.remote() for w in self.workers))
-        log.info("started trainer and %d rollout workers in %.1fs: %s", len(self.workers), time.perf_counter() - t0, starts[1:])
+        log.info(
+            "started trainer and %d rollout workers in %.1fs: %s",
+            len(self.workers),
+            time.perf_counter() - t0,
+            starts[1:],
+        )
         if cfg.resume:
             self.start_step, self.version = await self.trainer.load_checkpoint(cfg.resume)
             await self._push_weights()  # engines started from the base model: bring them up to date
@@ -169,7 +176,9 @@ class Controller:
     # -- the loop --------------------------------------------------------------------------------
     async def _push_weights(self) -> tuple[float, dict[str, float]]:
         t0 = time.perf_counter()
-        manifest = await self.trainer.export_weights(self.version, self._weights_dir(), self.cfg.trainer.weight_bucket_mb)
+        manifest = await self.trainer.export_weights(
+            self.version, self._weights_dir(), self.cfg.trainer.weight_bucket_mb
+        )
         export_s = time.perf_counter() - t0
         load = await asyncio.gather(*(w.update_weights.remote(manifest) for w in self.workers))
         return time.perf_counter() - t0, {
@@ -216,7 +225,12 @@ class Controller:
                 now = time.perf_counter()
                 step_s, t_last = now - t_last, now
                 rollout = await asyncio.gather(*(w.stats.remote() for w in self.workers))
-                row = {"step": step, "version": self.version, **batch_metrics(groups, trained_version), **metrics}
+                row = {
+                    "step": step,
+                    "version": self.version,
+                    **batch_metrics(groups, trained_version),
+                    **metrics,
+                }
                 row.update(await self.buffer.stats.remote() if replay is None else {})
                 row.pop("episode/failure_reasons", None)
                 row.update(sync_info)
@@ -248,7 +262,9 @@ class Controller:
         return rows
 
 
-async def run_controller(cfg: SlimeConfig, model_dir: str, config_dict: dict[str, Any]) -> list[dict[str, Any]]:
+async def run_controller(
+    cfg: SlimeConfig, model_dir: str, config_dict: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Start Ray, the actors and the loop; always tear the actors down."""
     controller = Controller(cfg, model_dir, config_dict)
     controller.start_ray()

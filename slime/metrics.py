@@ -32,7 +32,7 @@ def batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
     """Reward, length, turn, tool and staleness statistics of the trajectories trained at `version`."""
     trajs = [t for g in groups for t in g.trajectories]
     rewards = [t.reward for t in trajs]
-    staleness = [version - v for t in trajs for v, m in zip(t.versions, t.loss_mask) if m]
+    staleness = [version - v for t in trajs for v, m in zip(t.versions, t.loss_mask, strict=True) if m]
     seq_stale = [version - t.min_version for t in trajs]
     return {
         "reward/mean": _mean(rewards),
@@ -78,7 +78,9 @@ class MetricsLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=int(row["step"]))
+            self._wandb.log(
+                {k: v for k, v in row.items() if isinstance(v, int | float)}, step=int(row["step"])
+            )
         if self.cfg.console:
             self._console(row)
 
@@ -102,10 +104,17 @@ class MetricsLogger:
         for g in groups[: self.cfg.num_samples]:
             t = g.trajectories[0]
             text = decode(t.token_ids[t.prompt_len :])
-            rows.append([step, g.task.id, decode(t.token_ids[: t.prompt_len])[-300:], text, t.reward, t.status.value])
+            rows.append(
+                [step, g.task.id, decode(t.token_ids[: t.prompt_len])[-300:], text, t.reward, t.status.value]
+            )
         with open(os.path.join(os.path.dirname(self.path), "samples.jsonl"), "a", encoding="utf-8") as f:
             for r in rows:
-                f.write(json.dumps(dict(zip(["step", "task", "prompt", "response", "reward", "status"], r))) + "\n")
+                f.write(
+                    json.dumps(
+                        dict(zip(["step", "task", "prompt", "response", "reward", "status"], r, strict=True))
+                    )
+                    + "\n"
+                )
         if self._wandb is not None:
             import wandb
 

@@ -164,7 +164,8 @@ def resolve_model(cfg: ModelConfig, cache_dir: str, seed: int = 0) -> str:
     if cfg.source == "random":
         tok_dir = _tokenizer_dir(cfg, cache_dir)
         key = json.dumps(
-            {"arch": cfg.architecture, "cfg": cfg.hf_config, "tok": cfg.tokenizer, "seed": seed}, sort_keys=True
+            {"arch": cfg.architecture, "cfg": cfg.hf_config, "tok": cfg.tokenizer, "seed": seed},
+            sort_keys=True,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         target = _cache(cache_dir) / "models" / f"{cfg.name}-{digest}"

@@ -15,7 +15,7 @@ from typing import Any
 Message = dict[str, Any]
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """How an episode ended."""
 
     COMPLETED = "completed"  # the environment said done
@@ -74,7 +74,7 @@ class Trajectory:
     @property
     def min_version(self) -> int:
         """Oldest policy version among generated tokens (start_version when nothing was generated)."""
-        gen = [v for v, m in zip(self.versions, self.loss_mask) if m]
+        gen = [v for v, m in zip(self.versions, self.loss_mask, strict=True) if m]
         return min(gen) if gen else self.start_version
 
     def to_dict(self) -> dict[str, Any]:

@@ -83,7 +83,14 @@ def test_cross_field_validation_names_the_key(override, key):
 def _cli(*overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HYDRA_FULL_ERROR="0")
     return subprocess.run(
-        [sys.executable, "-m", "slime.train", "+experiment=tiny", f"hydra.run.dir={tmp_path}/run", *overrides],
+        [
+            sys.executable,
+            "-m",
+            "slime.train",
+            "+experiment=tiny",
+            f"hydra.run.dir={tmp_path}/run",
+            *overrides,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -143,12 +150,27 @@ def test_import_slime_is_light():
 def test_wheel_ships_configs(tmp_path):
     """A non-editable install finds the Hydra configs: they are package data of `slime`."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for required in ("slime/configs/config.yaml", "slime/configs/experiment/agentic.yaml", "envs/__init__.py"):
+    for required in (
+        "slime/configs/config.yaml",
+        "slime/configs/experiment/agentic.yaml",
+        "envs/__init__.py",
+    ):
         assert required in names
     assert any(n.startswith("trainer/") for n in names) and any(n.startswith("rollout/") for n in names)

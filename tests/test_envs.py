@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from importlib.metadata import EntryPoint
@@ -540,3 +541,26 @@ async def test_sandbox_runs_code_with_limits():
     assert loud.output_truncated and len(loud.stdout) <= 10_000 and "output limit" in loud.as_tool_output()
     files = await run_python("import os\nopen('f.txt', 'w').write('x')\nprint(os.listdir('.'))")
     assert "f.txt" in files.stdout  # runs in its own temporary directory
+
+
+async def test_sandbox_output_cap_never_hangs():
+    # Regression: a reader that stopped at the cap left its pipe paused, and Python 3.11's
+    # Process.wait() never returned (it waits for every pipe's EOF). The race hit about 1 run in 5.
+    for _ in range(8):
+        loud = await asyncio.wait_for(
+            run_python("while True:\n    print('x' * 5000)", max_output_bytes=4096), 30
+        )
+        assert loud.output_truncated and loud.exit_code is None
+
+
+async def test_sandbox_escaped_grandchild_holding_the_pipes(monkeypatch):
+    import envs.sandbox
+
+    monkeypatch.setattr(envs.sandbox, "_DRAIN_GRACE_S", 0.5)
+    code = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(5)'], start_new_session=True)\n"
+        "print('started')"
+    )
+    res = await asyncio.wait_for(run_python(code, timeout_s=1.0), 30)
+    assert res.timed_out and "output lost" in res.stderr
