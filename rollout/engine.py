@@ -30,8 +30,11 @@ with a weight version (set while paused); when a request finishes, its per-token
 replace the arrival tags, which makes the tags exact even for tokens sampled just before a pause but
 delivered after it.
 
-Logprobs are vLLM's `raw_logprobs`: the log-softmax of the model's logits before temperature / top-p /
-top-k, i.e. the temperature-1 policy the trainer recomputes.
+Logprobs are vLLM's `processed_logprobs`: the log-softmax of the logits after temperature (and after
+top-p / top-k masking), i.e. the behaviour policy softmax(logits / T) that the trainer recomputes with
+the same temperature. With top_p = 1 and top_k off the two agree exactly; with nucleus or top-k sampling
+the engine's distribution is the truncated one and `mismatch/logprob_abs` shows the gap. Greedy requests
+(temperature 0) get temperature-1 logprobs.
 
 Resumption in `abort` mode resubmits prompt + generated tokens with the remaining max_tokens. Not
 carried across the boundary: a request `seed` restarts its random stream, and a `stop` string that
@@ -228,6 +231,7 @@ class VLLMEngine:
             kv_cache_memory_bytes=int(self.kv_cache_gib * GiB),
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
+            logprobs_mode="processed_logprobs",
         )
         self._update_lock = asyncio.Lock()
         self._not_updating = asyncio.Event()
@@ -294,7 +298,7 @@ class VLLMEngine:
     ) -> GenerateOutput:
         """Generate up to `sampling.max_tokens` new tokens after `prompt_ids` (never re-tokenised).
 
-        Returns only the new tokens, the logprob of each under the temperature-1 policy, the policy
+        Returns only the new tokens, the logprob of each under the sampling policy (after temperature), the policy
         version that produced each, and finish_reason "stop" | "length" | "abort". An `abort()` of this
         request_id ends it with "abort" and the tokens so far; an abort-mode weight update does not: the
         request is resumed and the output covers the whole generation. Cancelling the calling task

@@ -11,8 +11,8 @@ A stopping criterion runs between decoding steps, in that thread; it
   computed with the old weights, exactly as vLLM keeps running requests), or ends every row for an
   `abort`-mode update (those requests are resubmitted from prompt + tokens so far, as in `VLLMEngine`),
 - ends rows that were aborted by the user or reached their own `max_tokens`.
-Logprobs come from the raw logits (`output_logits=True`): the temperature-1 policy, as in vLLM's
-`raw_logprobs`. A request with a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
+Logprobs are of softmax(logits / temperature) before top-p / top-k, the policy the trainer recomputes
+(the VLLMEngine's `processed_logprobs` agree with it when top_p = 1 and top_k is off). A request with a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
 
 Weights: `update_weights` reads the manifest (checkpoint names, see slime.weights) and loads them with
 `load_state_dict` when the names are the model's own; otherwise (transformers v5 layouts such as fused
@@ -326,10 +326,12 @@ class TransformersEngine:
 
             loop.call_soon_threadsafe(resolve)
 
+        tau = s.temperature if s.temperature > 0 else 1.0
+
         class _CaptureRaw(LogitsProcessor):
             # Custom processors run before temperature / top-k / top-p, so these are the raw logits.
             def __call__(self, input_ids, scores):
-                last_logprobs[0] = torch.log_softmax(scores.float(), dim=-1)
+                last_logprobs[0] = torch.log_softmax(scores.float() / tau, dim=-1)
                 return scores
 
         class _Control(StoppingCriteria):

@@ -56,7 +56,7 @@ class RolloutConfig:
     group_size: int = 4  # trajectories per task (GRPO group)
     max_concurrent_groups: int = 8  # groups one worker runs at once (bounded by admission control too)
     engine: str = "vllm"  # "vllm" (default everywhere) | "transformers" (fallback for unsupported archs)
-    temperature: float = 1.0  # sampling temperature (1.0 keeps engine logprobs on the trained policy)
+    temperature: float = 1.0  # sampling temperature (> 0); the trainer scores softmax(logits / temperature)
     top_p: float = 1.0  # nucleus sampling
     max_turns: int = 4  # environment steps per episode
     max_tokens_per_turn: int = 128  # new tokens per generate call
@@ -221,6 +221,7 @@ def validate(cfg: SlimeConfig) -> None:
         "rollout.group_size",
         "rollout.max_concurrent_groups",
         "rollout.max_turns",
+        "rollout.temperature",  # greedy decoding is not a policy the trainer can take gradients of
         "rollout.max_tokens_per_turn",
         "rollout.max_total_tokens",
         "rollout.threads_per_worker",
@@ -232,6 +233,8 @@ def validate(cfg: SlimeConfig) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ValueError(f"{key} must be > 0, got {_get(cfg, key)}")
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ValueError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.buffer.max_staleness < 0:
         raise ValueError(f"buffer.max_staleness must be >= 0, got {cfg.buffer.max_staleness}")
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):

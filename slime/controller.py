@@ -101,7 +101,13 @@ class Controller:
             cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn, cfg.rollout.max_total_tokens
         )
         self.trainer = TrainerGroup(
-            self.model_dir, cfg.model, cfg.trainer, cfg.algorithm, cfg.seed, max_response_len=max_response
+            self.model_dir,
+            cfg.model,
+            cfg.trainer,
+            cfg.algorithm,
+            cfg.seed,
+            max_response_len=max_response,
+            temperature=cfg.rollout.temperature,
         )
         if not cfg.buffer.replay_path:
             worker_cls = ray.remote(RolloutWorker).options(

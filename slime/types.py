@@ -144,7 +144,7 @@ class GenerateOutput:
     """What an engine returns for one request: only the new tokens."""
 
     token_ids: list[int]
-    logprobs: list[float]  # logprob of each sampled token under the sampling policy (temperature 1 view)
+    logprobs: list[float]  # logprob of each sampled token under softmax(logits / temperature)
     versions: list[int]  # policy version that produced each token
     finish_reason: str  # "stop" | "length" | "abort"
 

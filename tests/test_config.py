@@ -72,6 +72,8 @@ def test_wrong_key_and_type_name_the_key():
         ("rollout.max_tokens_per_turn=4096", "rollout.max_tokens_per_turn"),
         ("trainer.zero_stage=4", "trainer.zero_stage"),
         ("rollout.group_size=1", "rollout.group_size"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("rollout.top_p=0", "rollout.top_p"),
     ],
 )
 def test_cross_field_validation_names_the_key(override, key):

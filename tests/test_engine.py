@@ -56,17 +56,17 @@ def perturbed(model_dir: str, seed: int, scale: float = 0.2):
     return model
 
 
-def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:
-    """log p(token_t | prompt, tokens_<t) from a plain transformers forward."""
+def hf_logprobs(model, prompt: list[int], tokens: list[int], temperature: float = 1.0) -> list[float]:
+    """log p_T(token_t | prompt, tokens_<t) under softmax(logits / T), from a plain transformers forward."""
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():
         logits = model(ids).logits[0].float()
-    lp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    lp = torch.log_softmax(logits[len(prompt) - 1 : -1] / temperature, dim=-1)
     return lp.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
 
 
-def errors(model, prompt: list[int], out) -> tuple[float, float]:
-    ref = hf_logprobs(model, prompt, out.token_ids)
+def errors(model, prompt: list[int], out, temperature: float = 1.0) -> tuple[float, float]:
+    ref = hf_logprobs(model, prompt, out.token_ids, temperature)
     diffs = [abs(a - b) for a, b in zip(out.logprobs, ref, strict=True)]
     return sum(diffs) / len(diffs), max(diffs)
 
@@ -168,6 +168,12 @@ async def test_generate_basic(engine, tokenizer, hf_dense):
     assert out.versions == [v] * 12
     mean, mx = errors(hf_dense, prompt, out)
     assert mean < TOL_MEAN and mx < TOL_MAX, (mean, mx)
+    # Below temperature 1 the logprobs are of the sampling policy softmax(logits / T), the one the
+    # trainer scores; the temperature-1 values would be off by far more than the tolerance.
+    cold = await engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.7))
+    mean, mx = errors(hf_dense, prompt, cold, temperature=0.7)
+    assert mean < TOL_MEAN and mx < TOL_MAX, (mean, mx)
+    assert errors(hf_dense, prompt, cold)[0] > 100 * TOL_MEAN
 
 
 async def test_seeded_and_greedy_are_deterministic_and_stop_strings_end(engine, tokenizer):
@@ -342,6 +348,9 @@ async def test_transformers_engine(tiny_dense_dir, tokenizer, hf_dense, original
             assert len(o.token_ids) == 12 and o.finish_reason == "length" and o.versions == [0] * 12
             mean, mx = errors(hf_dense, p, o)
             assert mean < 1e-4 and mx < 1e-3, (mean, mx)  # same code path, batched and left-padded
+        cold = await eng.generate(ps[1], SamplingParams(max_tokens=12, temperature=0.7))
+        mean, mx = errors(hf_dense, ps[1], cold, temperature=0.7)
+        assert mean < 1e-4 and mx < 1e-3, (mean, mx)
         pert = perturbed(tiny_dense_dir, seed=11)
         manifest = write_weights(checkpoint_tensors(pert).items(), 1, str(tmp_path), bucket_mb=4)
         # keep mode mid-generation: later tokens come from the new weights.

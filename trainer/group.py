@@ -40,8 +40,8 @@ class TrainerGroup:
     """`trainer_cfg.num_ranks` trainer actors in one process group.
 
     Construction creates the actors (cheap); `await setup()` joins the process group and builds the
-    DeepSpeed engines. `max_response_len` is passed to every rank (DAPO overlong shaping and the
-    seq_sum_norm constant; see TrainerWorker).
+    DeepSpeed engines. `max_response_len` (DAPO overlong shaping and the seq_sum_norm constant) and
+    `temperature` (the rollout's sampling temperature) are passed to every rank; see TrainerWorker.
     """
 
     def __init__(
@@ -52,6 +52,7 @@ class TrainerGroup:
         algo_cfg: AlgorithmConfig,
         seed: int,
         max_response_len: int = 0,
+        temperature: float = 1.0,
     ) -> None:
         import ray
 
@@ -77,6 +78,7 @@ class TrainerGroup:
                 algo_cfg,
                 seed,
                 max_response_len,
+                temperature,
             )
             for rank in range(self.num_ranks)
         ]

@@ -306,6 +306,8 @@ class TrainerWorker:
     Construction is cheap (no DeepSpeed, no process group); `setup()` joins the process group and
     builds the engines. `max_response_len` is the generated-token limit used by DAPO overlong
     shaping (required when algo_cfg.overlong_buffer > 0) and as the seq_sum_norm constant.
+    `temperature` is the rollout's sampling temperature: every logprob, entropy and KL term is of
+    softmax(logits / temperature), the policy the engine sampled from and reported logprobs for.
     """
 
     def __init__(
@@ -320,7 +322,12 @@ class TrainerWorker:
         algo_cfg: AlgorithmConfig,
         seed: int,
         max_response_len: int = 0,
+        temperature: float = 1.0,
     ) -> None:
+        if temperature <= 0:
+            raise ValueError(
+                f"the sampling temperature must be > 0 to train on its logprobs, got {temperature}"
+            )
         self.rank = rank
         self.world_size = world_size
         self.master_addr = master_addr
@@ -331,6 +338,7 @@ class TrainerWorker:
         self.algo = algo_cfg
         self.seed = seed
         self.max_response_len = max_response_len
+        self.temperature = temperature  # the rollout's: logprobs are of softmax(logits / temperature)
         self.step = 0  # train steps done (batches), drives the LR warm-up
         self.optimizer_steps = 0
         self.engine: Any = None
@@ -534,7 +542,7 @@ class TrainerWorker:
     def _logprobs(self, model: Any, mb: MicroBatch) -> Tensor:
         from trainer.losses import token_logprobs_from_logits
 
-        return token_logprobs_from_logits(self._logits(model, mb), mb.targets)  # [B, T]
+        return token_logprobs_from_logits(self._logits(model, mb), mb.targets, self.temperature)  # [B, T]
 
     # -- the step ---------------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -686,7 +694,7 @@ class TrainerWorker:
         algo, mb = self.algo, w.mb
         n_tok = float(mb.loss_mask.sum())
         logits = self._logits(self.engine, mb)  # [B, T, V]
-        lp = token_logprobs_from_logits(logits, mb.targets)  # [B, T] float32
+        lp = token_logprobs_from_logits(logits, mb.targets, self.temperature)  # [B, T] float32
         if w.prox is None:
             # Single update per batch: the proximal policy is the current one (same weights).
             w.prox = lp.detach()
@@ -695,6 +703,8 @@ class TrainerWorker:
             )
         loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm)
         total = loss
+        if self.temperature != 1.0:
+            logits = logits / self.temperature  # entropy of the sampling policy (a copy only when T != 1)
         if algo.entropy_coef > 0:
             ent = entropy_from_logits(logits)  # [B, T], with grad for the bonus
             total = total - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.loss_agg, loss_norm)
