@@ -9,9 +9,10 @@ arithmetic on an `ast` parse; nothing else is accepted, nothing is `eval`-ed). W
 
 Each step: tool calls get one "tool" message each; a reply without tool calls is the final answer
 (`extract_answer`: \\boxed{}, "Answer:", else the last number) and ends the episode. Reward:
-`correct * (1 - tool_bonus) + tool_bonus * used_tool`, where used_tool means at least one tool call
-succeeded before the final answer (so with the default tool_bonus=0 the reward is plain correctness,
-and it stays in [0, 1]). `max_turns` assistant turns without a final answer end the episode with 0. With
+`correct * (1 - tool_bonus - format_bonus) + tool_bonus * used_tool + format_bonus * formatted`, where
+used_tool means at least one tool call succeeded before the final answer and formatted means the reply
+states its result as "Answer: <number>" (with the default bonuses of 0 the reward is plain correctness;
+it stays in [0, 1]). `max_turns` assistant turns without a final answer end the episode with 0. With
 `require_tool_call`, a final answer given before any successful tool call is not accepted: the env
 reminds the model to use the tool (a user message) and the episode goes on.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from fractions import Fraction
 from typing import Any
 
@@ -36,6 +38,8 @@ CALCULATOR_TOOL = function_tool(
 )
 
 MAX_EXPRESSION_CHARS = 200
+# The answer format SYSTEM_PROMPT asks for: "Answer: <number>" (format_bonus).
+_ANSWER_LINE = re.compile(r"Answer:\s*-?\d[\d,]*(?:\.\d+)?(?:/\d+)?\b")
 MAX_ABS_VALUE = Fraction(10) ** 40
 
 _BINOPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -169,7 +173,9 @@ class CalculatorEnv(Environment):
     """Multi-turn tool use (see the module docstring).
 
     kwargs: max_turns (assistant turns before the episode ends unanswered, default 4), tool_bonus
-    (format bonus in [0, 1) for a successful tool call before the final answer, default 0),
+    (bonus in [0, 1) for a successful tool call before the final answer, default 0), format_bonus
+    (bonus in [0, 1) for a final reply that states its result as "Answer: <number>", the format the
+    system prompt asks for; default 0; tool_bonus + format_bonus < 1),
     require_tool_call (a final answer before any successful tool call gets a reminder instead of
     ending the episode; default False), tools (which tools to offer: "calculator", "python"),
     system_prompt, python_timeout_s.
@@ -179,6 +185,7 @@ class CalculatorEnv(Environment):
         self,
         max_turns: int = 4,
         tool_bonus: float = 0.0,
+        format_bonus: float = 0.0,
         require_tool_call: bool = False,
         tools: list[str] | tuple[str, ...] = ("calculator",),
         system_prompt: str = SYSTEM_PROMPT,
@@ -188,6 +195,11 @@ class CalculatorEnv(Environment):
             raise ValueError(f"env.kwargs.max_turns must be >= 1, got {max_turns}")
         if not 0.0 <= tool_bonus < 1.0:
             raise ValueError(f"env.kwargs.tool_bonus must be in [0, 1), got {tool_bonus}")
+        if not 0.0 <= format_bonus < 1.0 or tool_bonus + format_bonus >= 1.0:
+            raise ValueError(
+                f"env.kwargs.format_bonus must be in [0, 1) with tool_bonus + format_bonus < 1, "
+                f"got format_bonus={format_bonus}, tool_bonus={tool_bonus}"
+            )
         available = {"calculator": CALCULATOR_TOOL, "python": PYTHON_TOOL}
         unknown = [t for t in tools if t not in available]
         if unknown:
@@ -195,6 +207,7 @@ class CalculatorEnv(Environment):
         self.tools = [available[t] for t in tools]
         self.max_turns = max_turns
         self.tool_bonus = tool_bonus
+        self.format_bonus = format_bonus
         self.require_tool_call = require_tool_call
         self.system_prompt = system_prompt
         self.python_timeout_s = python_timeout_s
@@ -253,8 +266,12 @@ class CalculatorEnv(Environment):
         except CalculatorError as e:
             return f"Error: {e}", False
 
-    def _reward(self, correct: bool) -> float:
-        return float(correct) * (1.0 - self.tool_bonus) + self.tool_bonus * float(self.tool_ok > 0)
+    def _reward(self, correct: bool, formatted: bool) -> float:
+        return (
+            float(correct) * (1.0 - self.tool_bonus - self.format_bonus)
+            + self.tool_bonus * float(self.tool_ok > 0)
+            + self.format_bonus * float(formatted)
+        )
 
     async def step(self, action: Action) -> StepResult:
         self.turns += 1
@@ -278,11 +295,13 @@ class CalculatorEnv(Environment):
             return StepResult([{"role": "user", "content": reminder}], 0.0, False, pending)
         predicted = extract_answer(action.content)
         correct = answers_match(predicted, self.answer)
+        formatted = _ANSWER_LINE.search(action.content) is not None
         info: dict[str, Any] = {
             "correct": correct,
             "answered": predicted is not None,
+            "formatted": formatted,
             "extracted": predicted,
             "tool_ok": self.tool_ok,
             "tool_errors": self.tool_errors,
         }
-        return StepResult([], self._reward(correct), True, info)
+        return StepResult([], self._reward(correct, formatted), True, info)

@@ -335,8 +335,27 @@ async def test_calculator_env_flow():
     assert r.done and r.reward == 0.0 and not r.info["answered"]
     with pytest.raises(ValueError, match="tool_bonus"):
         CalculatorEnv(tool_bonus=1.5)
+    with pytest.raises(ValueError, match="format_bonus"):
+        CalculatorEnv(tool_bonus=0.5, format_bonus=0.5)
     with pytest.raises(ValueError, match="unknown"):
         CalculatorEnv(tools=["shell"])
+
+
+@pytest.mark.parametrize(
+    ("reply", "reward", "formatted"),
+    [
+        ("Answer: 42", 1.0, True),
+        ("6 * 7 = 42.\nAnswer: 42 apples", 1.0, True),
+        ("Answer: 41", 0.2, True),  # the format alone
+        ("The result is 42.", 0.8, False),  # correct, but not in the asked-for form
+        ("Answer: forty-two", 0.0, False),
+    ],
+)
+async def test_calculator_format_bonus(reply, reward, formatted):
+    env = CalculatorEnv(format_bonus=0.2)
+    await env.reset(Task(id="t", prompt="What is 6 * 7?", env_args={"answer": "42"}))
+    r = await env.step(act(reply))
+    assert r.done and r.reward == pytest.approx(reward) and r.info["formatted"] is formatted
 
 
 async def test_calculator_python_tool():
