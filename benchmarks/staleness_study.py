@@ -1,7 +1,8 @@
 """Is asynchronous training safe? Staleness 0, 1, 2, 4, with and without off-policy correction.
 
-    python -m benchmarks.staleness_study                 # writes docs/staleness_study.md + PNGs
+    python -m benchmarks.staleness_study                 # docs/staleness_study.{png,json}, staleness_table.md
     python -m benchmarks.staleness_study --steps 30 --out docs
+    python -m benchmarks.staleness_study --replot docs/staleness_study.json   # redraw from saved results
 
 Every run uses the same learnable task (`+experiment=tiny`: a tiny random model on the `target`
 env), the same seed and the same number of steps; only `buffer.max_staleness` and
@@ -28,12 +29,23 @@ def _smooth(xs: list[float], k: int = 3) -> list[float]:
     return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
 
 
+def _steps_to(rewards: list[float], level: float) -> int | None:
+    """First trainer step (1-based) at which the 3-step moving average reaches `level`."""
+    return next((i + 1 for i, r in enumerate(_smooth(rewards)) if r >= level), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default="docs")
+    p.add_argument("--replot", help="a staleness_study.json to redraw the figure and table from (no runs)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = p.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        report(saved["overrides"], saved["results"], args.out)
+        return
     base = ["+experiment=tiny", f"trainer.steps={args.steps}", *args.overrides]
     work = tempfile.mkdtemp(prefix="slime-study-")
     results: dict[str, dict] = {}
@@ -65,7 +77,11 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "staleness_study.json"), "w") as f:
         json.dump({"overrides": base, "results": results}, f, indent=1)
+    report(base, results, args.out)
 
+
+def report(base: list[str], results: dict[str, dict], out: str) -> None:
+    """Write staleness_study.png and staleness_table.md into `out` and print the table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,20 +99,23 @@ def main() -> None:
     axes[0].legend()
     fig.suptitle(" ".join(base))
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "staleness_study.png"), dpi=110)
+    fig.savefig(os.path.join(out, "staleness_study.png"), dpi=110)
 
     lines = [
-        "| max_staleness | off_policy | reward first 20% | reward last 20% | staleness mean / max | samples/s | mismatch |",
-        "|---|---|---|---|---|---|---|",
+        "| max_staleness | off_policy | reward first 20% | reward last 20% | steps to 0.9 | "
+        "staleness mean / max | samples/s | mismatch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results.values():
+        reach = _steps_to(r["rewards"], 0.9)
         lines.append(
             f"| {r['staleness']} | {r['correction']} | {r['first20']:.3f} | {r['last20']:.3f} | "
-            f"{r['stale_mean']:.2f} / {r['stale_max']:.0f} | {r['samples_per_s']:.2f} | {r['mismatch']:.3f} |"
+            f"{reach if reach is not None else 'never'} | {r['stale_mean']:.2f} / {r['stale_max']:.0f} | "
+            f"{r['samples_per_s']:.2f} | {r['mismatch']:.3f} |"
         )
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(args.out, "staleness_table.md"), "w") as f:
+    with open(os.path.join(out, "staleness_table.md"), "w") as f:
         f.write(table + "\n")
 
 
