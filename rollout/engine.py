@@ -308,8 +308,8 @@ class VLLMEngine:
     ) -> GenerateOutput:
         """Generate up to `sampling.max_tokens` new tokens after `prompt_ids` (never re-tokenised).
 
-        Returns only the new tokens, the logprob of each under the sampling policy (after temperature), the policy
-        version that produced each, and finish_reason "stop" | "length" | "abort". An `abort()` of this
+        Returns only the new tokens, the logprob of each under the sampling policy (after temperature),
+        the policy version that produced each, and finish_reason "stop" | "length" | "abort". An `abort()` of this
         request_id ends it with "abort" and the tokens so far; an abort-mode weight update does not: the
         request is resumed and the output covers the whole generation. Cancelling the calling task
         aborts the request in the engine.

@@ -12,7 +12,8 @@ A stopping criterion runs between decoding steps, in that thread; it
   `abort`-mode update (those requests are resubmitted from prompt + tokens so far, as in `VLLMEngine`),
 - ends rows that were aborted by the user or reached their own `max_tokens`.
 Logprobs are of softmax(logits / temperature) before top-p / top-k, the policy the trainer recomputes
-(the VLLMEngine's `processed_logprobs` agree with it when top_p = 1 and top_k is off). A request with a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
+(the VLLMEngine's `processed_logprobs` agree with it when top_p = 1 and top_k is off). A request with
+a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
 
 Weights: `update_weights` reads the manifest (checkpoint names, see slime.weights) and loads them with
 `load_state_dict` when the names are the model's own; otherwise (transformers v5 layouts such as fused

@@ -64,9 +64,7 @@ class RolloutConfig:
     step_timeout_s: float = 30.0  # seconds an env step may take before the episode fails
     agent_timeout_s: float = 0.0  # openai_agent: seconds per agent episode (0 = step_timeout_s * max_turns)
     on_malformed_tool_call: str = "error_message"  # "error_message" back to the model | "end_episode"
-    weight_update_mode: str = (
-        "keep"  # in-flight requests: "keep" decoding on new weights | "abort" and resume
-    )
+    weight_update_mode: str = "keep"  # in-flight requests: "keep" on new weights | "abort" and resume
     max_model_len: int = 2048  # engine context length
     kv_cache_gib: float = 1.0  # vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
     enforce_eager: bool = True  # skip torch.compile (faster start, ~20% slower decode on CPU)

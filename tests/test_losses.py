@@ -395,15 +395,19 @@ def test_entropy_hand_examples() -> None:
     _close(leaf.grad[1], [0.2059898, -0.2059898, 0.0, 0.0])
 
 
-def test_entropy_matches_autograd_reference_with_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_entropy_matches_autograd_reference_with_chunking(
+    monkeypatch: pytest.MonkeyPatch, temperature: float
+) -> None:
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 10)  # V = 7 -> one row per chunk
     gen = torch.Generator().manual_seed(2)
     full = torch.randn(2, 4, 7, generator=gen, dtype=torch.float64) * 3
     logits = full[:, :-1]  # non-contiguous, as a caller's shifted slice
     a = logits.clone().requires_grad_(True)
     b = logits.clone().requires_grad_(True)
-    ent = entropy_from_logits(a)
-    ref = -(torch.softmax(b, -1) * torch.log_softmax(b, -1)).sum(-1)
+    ent = entropy_from_logits(a, temperature)
+    z = b / temperature
+    ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
     torch.testing.assert_close(ent, ref)
     w = torch.randn(2, 3, generator=gen, dtype=torch.float64)
     (ent * w).sum().backward()

@@ -435,7 +435,7 @@ class _Entropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
         cdt = _dtype(logits)
         B, T, _ = logits.shape
         ent = torch.empty((B, T), dtype=cdt, device=logits.device)
@@ -443,6 +443,8 @@ class _Entropy(torch.autograd.Function):
         mean_z = torch.empty_like(ent)
         for b, s, e in _chunks(logits.shape):
             z = logits[b, s:e].to(cdt)
+            if temperature != 1.0:
+                z = z / temperature
             z = z - z.amax(dim=-1, keepdim=True)  # [n, V], <= 0
             chunk_lse = torch.logsumexp(z, dim=-1)  # [n]
             p = torch.exp(z - chunk_lse[:, None])
@@ -452,39 +454,46 @@ class _Entropy(torch.autograd.Function):
             lse[b, s:e] = chunk_lse
             mean_z[b, s:e] = ez
         ctx.save_for_backward(logits, lse, mean_z)
+        ctx.temperature = temperature
         return ent
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         logits, lse, mean_z = ctx.saved_tensors
+        tau = ctx.temperature
         cdt = lse.dtype
         grad = torch.empty_like(logits)
         for b, s, e in _chunks(logits.shape):
             z = logits[b, s:e].to(cdt)
+            if tau != 1.0:
+                z = z / tau
             z = z - z.amax(dim=-1, keepdim=True)
             p = torch.exp(z - lse[b, s:e, None])
             d = torch.where(p > 0, p * (z - mean_z[b, s:e, None]), 0.0)
-            grad[b, s:e] = (d * -grad_out[b, s:e, None].to(cdt)).to(grad.dtype)
-        return grad
+            # dH/dlogits = dH/dz / tau
+            grad[b, s:e] = (d * (-grad_out[b, s:e, None].to(cdt) / tau)).to(grad.dtype)
+        return grad, None
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) per position, in nats.
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(logits / temperature) per position, in nats.
 
     Numerically stable (max-shifted logsumexp; -inf logits allowed) and chunk-friendly: processes
     at most CHUNK_ELEMENTS logits at a time, forward and backward, without keeping a [B, T, V]
     probability tensor for autograd. Differentiable (first order) for an entropy bonus.
 
     Args:
-        logits: [B, T, V] (or [T, V]), any float dtype. Divide by the temperature first if the
-            entropy of the sampling distribution is wanted.
+        logits: [B, T, V] (or [T, V]), any float dtype.
+        temperature: the sampling temperature (scaled chunk by chunk; no scaled copy is kept).
 
     Returns:
         [B, T] float32 entropies (float64 for float64 logits); unmasked, aggregate with the mask.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.dim() == 2:
-        return entropy_from_logits(logits[None])[0]
+        return entropy_from_logits(logits[None], temperature)[0]
     if logits.dim() != 3:
         raise ValueError(f"expected logits [B, T, V], got {tuple(logits.shape)}")
-    return _Entropy.apply(logits)
+    return _Entropy.apply(logits, float(temperature))

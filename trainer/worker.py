@@ -703,14 +703,12 @@ class TrainerWorker:
             )
         loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm)
         total = loss
-        if self.temperature != 1.0:
-            logits = logits / self.temperature  # entropy of the sampling policy (a copy only when T != 1)
         if algo.entropy_coef > 0:
-            ent = entropy_from_logits(logits)  # [B, T], with grad for the bonus
+            ent = entropy_from_logits(logits, self.temperature)  # [B, T], with grad for the bonus
             total = total - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.loss_agg, loss_norm)
         else:
             with torch.no_grad():
-                ent = entropy_from_logits(logits.detach())
+                ent = entropy_from_logits(logits.detach(), self.temperature)
         if w.ref is not None:
             kl_tok = kl_estimate(lp, w.ref, algo.kl_estimator)  # [B, T]
             if algo.kl_mode == "loss":
