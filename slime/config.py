@@ -90,6 +90,7 @@ class TrainerConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     dtype: str = "auto"  # training precision: auto (bf16 where native) | bfloat16 | float32
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    share_prefix: bool = True  # run a micro-batch's common prompt prefix once (cache keeps gradients)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     weight_bucket_mb: int = 256  # size of one weight-push bucket
     num_cpus_per_rank: float = 1.0  # Ray CPU resources per rank
@@ -237,6 +238,12 @@ def validate(cfg: SlimeConfig) -> None:
         raise ValueError(f"buffer.max_staleness must be >= 0, got {cfg.buffer.max_staleness}")
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {cfg.trainer.zero_stage}")
+    if cfg.trainer.share_prefix and cfg.trainer.gradient_checkpointing:
+        # Recomputing a layer in the backward would append its prefix keys to the cache a second time.
+        raise ValueError(
+            "trainer.share_prefix=true cannot be combined with trainer.gradient_checkpointing=true; "
+            "set trainer.share_prefix=false to checkpoint activations"
+        )
     if cfg.trainer.lr <= 0:
         raise ValueError(f"trainer.lr must be > 0, got {cfg.trainer.lr}")
     if cfg.model.source == "pretrained" and not cfg.model.path:

@@ -149,3 +149,26 @@ def test_trim_leading_drops_prompt_columns_in_every_row() -> None:
     assert dummy.loss_mask.shape[1] == 1 and dummy.targets.shape == dummy.loss_mask.shape
     (untrimmed,) = make_micro_batches(refs, 1, PAD, trim=False)
     assert untrimmed.start == 0 and untrimmed.loss_mask.shape == full.loss_mask.shape
+
+
+def test_shared_prefix_is_common_real_and_before_the_kept_columns() -> None:
+    a = traj([5, 6, 7, 4], [8, 9])
+    b = traj([5, 6, 7, 4], [8, 3, 2])  # same prompt, same first generated token
+    c = traj([5, 6, 1], [8])
+    (ab,) = make_micro_batches(flatten_groups([group(a, b)]), 1, PAD)
+    # 5 tokens in common, capped at start = 3: every kept prediction column (positions >= start)
+    # must lie after the shared part.
+    assert ab.start == 3 and ab.shared_prefix == 3
+    (abc,) = make_micro_batches(flatten_groups([group(a, b, c)]), 1, PAD)
+    assert abc.shared_prefix == 2
+    # Padding is never shared: a row that ends inside the others' common part stops it.
+    d = traj([5, 6], [7])
+    e = traj([5, 6], [7, 8, 9])
+    (de,) = make_micro_batches(flatten_groups([group(d, e)]), 1, PAD)
+    assert de.start == 1 and de.shared_prefix == 1
+    short = traj([5], [7])
+    (s_e,) = make_micro_batches(flatten_groups([group(short, traj([5, 6, 7], [9]))]), 1, PAD)
+    assert s_e.start == 0 and s_e.shared_prefix == 0
+    # One row: nothing to share.
+    (single,) = make_micro_batches(flatten_groups([group(a)]), 1, PAD)
+    assert single.shared_prefix == 0

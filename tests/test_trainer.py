@@ -253,7 +253,9 @@ def test_micro_batching_does_not_change_the_step(tiny_dense_dir: str, tokenizer)
             for r in runs[1:]:
                 assert r["loss/policy"] == pytest.approx(runs[0]["loss/policy"], rel=1e-5, abs=1e-7), agg
                 assert r["grad_norm"] == pytest.approx(runs[0]["grad_norm"], rel=1e-4), agg
-        # Gradient checkpointing recomputes activations: same loss and gradient.
+        # Gradient checkpointing recomputes activations: same loss and gradient (it cannot share the
+        # prefix cache: the recomputation would append to it again; the config check forbids both).
+        w.cfg.share_prefix = False
         w.engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         recomputed = w.train_step(groups, version=0)
         assert recomputed["loss/policy"] == pytest.approx(runs[-1]["loss/policy"], rel=1e-5, abs=1e-7)
@@ -307,6 +309,55 @@ def test_moe_step_and_export(stage: int, tiny_moe_dir: str, tokenizer, tmp_path)
         # Checkpoint layout (per-expert tensors, as on disk and as vLLM loads), not transformers'
         # in-memory fused `experts.gate_up_proj`.
         assert manifest_shapes(manifest) == checkpoint_shapes(tiny_moe_dir)
+    finally:
+        w.close()
+
+
+def long_prompt_groups(tokenizer, num_groups: int = 2, n: int = 4) -> list[Group]:
+    """make_groups with a long system-like prefix common to every group, as agentic prompts have."""
+    system = tokenizer.encode("You are a helpful assistant with tools. " * 6)
+    groups = make_groups(tokenizer, num_groups=num_groups, n=n, seed=5)
+    for g in groups:
+        for t in g.trajectories:
+            t.token_ids = system + t.token_ids
+            t.loss_mask = [0] * len(system) + t.loss_mask
+            t.behavior_logprobs = [0.0] * len(system) + t.behavior_logprobs
+            t.versions = [-1] * len(system) + t.versions
+            t.prompt_len += len(system)
+    return groups
+
+
+@pytest.mark.parametrize(("model", "stage"), [("dense", 0), ("dense", 3), ("moe", 1)])
+def test_shared_prefix_forward_matches_the_full_forward(
+    model: str, stage: int, tiny_dense_dir: str, tiny_moe_dir: str, tokenizer
+) -> None:
+    """Running the rows' common prefix once (its cache repeated, with gradients) gives the logits,
+    loss and gradient of the plain forward (lr=0 keeps the weights fixed between the steps)."""
+    from trainer.batching import flatten_groups, make_micro_batches
+
+    model_dir = tiny_dense_dir if model == "dense" else tiny_moe_dir
+    w = new_worker(model_dir, trainer_cfg(lr=0.0, micro_batch_size=4, zero_stage=stage), algo_cfg())
+    groups = long_prompt_groups(tokenizer)
+    try:
+        mbs = make_micro_batches(flatten_groups(groups), 2, w.pad_id)
+        assert all(mb.shared_prefix > 40 for mb in mbs)
+        with torch.no_grad():
+            for mb in mbs:
+                w.cfg.share_prefix = True
+                shared = w._logits(w.engine, mb)
+                w.cfg.share_prefix = False
+                full = w._logits(w.engine, mb)
+                assert shared.shape == full.shape
+                real = mb.loss_mask > 0  # padded columns may differ; they carry no loss
+                # Measured: at most 3e-7 in float32 (summation order only).
+                assert (shared - full)[real].abs().max() < 1e-5
+        runs = []
+        for share in (True, False):
+            w.cfg.share_prefix = share
+            runs.append(w.train_step(groups, version=0))
+        assert runs[0]["loss/policy"] == pytest.approx(runs[1]["loss/policy"], rel=1e-4, abs=1e-6)
+        assert runs[0]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-3)
+        assert runs[0]["grad_norm"] > 0
     finally:
         w.close()
 

@@ -12,6 +12,11 @@ Trimming (`trim_leading`): prediction columns before the first loss token of *ev
 loss, so micro-batches drop them (`start` columns): the per-token tensors then have T = L-1-start
 columns and column t describes token start+t+1. The trainer asks the model for logits of the kept
 positions only (`logits_to_keep`), which skips the vocabulary-sized head and loss work on prompts.
+
+Shared prefix (`shared_prefix`): the leading tokens that every row of a micro-batch has in common
+(the system prompt and tool list of an agentic task, the whole prompt within a group), capped at
+`start` so that every kept position lies after it. The trainer runs them once and reuses their keys
+and values for all rows.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class MicroBatch:
     lengths: torch.Tensor  # [B] int64, unpadded sequence lengths
     dummy: bool = False
     start: int = 0  # leading prediction columns trimmed away (no row has loss there)
+    shared_prefix: int = 0  # leading tokens identical (and real) in every row, at most `start`
 
     @property
     def targets(self) -> torch.Tensor:
@@ -150,6 +156,21 @@ def trim_leading(mb: MicroBatch) -> MicroBatch:
     return mb
 
 
+def common_prefix(mb: MicroBatch) -> MicroBatch:
+    """Set `mb.shared_prefix`: how many leading tokens all rows share, at most `mb.start` (so the
+    kept prediction columns all come after it) and 0 for a single row (nothing to share).
+    Returns `mb`, modified."""
+    ids, real = mb.input_ids, mb.attention_mask
+    if ids.shape[0] < 2:
+        mb.shared_prefix = 0
+        return mb
+    same = (ids == ids[:1]).all(dim=0) & (real != 0).all(dim=0)  # [L]
+    differ = (~same).nonzero()
+    n = int(differ[0, 0]) if differ.numel() else ids.shape[1]
+    mb.shared_prefix = min(n, mb.start)
+    return mb
+
+
 def dummy_micro_batch(like: SeqRef, pad_id: int) -> MicroBatch:
     """A one-sequence micro-batch whose loss mask is all zero.
 
@@ -196,6 +217,7 @@ def make_micro_batches(
     (and, with `trim`, without leading loss-free prediction columns: see `trim_leading`).
 
     Sorting by length first puts sequences of similar length together, so padding stays small.
+    With `trim`, `shared_prefix` is set too (see `common_prefix`).
     Chunks are as even as possible; a chunk left empty (fewer sequences than micro-batches) becomes a
     dummy micro-batch built from `filler` (default: the first sequence), so that every data-parallel
     rank runs the same number of forward/backward passes. With no sequences at all and no filler,
@@ -211,7 +233,7 @@ def make_micro_batches(
             mb = dummy_micro_batch(fill, pad_id)
         else:
             raise ValueError("no sequences and no filler for a dummy micro-batch")
-        out.append(trim_leading(mb) if trim else mb)
+        out.append(common_prefix(trim_leading(mb)) if trim else mb)
     return out
 
 

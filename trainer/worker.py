@@ -519,19 +519,37 @@ class TrainerWorker:
             setattr(mb, name, getattr(mb, name).to(self.device, non_blocking=True))
         return mb
 
-    @staticmethod
-    def _logits(model: Any, mb: MicroBatch) -> Tensor:
+    def _logits(self, model: Any, mb: MicroBatch) -> Tensor:
         """Logits of the micro-batch's kept prediction columns: [B, T, V], T = L-1-start (a view).
 
         `logits_to_keep` makes the model apply its head to the last L-start positions only, so the
         vocabulary-sized work skips the trimmed prompt columns; the last position predicts past the
-        end and is dropped.
+        end and is dropped. With `trainer.share_prefix`, the P = `mb.shared_prefix` leading tokens
+        that every row shares run once as a [1, P] forward whose cache (kept in the autograd graph,
+        so the prefix still gets its gradient) is repeated for the B rows' [B, L-P] suffix forward:
+        on agentic prompts (a long system prompt and tool list) that is most of the tokens.
         """
+        b, length = mb.input_ids.shape
+        p = mb.shared_prefix if self.cfg.share_prefix else 0
+        if p < 1 or b < 2:
+            out = model(
+                input_ids=mb.input_ids,
+                attention_mask=mb.attention_mask,
+                use_cache=False,
+                logits_to_keep=mb.logits_to_keep,
+            )
+            return out.logits[:, :-1]
+        head = model(input_ids=mb.input_ids[:1, :p], use_cache=True, logits_to_keep=1)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(b)  # [1, H, P, D] -> [B, H, P, D] per layer, differentiable
+        positions = torch.arange(p, length, device=mb.input_ids.device).expand(b, -1)  # [B, L-P]
         out = model(
-            input_ids=mb.input_ids,
-            attention_mask=mb.attention_mask,
-            use_cache=False,
-            logits_to_keep=mb.logits_to_keep,
+            input_ids=mb.input_ids[:, p:],
+            attention_mask=mb.attention_mask,  # [B, L]: the cached prefix plus the suffix
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=mb.logits_to_keep,  # <= L-P because P <= start
         )
         return out.logits[:, :-1]
 
