@@ -15,6 +15,12 @@ states its result as "Answer: <number>" (with the default bonuses of 0 the rewar
 it stays in [0, 1]). `max_turns` assistant turns without a final answer end the episode with 0. With
 `require_tool_call`, a final answer given before any successful tool call is not accepted: the env
 reminds the model to use the tool (a user message) and the episode goes on.
+
+`demonstrations=N` shows N worked examples before the task, as earlier turns of the conversation (a
+question, the assistant's calculator call as OpenAI-style `tool_calls`, the tool's result, the reply
+"Answer: N"): small models follow a shown exchange far more readily than a described format
+(SmolLM2-135M: tool calls in 54 of 64 episodes with one example against 0 of 64 without, the
+"Answer:" form in 25 against 0). The chat format renders the calls in the model's own syntax.
 """
 
 from __future__ import annotations
@@ -163,6 +169,38 @@ def make_problem(
     return question, value
 
 
+# Worked examples for `demonstrations` (question, expression, answer), in the stories' phrasing but with
+# subjects the generated tasks never use. test_envs checks that each expression evaluates to its answer.
+DEMONSTRATIONS = [
+    ("A garden has 6 roses. Then it gets 3 more roses. How many roses are there now?", "6 + 3", "9"),
+    (
+        "A shop has 4 boxes. Then the number of boxes is multiplied by 7. How many boxes are there now?",
+        "4 * 7",
+        "28",
+    ),
+    ("A port has 9 boats. Then 5 boats are taken away. How many boats are there now?", "9 - 5", "4"),
+]
+
+
+def demonstration_messages(count: int) -> list[Message]:
+    """The first `count` worked examples as conversation turns (see the module docstring)."""
+    messages: list[Message] = []
+    for i, (question, expression, answer) in enumerate(DEMONSTRATIONS[:count]):
+        call_id = f"example_{i}"
+        call = {"name": "calculator", "arguments": {"expression": expression}}
+        messages += [
+            {"role": "user", "content": question},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"id": call_id, "type": "function", "function": call}],
+            },
+            {"role": "tool", "content": answer, "tool_call_id": call_id, "name": "calculator"},
+            {"role": "assistant", "content": f"Answer: {answer}"},
+        ]
+    return messages
+
+
 SYSTEM_PROMPT = (
     "Solve the problem. Use the calculator tool for arithmetic. When you know the result, reply with "
     "'Answer: <number>' and no tool call."
@@ -178,7 +216,8 @@ class CalculatorEnv(Environment):
     system prompt asks for; default 0; tool_bonus + format_bonus < 1),
     require_tool_call (a final answer before any successful tool call gets a reminder instead of
     ending the episode; default False), tools (which tools to offer: "calculator", "python"),
-    system_prompt, python_timeout_s.
+    system_prompt, python_timeout_s, demonstrations (worked examples shown before the task, 0 to
+    len(DEMONSTRATIONS); default 0).
     """
 
     def __init__(
@@ -190,6 +229,7 @@ class CalculatorEnv(Environment):
         tools: list[str] | tuple[str, ...] = ("calculator",),
         system_prompt: str = SYSTEM_PROMPT,
         python_timeout_s: float = 5.0,
+        demonstrations: int = 0,
     ):
         if max_turns < 1:
             raise ValueError(f"env.kwargs.max_turns must be >= 1, got {max_turns}")
@@ -199,6 +239,10 @@ class CalculatorEnv(Environment):
             raise ValueError(
                 f"env.kwargs.format_bonus must be in [0, 1) with tool_bonus + format_bonus < 1, "
                 f"got format_bonus={format_bonus}, tool_bonus={tool_bonus}"
+            )
+        if not 0 <= demonstrations <= len(DEMONSTRATIONS):
+            raise ValueError(
+                f"env.kwargs.demonstrations must be in [0, {len(DEMONSTRATIONS)}], got {demonstrations}"
             )
         available = {"calculator": CALCULATOR_TOOL, "python": PYTHON_TOOL}
         unknown = [t for t in tools if t not in available]
@@ -211,6 +255,7 @@ class CalculatorEnv(Environment):
         self.require_tool_call = require_tool_call
         self.system_prompt = system_prompt
         self.python_timeout_s = python_timeout_s
+        self.demonstrations = demonstrations
         self.answer = ""
         self.turns = 0
         self.tool_ok = 0
@@ -245,6 +290,9 @@ class CalculatorEnv(Environment):
 
     async def reset(self, task: Task) -> list[Message]:
         self.answer, messages = answer_task_messages(task, self.system_prompt)
+        if self.demonstrations:
+            at = 1 if messages[0]["role"] == "system" else 0
+            messages[at:at] = demonstration_messages(self.demonstrations)
         return messages
 
     async def _call(self, call: ToolCall) -> tuple[str, bool]:

@@ -170,11 +170,31 @@ class ChatFormat:
             )
         return base[: cut + len(self.turn_end_token)]
 
+    @staticmethod
+    def call_text(content: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
+        """An assistant reply holding `calls` ((name, arguments) pairs) as the text this module's
+        parser reads back: the content, then one `<tool_call>[...]</tool_call>` block."""
+        block = json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=False)
+        sep = "\n" if content else ""
+        return f"{content}{sep}{TOOL_CALL_OPEN}{block}{TOOL_CALL_CLOSE}"
+
     def with_tools(self, messages: list[Message], tools: list[dict] | None) -> list[Message]:
-        """Messages with the tool block merged into the system message (for templates that do not
-        render tools). Returns a copy; the input is not modified."""
+        """Messages ready for a template that does not render tools: the tool block merged into the
+        system message, and assistant messages' OpenAI-style `tool_calls` written into their content
+        as `<tool_call>` text (environments may show worked examples that way). Templates that render
+        tools get the messages unchanged. Returns a copy; the input is not modified."""
         messages = [dict(m) for m in messages]
-        if not tools or self.tools_in_template:
+        if self.tools_in_template:
+            return messages
+        for m in messages:
+            if m.get("role") == "assistant" and m.get("tool_calls"):
+                calls = []
+                for tc in m.pop("tool_calls"):
+                    fn = tc.get("function", tc)
+                    args = fn.get("arguments", {})
+                    calls.append((fn["name"], json.loads(args) if isinstance(args, str) else args))
+                m["content"] = self.call_text(m.get("content") or "", calls)
+        if not tools:
             return messages
         specs = [t.get("function", t) for t in tools]
         block = TOOLS_SYSTEM_PROMPT.format(tools=json.dumps(specs, ensure_ascii=False))

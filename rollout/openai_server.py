@@ -59,7 +59,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from envs.base import check_tools
-from rollout.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ChatFormat, parse_tool_calls, strip_tool_calls
+from rollout.chat import ChatFormat, parse_tool_calls, strip_tool_calls
 from slime.config import RolloutConfig
 from slime.types import SamplingParams
 
@@ -580,11 +580,7 @@ class AgentServer:
                         for n, a in m["tool_calls"]
                     ]
                 else:
-                    calls = json.dumps(
-                        [{"name": n, "arguments": a} for n, a in m["tool_calls"]], ensure_ascii=False
-                    )
-                    sep = "\n" if m["content"] else ""
-                    msg["content"] = f"{m['content']}{sep}{TOOL_CALL_OPEN}{calls}{TOOL_CALL_CLOSE}"
+                    msg["content"] = self.chat.call_text(m["content"], list(m["tool_calls"]))
             if m["role"] == "tool":
                 if m["tool_call_id"]:
                     msg["tool_call_id"] = m["tool_call_id"]

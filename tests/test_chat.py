@@ -163,6 +163,46 @@ def test_tools_rendered_into_system_message_for_smollm2(chat):
     assert "named SmolLM" in chat.prompt_text([{"role": "user", "content": "hi"}], [])
 
 
+def test_assistant_tool_calls_become_call_text_for_smollm2(chat):
+    """OpenAI-style `tool_calls` on an assistant message (arguments as an object or a JSON string) are
+    written as the `<tool_call>` text the parser reads back; the caller's messages stay untouched."""
+    messages = [
+        {"role": "user", "content": "What is 6 + 3?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c0",
+                    "type": "function",
+                    "function": {"name": "calculator", "arguments": {"expression": "6 + 3"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "9", "tool_call_id": "c0", "name": "calculator"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "9"}'}}
+            ],
+        },
+        {"role": "user", "content": "And 2 + 2?"},
+    ]
+    rendered = chat.with_tools(messages, [CALCULATOR_TOOL])
+    assert "tool_calls" in messages[1] and messages[1]["content"] == ""
+    first, second = rendered[2], rendered[4]
+    assert "tool_calls" not in first and "tool_calls" not in second
+    assert (
+        first["content"]
+        == '<tool_call>[{"name": "calculator", "arguments": {"expression": "6 + 3"}}]</tool_call>'
+    )
+    assert chat.parse_action(first["content"]).tool_calls[0].arguments == {"expression": "6 + 3"}
+    assert second["content"].startswith("Checking.\n<tool_call>")
+    assert chat.parse_action(second["content"]).tool_calls[0].arguments == {"expression": "9"}
+    assert first["content"] in chat.prompt_text(messages, [CALCULATOR_TOOL])
+
+
 def test_native_tool_template_is_detected(qwen_chat):
     assert qwen_chat.tools_in_template is True
     text = qwen_chat.prompt_text([{"role": "user", "content": "hi"}], [CALCULATOR_TOOL])

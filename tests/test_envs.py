@@ -341,6 +341,27 @@ async def test_calculator_env_flow():
         CalculatorEnv(tools=["shell"])
 
 
+async def test_calculator_demonstrations(tokenizer):
+    from envs.calculator import DEMONSTRATIONS
+    from rollout.chat import ChatFormat
+
+    for _, expression, answer in DEMONSTRATIONS:
+        assert format_number(safe_eval(expression)) == answer
+    env = CalculatorEnv(demonstrations=2)
+    task = Task(id="t", prompt="What is 6 * 7?", env_args={"answer": "42"})
+    msgs = await env.reset(task)
+    roles = [m["role"] for m in msgs]
+    assert roles == ["system"] + ["user", "assistant", "tool", "assistant"] * 2 + ["user"]
+    assert msgs[-1]["content"] == "What is 6 * 7?" and msgs[4]["content"] == "Answer: 9"
+    assert msgs[2]["tool_calls"][0]["function"]["arguments"] == {"expression": "6 + 3"}
+    # Rendered for SmolLM2 (no native tool support): the example call in the model's call syntax.
+    text = ChatFormat(tokenizer).prompt_text(msgs, env.tools)
+    assert '<tool_call>[{"name": "calculator", "arguments": {"expression": "4 * 7"}}]</tool_call>' in text
+    assert len(await CalculatorEnv().reset(task)) == 2  # none by default
+    with pytest.raises(ValueError, match="demonstrations"):
+        CalculatorEnv(demonstrations=len(DEMONSTRATIONS) + 1)
+
+
 @pytest.mark.parametrize(
     ("reply", "reward", "formatted"),
     [
