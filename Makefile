@@ -40,6 +40,7 @@ lint: setup
 bench: setup
 	$(PY) -m benchmarks.async_vs_sync
 	$(PY) -m benchmarks.weight_sync
+	$(PY) -m benchmarks.shared_prefix
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
