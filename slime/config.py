@@ -90,7 +90,7 @@ class TrainerConfig:
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
     dtype: str = "auto"  # training precision: auto (bf16 where native) | bfloat16 | float32
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    share_prefix: bool = True  # run a micro-batch's common prompt prefix once (cache keeps gradients)
+    share_prefix: bool = True  # run a micro-batch's common prompt prefix once (not under ZeRO-3)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     weight_bucket_mb: int = 256  # size of one weight-push bucket
     num_cpus_per_rank: float = 1.0  # Ray CPU resources per rank

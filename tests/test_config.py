@@ -74,6 +74,7 @@ def test_wrong_key_and_type_name_the_key():
         ("rollout.group_size=1", "rollout.group_size"),
         ("rollout.temperature=0", "rollout.temperature"),
         ("rollout.top_p=0", "rollout.top_p"),
+        ("trainer.gradient_checkpointing=true", "trainer.share_prefix=false"),  # the fix, named
     ],
 )
 def test_cross_field_validation_names_the_key(override, key):

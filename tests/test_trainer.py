@@ -327,7 +327,7 @@ def long_prompt_groups(tokenizer, num_groups: int = 2, n: int = 4) -> list[Group
     return groups
 
 
-@pytest.mark.parametrize(("model", "stage"), [("dense", 0), ("dense", 3), ("moe", 1)])
+@pytest.mark.parametrize(("model", "stage"), [("dense", 0), ("dense", 2), ("moe", 1)])
 def test_shared_prefix_forward_matches_the_full_forward(
     model: str, stage: int, tiny_dense_dir: str, tiny_moe_dir: str, tokenizer
 ) -> None:

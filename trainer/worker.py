@@ -530,7 +530,9 @@ class TrainerWorker:
         on agentic prompts (a long system prompt and tool list) that is most of the tokens.
         """
         b, length = mb.input_ids.shape
-        p = mb.shared_prefix if self.cfg.share_prefix else 0
+        # Not under ZeRO-3: its per-parameter gradient hooks reduce a parameter once per forward that
+        # used it, and the two forwards of one micro-step broke that (an assertion in stage3.py on MoE).
+        p = mb.shared_prefix if self.cfg.share_prefix and not self._zero3 else 0
         if p < 1 or b < 2:
             out = model(
                 input_ids=mb.input_ids,
