@@ -22,18 +22,10 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
+from envs.tool_syntax import ToolCall, strip_tool_calls
 from slime.types import Message, Task
-
-
-@dataclass
-class ToolCall:
-    """One tool call parsed from the assistant's text."""
-
-    name: str
-    arguments: dict[str, Any]
-    id: str = ""
 
 
 @dataclass
@@ -54,8 +46,6 @@ class Action:
     @property
     def text_without_tool_calls(self) -> str:
         """The reply with `<tool_call>...</tool_call>` blocks removed (what a user would read)."""
-        from rollout.chat import strip_tool_calls
-
         return strip_tool_calls(self.content)
 
 
@@ -67,17 +57,6 @@ class StepResult:
     reward: float = 0.0
     done: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@runtime_checkable
-class EnvironmentProtocol(Protocol):
-    """Structural type of an environment instance (see the module docstring)."""
-
-    tools: list[dict[str, Any]]
-
-    async def reset(self, task: Task) -> list[Message]: ...
-
-    async def step(self, action: Action) -> StepResult: ...
 
 
 class Environment:
@@ -228,6 +207,14 @@ def coerce_step_result(result: Any) -> StepResult:
     if not isinstance(info, dict):
         raise TypeError(f"step info must be a dict, got {type(info).__name__}")
     return StepResult(observation=list(obs), reward=float(reward), done=done, info=dict(info))
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: message` on one line, at most 300 characters: the form failure reasons take in
+    `info["error"]` and in error messages that quote an exception."""
+    text = " ".join(str(e).split())
+    reason = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return reason[:300]
 
 
 def tool_message(content: str, call: ToolCall | None = None) -> Message:

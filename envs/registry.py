@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-from envs.base import check_environment_class
+from envs.base import check_environment_class, one_line
 
 ENTRY_POINT_GROUP = "slime.envs"
 
@@ -25,8 +26,9 @@ BUILTIN_ENVS: dict[str, str] = {
     "guess_number": "envs.guess_number:GuessNumberEnv",
     "reasoning_gym": "envs.reasoning_gym_env:ReasoningGymEnv",
     "target": "envs.target:TargetEnv",
+    "reward_fn": "envs.reward_fn:RewardFnEnv",
     "flaky": "envs.flaky:FlakyEnv",
-    # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent_episode.py).
+    # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent/episode.py).
     "openai_agent": "envs.openai_agent:OpenAIAgentEnv",
 }
 
@@ -54,20 +56,26 @@ def list_envs() -> dict[str, str]:
     return found
 
 
-def _import_path(path: str, what: str) -> type:
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise EnvNotFoundError(f"{what} {path!r} must look like package.module:Class")
+def import_object(path: str, label: str, kind: str = "Class", error: type[Exception] = ValueError) -> Any:
+    """The object `package.module:Name` names (`Name` may be dotted, e.g. `Class.attribute`).
+
+    `label` starts every error message (e.g. "env 'pkg.mod:Env'" or "env.agent='pkg.mod:run'"), `kind`
+    names what the path should point to in the format hint; failures raise `error` saying what is
+    wrong: the format, the module that fails to import (and why), or the missing attribute.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise error(f"{label} must look like package.module:{kind}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise EnvNotFoundError(f"{what} {path!r}: cannot import module {module_name!r} ({e})") from e
-    obj: object = module
+    except Exception as e:
+        raise error(f"{label}: cannot import module {module_name!r} ({one_line(e)})") from e
+    obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise EnvNotFoundError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}")
+            raise error(f"{label}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
-    return obj  # type: ignore[return-value]
+    return obj
 
 
 def load_env_class(name: str) -> type:
@@ -80,9 +88,9 @@ def load_env_class(name: str) -> type:
         raise EnvNotFoundError(f"env.name must be a non-empty string; available: {', '.join(list_envs())}")
     name = name.strip()
     if name in BUILTIN_ENVS:
-        cls = _import_path(BUILTIN_ENVS[name], f"built-in env {name!r}")
+        cls = import_object(BUILTIN_ENVS[name], f"built-in env {name!r}", error=EnvNotFoundError)
     elif ":" in name:
-        cls = _import_path(name, "env")
+        cls = import_object(name, f"env {name!r}", error=EnvNotFoundError)
     else:
         eps = _entry_points()
         if name not in eps:

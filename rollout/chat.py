@@ -7,100 +7,24 @@ user feedback) are tokenised, as the template's suffix for them plus the next ge
 
 Tools: when the tokenizer's chat template renders `tools` itself, it is used as is. Templates that
 ignore tools (SmolLM2's) get them in the system message in the format SmolLM2-Instruct was trained
-with: a JSON list of function schemas inside `<tools>...</tools>`, and calls emitted as
-`<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>`. The parser accepts that list form and
-the Qwen form (one JSON object per `<tool_call>` block), so both template families share it.
+with: a JSON list of function schemas inside `<tools>...</tools>`, and calls written in the syntax of
+envs/tool_syntax.py (which also parses replies, for both template families).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from envs.base import Action, ToolCall
+from envs.base import Action
+from envs.tool_syntax import TOOLS_SYSTEM_PROMPT, format_tool_calls, parse_tool_calls
 from slime.types import Message
-
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-_TOOL_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
-_CODE_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 # Base conversation for delta rendering: the assistant turn the delta is appended after.
 _BASE_CONVERSATION: list[Message] = [
     {"role": "user", "content": "Hi."},
     {"role": "assistant", "content": "Hello."},
 ]
-
-TOOLS_SYSTEM_PROMPT = """You can call functions (tools) to help you. The available tools are listed as JSON inside <tools></tools>:
-<tools>{tools}</tools>
-
-To call tools, reply with a JSON list of calls inside <tool_call></tool_call>, in exactly this format:
-<tool_call>[{{"name": "func_name", "arguments": {{"argument1": "value1"}}}}]</tool_call>
-Each result comes back to you in a message with role "tool". When you no longer need a tool, answer in plain text without <tool_call>."""
-
-
-def strip_tool_calls(text: str) -> str:
-    """The text with `<tool_call>...</tool_call>` blocks (and an unclosed trailing one) removed."""
-    text = _TOOL_CALL_BLOCK.sub("", text)
-    cut = text.find(TOOL_CALL_OPEN)
-    if cut >= 0:
-        text = text[:cut]
-    return text.strip()
-
-
-def _parse_call(obj: Any, index: int) -> ToolCall:
-    """One call object -> ToolCall; raises ValueError with a short reason."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"tool call #{index} must be a JSON object with 'name' and 'arguments'")
-    if "function" in obj and isinstance(obj["function"], dict):
-        # OpenAI style {"type": "function", "function": {"name": ..., "arguments": ...}}.
-        obj = obj["function"]
-    name = obj.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"tool call #{index} has no 'name' string")
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        # Some models emit arguments as a JSON-encoded string (OpenAI's wire format does).
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"tool call #{index} ({name}): arguments string is not JSON ({e.msg})") from None
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise ValueError(f"tool call #{index} ({name}): 'arguments' must be a JSON object")
-    return ToolCall(name=name.strip(), arguments=args, id=f"call_{index}")
-
-
-def parse_tool_calls(text: str) -> tuple[list[ToolCall], str | None]:
-    """Parse every `<tool_call>` block in `text`.
-
-    Returns (calls, None) on success, ([], reason) when any block is malformed: unclosed tag, invalid
-    JSON, a call without a name, non-object arguments. A block holding `[]` means "no call".
-    """
-    calls: list[ToolCall] = []
-    blocks = _TOOL_CALL_BLOCK.findall(text)
-    if text.count(TOOL_CALL_OPEN) > len(blocks):
-        return [], f"unclosed {TOOL_CALL_OPEN} (expected {TOOL_CALL_OPEN}[...]{TOOL_CALL_CLOSE})"
-    if not blocks and TOOL_CALL_CLOSE in text:
-        return [], f"{TOOL_CALL_CLOSE} without {TOOL_CALL_OPEN}"
-    for body in blocks:
-        body = body.strip()
-        fence = _CODE_FENCE.match(body)
-        if fence:
-            body = fence.group(1)
-        try:
-            obj = json.loads(body)
-        except json.JSONDecodeError as e:
-            return [], f"invalid JSON in {TOOL_CALL_OPEN}: {e.msg} at char {e.pos}"
-        items = obj if isinstance(obj, list) else [obj]
-        for item in items:
-            try:
-                calls.append(_parse_call(item, len(calls)))
-            except ValueError as e:
-                return [], str(e)
-    return calls, None
 
 
 class ChatFormat:
@@ -170,14 +94,6 @@ class ChatFormat:
             )
         return base[: cut + len(self.turn_end_token)]
 
-    @staticmethod
-    def call_text(content: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
-        """An assistant reply holding `calls` ((name, arguments) pairs) as the text this module's
-        parser reads back: the content, then one `<tool_call>[...]</tool_call>` block."""
-        block = json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=False)
-        sep = "\n" if content else ""
-        return f"{content}{sep}{TOOL_CALL_OPEN}{block}{TOOL_CALL_CLOSE}"
-
     def with_tools(self, messages: list[Message], tools: list[dict] | None) -> list[Message]:
         """Messages ready for a template that does not render tools: the tool block merged into the
         system message, and assistant messages' OpenAI-style `tool_calls` written into their content
@@ -193,7 +109,7 @@ class ChatFormat:
                     fn = tc.get("function", tc)
                     args = fn.get("arguments", {})
                     calls.append((fn["name"], json.loads(args) if isinstance(args, str) else args))
-                m["content"] = self.call_text(m.get("content") or "", calls)
+                m["content"] = format_tool_calls(m.get("content") or "", calls)
         if not tools:
             return messages
         specs = [t.get("function", t) for t in tools]

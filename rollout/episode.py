@@ -13,6 +13,11 @@ One episode alternates engine turns and environment steps:
 Generated ids are appended exactly as returned, never re-tokenised; environment messages are
 tokenised only as deltas (see rollout/chat.py), so `token_ids` always equals what the engine saw.
 
+MoE routes (engines that capture them): each turn's output carries the routes of its whole request,
+prompt (the history, recomputed by its prefill) and generated tokens, so every turn overlays the
+previous ones; env tokens appended after the last turn and the last generated token have none
+(`RoutedExperts.valid` is False there). Engines without capture leave `routed_experts` None.
+
 Failure containment: any exception, timeout (`rollout.step_timeout_s` on reset/step) or malformed
 return from the environment ends only that episode, with status FAILED, reward 0 and a one-line
 `info["error"]`; it is never raised. Engine exceptions are not the environment's fault and do propagate
@@ -28,10 +33,19 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from envs.base import Action, StepResult, check_messages, coerce_step_result, env_tools, tool_message
-from rollout.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ChatFormat
+from envs.base import (
+    Action,
+    StepResult,
+    check_messages,
+    coerce_step_result,
+    env_tools,
+    one_line,
+    tool_message,
+)
+from envs.tool_syntax import CALL_FORMAT_HINT
+from rollout.chat import ChatFormat
 from slime.config import RolloutConfig
-from slime.types import GenerateOutput, SamplingParams, Status, Task, Trajectory
+from slime.types import GenerateOutput, RoutedExperts, SamplingParams, Status, Task, Trajectory
 
 
 class Engine(Protocol):
@@ -46,12 +60,6 @@ class Engine(Protocol):
 
 class EpisodeError(Exception):
     """An environment failure: ends the episode as FAILED with this one-line reason."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    reason = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return reason[:300]
 
 
 class _Episode:
@@ -78,6 +86,7 @@ class _Episode:
         self.loss_mask: list[int] = []
         self.logprobs: list[float] = []
         self.versions: list[int] = []
+        self.routes: RoutedExperts | None = None  # MoE routes so far (engines that capture them)
         self.prompt_len = 0
         self.reward = 0.0
         self.turns = 0
@@ -97,15 +106,17 @@ class _Episode:
         self.versions.extend([-1] * len(ids))
 
     def _append_generated(self, out: GenerateOutput) -> None:
-        n = len(out.token_ids)
-        if len(out.logprobs) != n or len(out.versions) != n:
-            raise RuntimeError(
-                f"engine returned {n} tokens, {len(out.logprobs)} logprobs, {len(out.versions)} versions"
-            )
+        n = out.check_lengths()
         self.token_ids.extend(int(t) for t in out.token_ids)
         self.loss_mask.extend([1] * n)
         self.logprobs.extend(float(x) for x in out.logprobs)
         self.versions.extend(int(v) for v in out.versions)
+        # out.routed_experts covers the request's prompt (all tokens so far) and its output.
+        self.routes = RoutedExperts.merge(self.routes, out.routed_experts)
+
+    def final_routes(self) -> RoutedExperts | None:
+        """The routes with one row per token (env tokens after the last turn have none)."""
+        return None if self.routes is None else self.routes.padded(len(self.token_ids))
 
     async def _env_call(self, what: str, coro: Any) -> Any:
         """Await an env coroutine under the step timeout; any failure becomes an EpisodeError."""
@@ -118,7 +129,7 @@ class _Episode:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            raise EpisodeError(f"env.{what} raised {_one_line(e)}") from e
+            raise EpisodeError(f"env.{what} raised {one_line(e)}") from e
         finally:
             self.env_s += time.perf_counter() - t0
 
@@ -126,8 +137,7 @@ class _Episode:
         """The loop's own answer to an unparseable tool call (rollout.on_malformed_tool_call=error_message)."""
         content = (
             f"Error: your tool call could not be parsed ({action.malformed}). Call tools as "
-            f'{TOOL_CALL_OPEN}[{{"name": "tool_name", "arguments": {{...}}}}]{TOOL_CALL_CLOSE} '
-            "or answer in plain text."
+            f"{CALL_FORMAT_HINT} or answer in plain text."
         )
         return StepResult(observation=[tool_message(content)], reward=0.0, done=False, info={})
 
@@ -137,7 +147,7 @@ class _Episode:
         try:
             return coerce_step_result(raw)
         except (TypeError, ValueError) as e:
-            raise EpisodeError(f"env.step returned a malformed result: {_one_line(e)}") from e
+            raise EpisodeError(f"env.step returned a malformed result: {one_line(e)}") from e
 
     def _turn_sampling(self, budget: int) -> SamplingParams:
         limit = self.cfg.max_tokens_per_turn
@@ -155,7 +165,7 @@ class _Episode:
             tools = env_tools(self.env)
             prompt = self.chat.initial_prompt_ids(messages, tools)
         except Exception as e:
-            raise EpisodeError(_one_line(e)) from e
+            raise EpisodeError(one_line(e)) from e
         if len(prompt) >= self.cfg.max_total_tokens:
             raise EpisodeError(
                 f"prompt has {len(prompt)} tokens, rollout.max_total_tokens={self.cfg.max_total_tokens} leaves no room"
@@ -213,7 +223,7 @@ class _Episode:
             try:
                 delta += self.chat.delta_ids(result.observation)
             except Exception as e:
-                raise EpisodeError(f"cannot render the env's observation: {_one_line(e)}") from e
+                raise EpisodeError(f"cannot render the env's observation: {one_line(e)}") from e
             if len(self.token_ids) + len(delta) >= self.cfg.max_total_tokens:
                 return Status.TRUNCATED, "max_total_tokens"
             self._append_env(delta)
@@ -270,6 +280,7 @@ async def run_episode(
         info=info,
         timings={"generate_s": ep.generate_s, "env_s": ep.env_s, "total_s": time.perf_counter() - t0},
         start_version=ep.start_version,
+        routed_experts=ep.final_routes(),
     )
 
 
@@ -310,7 +321,7 @@ async def run_group(
         try:
             env = env_factory()
         except Exception as e:
-            return failed_trajectory(task, int(engine.version), f"env construction raised {_one_line(e)}")
+            return failed_trajectory(task, int(engine.version), f"env construction raised {one_line(e)}")
         sp = (
             sampling
             if sampling.seed is None

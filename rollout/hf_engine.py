@@ -30,12 +30,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from rollout.engine import ProgressTracker
+from rollout.engine_common import EngineSettings, ProgressTracker, check_update_mode
+from slime.config import WeightUpdateMode
 from slime.types import GenerateOutput, SamplingParams, WeightManifest
 
 logger = logging.getLogger(__name__)
 
-UPDATE_MODES = ("keep", "abort")
 _DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -62,7 +62,7 @@ class _Request:
 class _Pending:
     state: dict[str, Any]
     version: int
-    mode: str
+    mode: WeightUpdateMode
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     applied: bool = False
@@ -80,33 +80,24 @@ class _SegmentResult:
 class TransformersEngine:
     """Same contract as `rollout.engine.VLLMEngine`; see that class for the method semantics.
 
-    kv_cache_gib, enforce_eager and tensor_parallel_size are accepted for interface parity and ignored.
-    num_threads calls `torch.set_num_threads` for this whole process (the model runs in-process).
+    kv_cache_gib, enforce_eager, tensor_parallel_size and work_dir are accepted for interface parity and
+    ignored. num_threads calls `torch.set_num_threads` for this whole process (the model runs in-process).
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        *,
-        dtype: str = "float32",
-        max_model_len: int = 2048,
-        kv_cache_gib: float = 1.0,
-        enforce_eager: bool = True,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        work_dir: str | None = None,
-        max_batch_size: int = 16,
-        num_threads: int | None = None,
-    ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    def __init__(self, model_dir: str, **options: Any) -> None:
+        """`options`: the other fields of `EngineSettings` (rollout/engine_common.py)."""
+        self.settings = EngineSettings(model_dir, **options)
+        if self.settings.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.settings.dtype!r}")
+        if self.settings.capture_routes:
+            raise ValueError(
+                "the transformers engine does not capture MoE routes: use rollout.engine=vllm or "
+                "algorithm.routing_replay=none"
+            )
         self.model_dir = model_dir
-        self.dtype = _DTYPES[dtype]
-        self.max_model_len = max_model_len
-        self.seed = seed
-        self.work_dir = work_dir
-        self.max_batch_size = max_batch_size
-        self.num_threads = num_threads
+        self.dtype = _DTYPES[self.settings.dtype]
+        self.max_model_len = self.settings.max_model_len
+        self.max_batch_size = self.settings.max_batch_size
         self.version: int = 0
         self.start_s: float | None = None
         self.last_update: dict[str, Any] = {}
@@ -131,9 +122,9 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        torch.manual_seed(self.seed)
+        if self.settings.num_threads:
+            torch.set_num_threads(self.settings.num_threads)
+        torch.manual_seed(self.settings.seed)
         self._tok = AutoTokenizer.from_pretrained(self.model_dir)
         self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype))
         self._model.eval()
@@ -237,10 +228,6 @@ class TransformersEngine:
                 self._queue.remove(req)
         return GenerateOutput(token_ids=tokens, logprobs=logprobs, versions=versions, finish_reason=reason)
 
-    def num_generated(self, request_id: str) -> int:
-        """Tokens a running request has produced so far (0 when it is not running)."""
-        return self._progress.counts.get(request_id, 0)
-
     async def wait_generated(self, request_id: str, n: int) -> int:
         """See `VLLMEngine.wait_generated`."""
         return await self._progress.wait(request_id, n)
@@ -278,7 +265,7 @@ class TransformersEngine:
             self._wake.clear()
             while self._pending is not None or self._queue:
                 if self._pending is not None:
-                    await asyncio.to_thread(self._apply_pending_idle)
+                    await asyncio.to_thread(self._apply_pending)
                     continue
                 # Let tasks that became ready in the same loop iteration enqueue too, so requests
                 # submitted together (asyncio.gather) share one batch.
@@ -426,30 +413,24 @@ class TransformersEngine:
 
         p.loop.call_soon_threadsafe(resolve)
 
+    def _apply_pending(self) -> _Pending | None:
+        """Apply a pending weight update, if any (between decoding steps or while idle); returns it."""
+        with self._pending_lock:
+            p, self._pending = self._pending, None
+        if p is not None:
+            p.load_s = self._load_state(p.state)
+            self.version = p.version
+            self._finish_pending(p)
+        return p
+
     def _apply_pending_in_batch(self) -> bool:
         """Called between decoding steps: apply a pending update; True if rows must end (abort mode)."""
-        with self._pending_lock:
-            p, self._pending = self._pending, None
-        if p is None:
-            return False
-        p.load_s = self._load_state(p.state)
-        self.version = p.version
-        self._finish_pending(p)
-        return p.mode == "abort"
-
-    def _apply_pending_idle(self) -> None:
-        with self._pending_lock:
-            p, self._pending = self._pending, None
-        if p is None:
-            return
-        p.load_s = self._load_state(p.state)
-        self.version = p.version
-        self._finish_pending(p)
+        p = self._apply_pending()
+        return p is not None and p.mode is WeightUpdateMode.abort
 
     async def update_weights(self, manifest: WeightManifest, mode: str = "keep") -> float:
         """See `VLLMEngine.update_weights`: loads between decoding steps; returns seconds."""
-        if mode not in UPDATE_MODES:
-            raise ValueError(f"weight update mode must be one of {UPDATE_MODES}, got {mode!r}")
+        mode = check_update_mode(mode)
         if self._model is None or self._wake is None:
             raise RuntimeError("engine is not started (call `await engine.start()`)")
         from slime.weights import read_weights
@@ -473,7 +454,7 @@ class TransformersEngine:
                 "total_s": elapsed,
                 "load_s": p.load_s,
                 "version": manifest.version,
-                "mode": mode,
+                "mode": mode.value,
                 "num_tensors": len(state),
             }
             return elapsed

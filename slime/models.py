@@ -11,6 +11,7 @@ Conversions write to a temp dir and rename, under a file lock, so concurrent pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -135,21 +136,33 @@ def _build_random(tmp: Path, cfg: ModelConfig, tokenizer_dir: str, seed: int) ->
     tok.save_pretrained(tmp)
 
 
+def has_native_bf16(cuda: bool | None = None) -> bool:
+    """Whether bf16 matmuls run natively here: on the GPU when `cuda` (default: when one is
+    available), else on the CPU (AVX512-BF16 or AMX tiles, or an ARM CPU that reports bf16).
+    The one bf16 capability probe of the project (dtype `auto`, the trainer's precision, the engine's
+    warning)."""
+    import torch
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        native = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch: be conservative
+        native = False
+    with contextlib.suppress(Exception):  # ARM reports bf16 support here
+        native = native or bool(torch.cpu.get_capabilities().get("bf16", False))
+    return native
+
+
 def resolve_dtype(requested: str) -> str:
-    """`auto` -> bfloat16 where the hardware computes it natively (CUDA, AVX512-BF16 or AMX CPUs), else
-    float32: emulated bf16 on an AVX2-only CPU made vLLM decoding and training steps several times slower
+    """`auto` -> bfloat16 where the hardware computes it natively (`has_native_bf16`), else float32:
+    emulated bf16 on an AVX2-only CPU made vLLM decoding and training steps several times slower
     than fp32 here. Explicit bfloat16/float32 pass through unchanged."""
     if requested != "auto":
         return requested
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:
-        fast = False
-    return "bfloat16" if fast else "float32"
+    return "bfloat16" if has_native_bf16() else "float32"
 
 
 def resolve_model(cfg: ModelConfig, cache_dir: str, seed: int = 0) -> str:

@@ -1,15 +1,21 @@
 """Shared data types: the contracts between rollout, buffer and trainer.
 
 Plain, picklable dataclasses with Python lists (no tensors), so they cross Ray boundaries cheaply and
-can be written to JSONL for replay. Token-level lists of a Trajectory are all the same length.
+can be written to JSONL for replay. Token-level lists of a Trajectory are all the same length. The one
+exception is `RoutedExperts` (MoE routes, one small integer per token, layer and active expert): numpy
+arrays, which pickle compactly and are written to JSON as base64.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 # Chat message in OpenAI form: {"role": ..., "content": ..., optional "tool_calls"/"tool_call_id"/"name"}.
 Message = dict[str, Any]
@@ -39,13 +45,135 @@ class Task:
         return [dict(m) for m in self.prompt]
 
 
+@dataclass(eq=False)
+class RoutedExperts:
+    """The experts an MoE engine's routers chose, per token and MoE layer (for routing replay).
+
+    ids: [T, L, K] integer array, ids[t, l, k] = the k-th expert chosen for token t in the l-th MoE
+        layer, in the router's top-k order (not sorted). dtype uint8 when the model has <= 256 experts,
+        else int16. Rows whose `valid` is False hold 0 and mean nothing.
+    valid: [T] bool, whether the engine computed token t's routes. False for tokens the engine never ran
+        as input: the last generated token of a request, and env tokens appended after the last turn.
+    layers: the decoder-layer index of each of the L MoE layers (dense layers are left out), ascending.
+
+    Token t is the t-th token of the sequence (prompt first); its routes are those of the forward that
+    had token t as input (the one that computed the logits for token t + 1). When a token was computed
+    more than once (each multi-turn prefill recomputes the history, a preempted request is re-prefilled),
+    the latest computation is kept.
+    """
+
+    ids: np.ndarray
+    valid: np.ndarray
+    layers: list[int]
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids)
+        self.valid = np.asarray(self.valid, dtype=bool)
+        if self.ids.ndim != 3 or self.valid.shape != (self.ids.shape[0],):
+            raise ValueError(
+                f"RoutedExperts: ids must be [T, L, K] and valid [T], got {self.ids.shape} and {self.valid.shape}"
+            )
+        if self.ids.shape[1] != len(self.layers):
+            raise ValueError(
+                f"RoutedExperts: ids has {self.ids.shape[1]} layers, `layers` lists {len(self.layers)}"
+            )
+        self.layers = [int(x) for x in self.layers]
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.ids.shape[2])
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RoutedExperts):
+            return NotImplemented
+        return (
+            self.layers == other.layers
+            and self.ids.dtype == other.ids.dtype
+            and np.array_equal(self.ids, other.ids)
+            and np.array_equal(self.valid, other.valid)
+        )
+
+    @staticmethod
+    def id_dtype(num_experts: int) -> np.dtype:
+        """The narrowest dtype for expert ids of a model with `num_experts` experts."""
+        return np.dtype(np.uint8 if num_experts <= 256 else np.int16)
+
+    @classmethod
+    def empty(cls, length: int, layers: Sequence[int], top_k: int, dtype: Any) -> RoutedExperts:
+        """`length` tokens with no routes."""
+        return cls(
+            ids=np.zeros((length, len(layers), top_k), dtype=dtype),
+            valid=np.zeros(length, dtype=bool),
+            layers=list(layers),
+        )
+
+    def padded(self, length: int) -> RoutedExperts:
+        """These routes extended (or cut) to `length` tokens; added tokens have none."""
+        n = len(self)
+        if length <= n:
+            return RoutedExperts(self.ids[:length].copy(), self.valid[:length].copy(), self.layers)
+        out = RoutedExperts.empty(length, self.layers, self.top_k, self.ids.dtype)
+        out.ids[:n] = self.ids
+        out.valid[:n] = self.valid
+        return out
+
+    def overlay(self, newer: RoutedExperts) -> RoutedExperts:
+        """Routes of a sequence computed first here, then (again, for its first len(newer) tokens) by
+        `newer`: length max of the two; tokens `newer` computed take its routes, the others keep these."""
+        if newer.layers != self.layers or newer.top_k != self.top_k:
+            raise ValueError(
+                f"cannot merge routes of layers {newer.layers} top-{newer.top_k} into layers "
+                f"{self.layers} top-{self.top_k}"
+            )
+        out = self.padded(max(len(self), len(newer)))
+        rows = np.flatnonzero(newer.valid)
+        out.ids[rows] = newer.ids[rows]
+        out.valid[rows] = True
+        return out
+
+    @staticmethod
+    def merge(older: RoutedExperts | None, newer: RoutedExperts | None) -> RoutedExperts | None:
+        """`older.overlay(newer)`, where either may be None (no routes)."""
+        if older is None:
+            return newer
+        if newer is None:
+            return older
+        return older.overlay(newer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: the arrays as base64 of their raw bytes."""
+        return {
+            "dtype": self.ids.dtype.name,
+            "shape": list(self.ids.shape),
+            "ids": base64.b64encode(np.ascontiguousarray(self.ids).tobytes()).decode("ascii"),
+            "valid": base64.b64encode(np.packbits(self.valid).tobytes()).decode("ascii"),
+            "layers": list(self.layers),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RoutedExperts:
+        shape = tuple(int(x) for x in d["shape"])
+        ids = np.frombuffer(base64.b64decode(d["ids"]), dtype=np.dtype(d["dtype"])).reshape(shape).copy()
+        bits = np.frombuffer(base64.b64decode(d["valid"]), dtype=np.uint8)
+        valid = np.unpackbits(bits, count=shape[0]).astype(bool)
+        return cls(ids=ids, valid=valid, layers=list(d["layers"]))
+
+
 @dataclass
 class Trajectory:
     """One episode, token in / token out.
 
     token_ids holds the prompt and every turn exactly as the engine produced them or the chat template
     appended them; loss_mask is 1 only on tokens the policy generated; behavior_logprobs and versions
-    are per token (0.0 and -1 where loss_mask is 0).
+    are per token (0.0 and -1 where loss_mask is 0). routed_experts: for MoE policies when the engine
+    captured routes (`algorithm.routing_replay=rollout`), one row per token (see RoutedExperts); else None.
     """
 
     task_id: str
@@ -60,12 +188,15 @@ class Trajectory:
     info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # generate_s, env_s, total_s
     start_version: int = 0  # engine version when the episode started
+    routed_experts: RoutedExperts | None = None
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
         for name in ("loss_mask", "behavior_logprobs", "versions"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"Trajectory.{name} has {len(getattr(self, name))} entries, token_ids {n}")
+        if self.routed_experts is not None and len(self.routed_experts) != n:
+            raise ValueError(f"Trajectory.routed_experts has {len(self.routed_experts)} rows, token_ids {n}")
 
     @property
     def num_generated(self) -> int:
@@ -78,14 +209,18 @@ class Trajectory:
         return min(gen) if gen else self.start_version
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """JSON-safe dict (routed_experts as RoutedExperts.to_dict, or None)."""
+        d = dataclasses.asdict(dataclasses.replace(self, routed_experts=None))
         d["status"] = self.status.value
+        d["routed_experts"] = None if self.routed_experts is None else self.routed_experts.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trajectory:
         d = dict(d)
         d["status"] = Status(d["status"])
+        routes = d.get("routed_experts")
+        d["routed_experts"] = None if routes is None else RoutedExperts.from_dict(routes)
         return cls(**d)
 
 
@@ -147,6 +282,19 @@ class GenerateOutput:
     logprobs: list[float]  # logprob of each sampled token under softmax(logits / temperature)
     versions: list[int]  # policy version that produced each token
     finish_reason: str  # "stop" | "length" | "abort"
+    # MoE routes of the whole sequence, prompt_ids + token_ids (one row per token), when the engine
+    # captures them; None otherwise.
+    routed_experts: RoutedExperts | None = None
+
+    def check_lengths(self) -> int:
+        """The number of generated tokens; RuntimeError when logprobs or versions do not line up with
+        token_ids (an engine bug: the tokens cannot be trained on)."""
+        n = len(self.token_ids)
+        if len(self.logprobs) != n or len(self.versions) != n:
+            raise RuntimeError(
+                f"engine returned {n} tokens, {len(self.logprobs)} logprobs, {len(self.versions)} versions"
+            )
+        return n
 
 
 @dataclass

@@ -307,6 +307,47 @@ async def test_update_perturbed_weights_tied_lm_head(
     assert out.versions == [v + 2] * 16 and mean < TOL_MEAN and mx < TOL_MAX, (mean, mx)
 
 
+async def test_update_abort_mode_applies_new_weights(engine, tokenizer, tiny_dense_dir, hf_dense, tmp_path):
+    """abort mode with weights that really change: the request in flight is aborted by the update and
+    resumed on the new weights. Tokens before the update score under the old weights; every token after
+    it under the new weights on the whole sequence (resumption re-prefills prompt + tokens so far)."""
+    v = engine.version
+    pert = perturbed(tiny_dense_dir, seed=13)
+    manifest = write_weights(checkpoint_tensors(pert).items(), v + 1, str(tmp_path), bucket_mb=4)
+    prompt = prompts(tokenizer, 5)[4]
+    task = asyncio.create_task(
+        engine.generate(prompt, SamplingParams(max_tokens=120), request_id="abort-pert")
+    )
+    try:
+        await progress(engine, "abort-pert")
+        await engine.update_weights(manifest, mode="abort")
+        out = await task
+        assert engine.last_update["mode"] == "abort" and engine.last_update["refreshed"] == ["lm_head"]
+        assert out.finish_reason == "length" and len(out.token_ids) == 120
+        k = out.versions.index(v + 1)
+        assert k >= 4 and out.versions == [v] * k + [v + 1] * (120 - k)
+        old_ref = hf_logprobs(hf_dense, prompt, out.token_ids[:k])
+        assert max(abs(a - b) for a, b in zip(out.logprobs[:k], old_ref, strict=True)) < TOL_MAX
+        # A fresh scoring of the whole sequence with the new weights: the tokens after the update match.
+        new_ref = hf_logprobs(pert, prompt, out.token_ids)[k:]
+        diffs = [abs(a - b) for a, b in zip(out.logprobs[k:], new_ref, strict=True)]
+        assert sum(diffs) / len(diffs) < TOL_MEAN and max(diffs) < TOL_MAX, (
+            sum(diffs) / len(diffs),
+            max(diffs),
+        )
+        # ... and the old weights would have scored them very differently (the check has teeth).
+        stale_ref = hf_logprobs(hf_dense, prompt, out.token_ids)[k:]
+        stale = sum(abs(a - b) for a, b in zip(out.logprobs[k:], stale_ref, strict=True)) / len(stale_ref)
+        assert stale > 0.5, stale
+    finally:
+        if not task.done():
+            task.cancel()
+        # Leave the shared engine as it was (written here: original_manifest's folder keeps only the newest
+        # two versions, and test_transformers_engine reuses it with a low version).
+        back = write_weights(checkpoint_tensors(hf_dense).items(), v + 2, str(tmp_path / "orig"), bucket_mb=4)
+        await engine.update_weights(back)
+
+
 async def test_tiny_moe_in_vllm(tiny_moe_dir, tokenizer, tmp_path):
     """Qwen3-MoE loads, generates, and hot-reloads (checkpoint-format expert names) in vLLM on CPU."""
     from rollout.engine import VLLMEngine

@@ -395,21 +395,40 @@ async def test_flaky_containment_100_episodes(chat):
     groups = await asyncio.gather(*(run_group(engine, factory, t, 4, chat, c, SAMPLING) for t in tasks))
     trajs = [t for g in groups for t in g]
     assert len(trajs) == len(envs) == 100
-    planned = [e.planned for e in envs]
-    # Each env instance belongs to the trajectory at the same position (groups built in order).
-    n_failed = sum(t.status is Status.FAILED for t in trajs)
-    assert n_failed == sum(p is not None for p in planned)
+
+    async def plan_of(task: Task) -> tuple[str, str] | None:
+        """What a fresh env decides for `task` (seeded: the same for every episode of the task),
+        read back without running the failure itself (a planned hang in reset is cut short)."""
+        probe = FlakyEnv(failure_rate=0.3, num_steps=2, seed=1234)
+        try:
+            await asyncio.wait_for(probe.reset(task), 0.05)
+        except (RuntimeError, TimeoutError):
+            pass
+        return probe.planned
+
+    plans = {t.id: await plan_of(t) for t in tasks}
+    # Trajectory by trajectory: exactly the planned episodes failed, each for its planned reason.
+    expected = [plans[t.task_id] for t in trajs]
+    assert [t.task_id for t in trajs] == [t.id for t in tasks for _ in range(4)]
+    assert [t.status is Status.FAILED for t in trajs] == [p is not None for p in expected]
+    assert sorted(map(str, (e.planned for e in envs))) == sorted(map(str, expected))
+    n_failed = sum(p is not None for p in expected)
     assert 10 <= n_failed <= 50  # seeded: about 30%
-    modes = {p[0] for p in planned if p}
-    assert modes == {"raise", "hang", "malformed"}
-    for t in trajs:
-        if t.status is Status.FAILED:
-            assert t.reward == 0.0 and t.info["error"]
+    assert {p[0] for p in expected if p} == {"raise", "hang", "malformed"}
+    for t, plan in zip(trajs, expected, strict=True):
+        if plan is None:
+            assert t.status is Status.COMPLETED and t.reward == 1.0 and t.turns == 2, (t.task_id, t.info)
+            continue
+        mode, phase = plan
+        error = t.info["error"]
+        assert t.reward == 0.0 and t.turns == (0 if phase == "reset" else int(phase[-1]) + 1), (plan, t.turns)
+        if mode == "raise":
+            assert f"flaky env failed on purpose in {phase}" in error and "RuntimeError" in error, error
+        elif mode == "hang":
+            where = "reset" if phase == "reset" else "step"
+            assert error.startswith(f"env.{where} timed out"), (plan, error)
         else:
-            assert t.status is Status.COMPLETED and t.reward == 1.0
-    reasons = [t.info["error"] for t in trajs if t.status is Status.FAILED]
-    assert any("timed out" in r for r in reasons) and any("RuntimeError" in r for r in reasons)
-    assert any("malformed" in r or "reset() result" in r for r in reasons)
+            assert ("reset() result" if phase == "reset" else "malformed") in error, (plan, error)
     assert all(e.closed for e in envs)
 
 

@@ -2,8 +2,9 @@
 
 The endpoint is exercised with the `openai` client and with plain HTTP (httpx). Agents run as
 `run_agent_group` runs them (own thread and loop). The random tiny model never writes a tool call, so
-the two tool-call paths that need one (parsing a reply, continuing after a reply with calls) use a
-reply text / a recorded call made by hand; everything else goes through the engine.
+the tool-call paths use a reply text (parsing), a recorded call made by hand (continuation on ids no
+re-tokenisation gives) and a scripted engine behind the real server (a whole tool-call exchange
+recorded by the server); everything else goes through the engine.
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ import pytest_asyncio
 from openai import AsyncOpenAI, BadRequestError, NotFoundError
 
 from envs.calculator import CALCULATOR_TOOL, CalculatorEnv
-from rollout.agent_episode import (
+from rollout.agent.episode import (
     AgentLoadError,
     build_segments,
     coerce_agent_result,
     load_agent,
     run_agent_group,
 )
+from rollout.agent.protocol import assistant_message
+from rollout.agent.server import AgentServer
+from rollout.agent.session import CallRecord
 from rollout.chat import ChatFormat
-from rollout.openai_server import AgentServer, CallRecord, assistant_message
 from slime.config import RolloutConfig
-from slime.types import SamplingParams, Status, Task
+from slime.types import GenerateOutput, SamplingParams, Status, Task
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = RolloutConfig(max_tokens_per_turn=12, max_total_tokens=1024, max_turns=4, agent_timeout_s=60.0)
@@ -327,6 +330,87 @@ async def test_chat_continues_after_tool_call_reply_token_exact(server, session,
     edited = [*messages, {"role": "assistant", "content": "I will not."}, follow[-1]]
     await client.chat.completions.create(model=server.model_name, messages=edited, tools=tools, max_tokens=4)
     assert session.calls[2].reused_prefix == 0
+
+
+class ToolCallingEngine:
+    """Stands in for a policy that calls a tool (the random tiny model never writes one): each call
+    returns the next scripted reply as token ids ending with the turn-end token, and keeps its prompt."""
+
+    def __init__(self, chat: ChatFormat, replies: list[str]) -> None:
+        self.chat, self.replies, self.version = chat, list(replies), 3
+        self.prompts: list[list[int]] = []
+
+    async def generate(self, prompt_ids, sampling, request_id=None) -> GenerateOutput:
+        self.prompts.append(list(prompt_ids))
+        ids = self.chat.tokenizer.encode(self.replies.pop(0), add_special_tokens=False)
+        ids.append(self.chat.turn_end_id)
+        return GenerateOutput(ids, [-0.25] * len(ids), [self.version] * len(ids), "stop")
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+
+async def calculator_tool_agent(base_url: str, model: str, task: dict[str, Any]) -> dict[str, Any]:
+    """Asks, runs the tool call the model returned, sends the result back, reads the answer."""
+    async with AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
+        messages = list(task["messages"])
+        first = await client.chat.completions.create(model=model, messages=messages, tools=[CALCULATOR_TOOL])
+        reply = first.choices[0].message
+        messages.append(reply.model_dump(exclude_none=True))
+        for call in reply.tool_calls or []:
+            expression = json.loads(call.function.arguments)["expression"]
+            a, b = expression.split("+")
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": str(int(a) + int(b))})
+        second = await client.chat.completions.create(model=model, messages=messages, tools=[CALCULATOR_TOOL])
+    return {
+        "reward": 1.0,
+        "info": {
+            "finish": [first.choices[0].finish_reason, second.choices[0].finish_reason],
+            "content": [reply.content, second.choices[0].message.content],
+        },
+    }
+
+
+async def test_tool_call_exchange_recorded_token_exact(chat):
+    """A real tool-call round trip through the endpoint: the model's reply with a call becomes OpenAI
+    `tool_calls`, the agent sends it back with the tool's result, and the recorded trajectory is the
+    chat template's own rendering of that conversation, with loss mask 1 exactly on the model's turns.
+
+    The call is written in compact JSON, not the spacing `format_tool_calls` writes: re-rendering the
+    history instead of reusing the generated ids would give other tokens (and a second trajectory)."""
+    tools = [CALCULATOR_TOOL]
+    call_reply = 'I will use the calculator.\n<tool_call>[{"name":"calculator","arguments":{"expression":"2+3"}}]</tool_call>'
+    answer = "The answer is 5."
+    eng = ToolCallingEngine(chat, [call_reply, answer])
+    srv = await AgentServer.start(eng, chat, CFG)
+    try:
+        (traj,) = await run_agent_group(eng, srv, chat, TASK, 1, calculator_tool_agent, CFG)
+    finally:
+        await srv.stop()
+    assert traj.status == Status.COMPLETED and traj.reward == 1.0, traj.info
+    assert traj.info["env"]["finish"] == ["tool_calls", "stop"]
+    assert traj.info["env"]["content"] == ["I will use the calculator.", answer]
+    assert traj.info["calls"] == 2 and traj.info["num_segments"] == 1 and traj.info["tool_calls"] == 1
+    # The template's rendering of the whole conversation, the model's turns as it wrote them, up to the
+    # end of the last assistant turn.
+    conversation = [
+        *TASK.messages(),
+        {"role": "assistant", "content": call_reply},
+        {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": answer},
+    ]
+    text = chat.tokenizer.apply_chat_template(chat.with_tools(conversation, tools), tokenize=False)
+    text = text[: text.rindex(chat.turn_end_token) + len(chat.turn_end_token)]
+    assert traj.token_ids == chat.tokenizer.encode(text, add_special_tokens=False)
+    # Loss mask 1 exactly on the two generated turns (reply text + turn-end token), as the engine sent them.
+    g1 = chat.tokenizer.encode(call_reply, add_special_tokens=False) + [chat.turn_end_id]
+    g2 = chat.tokenizer.encode(answer, add_special_tokens=False) + [chat.turn_end_id]
+    p1 = chat.initial_prompt_ids(TASK.messages(), tools)
+    n = len(traj.token_ids)
+    assert mask_runs(traj.loss_mask) == [(len(p1), len(p1) + len(g1)), (n - len(g2), n)]
+    assert traj.token_ids[len(p1) : len(p1) + len(g1)] == g1 and traj.token_ids[n - len(g2) :] == g2
+    assert traj.prompt_len == len(p1) and eng.prompts == [p1, traj.token_ids[: n - len(g2)]]
+    check_alignment(traj, eng.version)
 
 
 async def test_completions_openai_client_and_token_ids(server, session, chat, client):

@@ -7,7 +7,7 @@ The agent (`env=openai_agent env.agent=package.module:function`) is
 
 returning the episode's reward, or `{"reward": float, "info": dict}`. `task` is the dataset row as a
 dict: `id`, `prompt` (as stored), `messages` (the prompt as chat messages), `env`, `env_args`. Each
-episode gets its own session on the worker's `AgentServer` (rollout/openai_server.py) and so its own
+episode gets its own session on the worker's `AgentServer` (rollout/agent/server.py) and so its own
 base URL; every model call is recorded token-exactly there.
 
 From calls to trajectories (`build_segments`): calls are taken in completion order. A call whose
@@ -36,7 +36,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import importlib
 import inspect
 import json
 import math
@@ -46,13 +45,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from envs.base import one_line
+from envs.registry import import_object
+from rollout.agent.session import CallRecord
 from rollout.chat import ChatFormat
 from rollout.episode import Engine, failed_trajectory
-from rollout.openai_server import AgentServer, CallRecord
 from slime.config import RolloutConfig
-from slime.types import Status, Task, Trajectory
+from slime.types import RoutedExperts, Status, Task, Trajectory
+
+if TYPE_CHECKING:  # the server imports FastAPI: loading an agent (slime.train) must not need it
+    from rollout.agent.server import AgentServer
 
 AgentFn = Callable[[str, str, dict[str, Any]], Any]
 
@@ -63,12 +67,6 @@ class AgentLoadError(ValueError):
 
 class AgentFailure(Exception):
     """The agent failed this episode; the message is the one-line reason."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    reason = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return reason[:300]
 
 
 # ------------------------------------------------------------------------------ loading
@@ -84,20 +82,8 @@ def load_agent(dotted: str) -> AgentFn:
     if not isinstance(dotted, str) or not dotted.strip():
         raise AgentLoadError("env.agent must name the agent as package.module:function")
     dotted = dotted.strip()
-    module_name, sep, attr = dotted.partition(":")
-    if not sep or not module_name or not attr:
-        raise AgentLoadError(f"env.agent={dotted!r} must look like package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise AgentLoadError(
-            f"env.agent={dotted!r}: cannot import module {module_name!r} ({_one_line(e)})"
-        ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise AgentLoadError(f"env.agent={dotted!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = import_object(dotted, f"env.agent={dotted!r}", kind="function", error=AgentLoadError)
+    attr = dotted.partition(":")[2]
     if inspect.isclass(obj) or not callable(obj):
         raise AgentLoadError(
             f"env.agent={dotted!r} is a {type(obj).__name__}, "
@@ -168,6 +154,7 @@ class Segment:
     versions: list[int] = field(default_factory=list)
     prompt_len: int = 0
     calls: list[CallRecord] = field(default_factory=list)
+    routes: RoutedExperts | None = None  # MoE routes (engines that capture them); see add()
 
     def _extend(
         self, ids: list[int], mask: int, logprobs: list[float] | None, versions: list[int] | None
@@ -183,7 +170,13 @@ class Segment:
             self.prompt_len = len(call.prompt_ids)
         self._extend(call.prompt_ids[len(self.token_ids) :], 0, None, None)
         self._extend(call.completion_ids, 1, call.logprobs, call.versions)
+        # A call's routes cover its prompt (this segment so far) and completion: later calls overlay.
+        self.routes = RoutedExperts.merge(self.routes, call.routed_experts)
         self.calls.append(call)
+
+    def final_routes(self) -> RoutedExperts | None:
+        """The routes with one row per token, or None when the engine captured none."""
+        return None if self.routes is None else self.routes.padded(len(self.token_ids))
 
 
 def build_segments(calls: list[CallRecord]) -> list[Segment]:
@@ -295,7 +288,7 @@ async def _run_agent(
     if agent in done:
         exc = agent.exception()
         if exc is not None:
-            raise AgentFailure(f"agent raised {_one_line(exc)}") from exc
+            raise AgentFailure(f"agent raised {one_line(exc)}") from exc
         return agent.result()
     if engine_wait in done:
         return None  # the caller sees session.engine_error
@@ -377,6 +370,7 @@ async def run_agent_episode(
                 versions=seg.versions,
                 prompt_len=seg.prompt_len,
                 turns=len(seg.calls),
+                routed_experts=seg.final_routes(),
             )
         traj.info.update(common, segment=len(segments) - 1, num_segments=len(segments))
         traj.timings = {
@@ -416,6 +410,7 @@ async def run_agent_episode(
                     "total_s": total_s,
                 },
                 start_version=start_version,
+                routed_experts=seg.final_routes(),
             )
         )
     return out

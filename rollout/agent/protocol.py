@@ -1,0 +1,385 @@
+"""The OpenAI wire format of the agent endpoint, as pure functions (no server, no engine).
+
+Requests: `parse_chat_request` / `parse_completion_request` validate a JSON body and return what the
+server needs; anything the endpoint cannot honour raises `RequestError` naming the option (it becomes
+an OpenAI-style error response). Sampling (`sampling_params`): temperature, top_p, top_k, seed, stop
+and max_tokens / max_completion_tokens come from the request (temperature and top_p default to the
+rollout config's); max_tokens is capped by `rollout.max_tokens_per_turn` and by what is left of
+`rollout.max_total_tokens` after the prompt; a prompt that leaves no room is rejected (400, code
+`context_length_exceeded`). Only n=1. Options that would change the output and that the endpoint
+cannot honour (penalties, logit_bias, n>1, echo, best_of, structured output, forcing a named tool)
+get a 400 naming the option.
+
+Responses: `response_envelope` is the one envelope of both routes (id, object, created, model,
+choices, usage, and with `return_token_ids=true` the vLLM extension `prompt_token_ids` plus each
+choice's `token_ids`). `stream_chunks` turns an envelope into the chunks of `stream=true`: the
+finished reply as one chunk, then the finish chunk, then (with `stream_options.include_usage`) the
+usage chunk. Logprobs are the engine's; with `top_logprobs` / `logprobs=k` only the sampled token is
+listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from envs.base import check_tools
+from envs.tool_syntax import parse_tool_calls, strip_tool_calls
+from rollout.agent.session import CanonMessage
+from slime.config import RolloutConfig
+from slime.types import SamplingParams
+
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+# Request options that change what is generated and that this server cannot honour: rejected, not ignored.
+_UNSUPPORTED_IF_SET = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": None,
+    "functions": None,
+    "function_call": None,
+    "audio": None,
+    "prediction": None,
+    "suffix": None,
+}
+# kind -> (id prefix, object, streamed chunk object)
+_OBJECTS = {
+    "chat": ("chatcmpl", "chat.completion", "chat.completion.chunk"),
+    "completion": ("cmpl", "text_completion", "text_completion"),
+}
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes an OpenAI-style error response."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+    def body(self) -> dict[str, Any]:
+        """The OpenAI error object."""
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request: messages in normal form (see `parse_messages`) and their canonical
+    form, the tools (None when absent) and their matching key, and whether replies are parsed for calls."""
+
+    messages: list[dict[str, Any]]
+    canon: tuple[CanonMessage, ...]
+    tools: list[dict[str, Any]] | None
+    tools_key: str
+    parse_tools: bool
+
+
+def _text_content(content: Any, where: str) -> str:
+    """OpenAI message content (None, a string, or text parts) as one string."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise RequestError(
+                    f"{where}.content[{j}]: only text parts are supported", param=f"{where}.content"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(
+        f"{where}.content must be a string, a list of text parts or null", param=f"{where}.content"
+    )
+
+
+def _tool_call_arguments(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RequestError(f"{where}.function.arguments is not JSON ({e.msg})", param=where) from None
+    if not isinstance(raw, dict):
+        raise RequestError(f"{where}.function.arguments must be a JSON object", param=where)
+    return raw
+
+
+def parse_messages(raw: Any) -> list[dict[str, Any]]:
+    """Validate request messages into a normal form: role, content (str), tool_calls as
+    [(name, arguments dict)], tool_call_id, name. Raises RequestError naming the message."""
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where} must be an object", param=where)
+        role = m.get("role")
+        if role not in _ROLES:
+            raise RequestError(
+                f"{where}.role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{where}.role"
+            )
+        calls: list[tuple[str, dict[str, Any]]] = []
+        if role == "assistant" and m.get("tool_calls"):
+            if not isinstance(m["tool_calls"], list):
+                raise RequestError(f"{where}.tool_calls must be a list", param=f"{where}.tool_calls")
+            for j, tc in enumerate(m["tool_calls"]):
+                cw = f"{where}.tool_calls[{j}]"
+                fn = tc.get("function") if isinstance(tc, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                    raise RequestError(f"{cw} needs function.name", param=cw)
+                calls.append((fn["name"], _tool_call_arguments(fn.get("arguments"), cw)))
+        out.append(
+            {
+                "role": "system" if role == "developer" else role,
+                "content": _text_content(m.get("content"), where),
+                "tool_calls": calls,
+                "tool_call_id": str(m.get("tool_call_id") or ""),
+                "name": str(m.get("name") or ""),
+            }
+        )
+    return out
+
+
+def canon(m: dict[str, Any]) -> CanonMessage:
+    """A normal-form message as a comparable tuple (what "the same message" means for prefix reuse)."""
+    # Whitespace around content and tool-call ids are not significant for "is this the same message".
+    calls = tuple((name, json.dumps(args, sort_keys=True)) for name, args in m["tool_calls"])
+    return (m["role"], m["content"].strip(), calls, m["tool_call_id"], m["name"])
+
+
+def _check_unsupported(body: dict[str, Any]) -> None:
+    for key, neutral in _UNSUPPORTED_IF_SET.items():
+        value = body.get(key)
+        if value is not None and value != neutral and value != {}:
+            raise RequestError(f"{key} is not supported by the slime rollout endpoint", param=key)
+    if int(body.get("n") or 1) != 1:
+        raise RequestError("only n=1 is supported (run the agent several times for a group)", param="n")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise RequestError("response_format other than text is not supported", param="response_format")
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    """Validate a `/chat/completions` body (sampling is checked separately, once the prompt is known)."""
+    _check_unsupported(body)
+    messages = parse_messages(body.get("messages"))
+    tools = body.get("tools") or None
+    if tools is not None:
+        try:
+            check_tools(tools, owner="tools")
+        except (TypeError, ValueError) as e:
+            raise RequestError(str(e), param="tools") from None
+    tool_choice = body.get("tool_choice")
+    if isinstance(tool_choice, dict) or tool_choice not in (None, "auto", "none", "required"):
+        # The model cannot be forced to call one particular tool here.
+        raise RequestError("tool_choice must be 'auto', 'none' or 'required'", param="tool_choice")
+    return ChatRequest(
+        messages=messages,
+        canon=tuple(canon(m) for m in messages),
+        tools=tools,
+        tools_key=json.dumps(tools, sort_keys=True) if tools else "",
+        parse_tools=tools is not None and tool_choice != "none",
+    )
+
+
+def parse_completion_request(body: dict[str, Any]) -> Any:
+    """Validate a `/completions` body; returns its `prompt` (checked further by the prompt builder)."""
+    _check_unsupported(body)
+    if body.get("echo"):
+        raise RequestError("echo is not supported", param="echo")
+    if int(body.get("best_of") or 1) != 1:
+        raise RequestError("best_of is not supported", param="best_of")
+    return body.get("prompt")
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError(f"{key} must be a number", param=key)
+    if not lo <= value <= hi:
+        raise RequestError(f"{key} must be in [{lo}, {hi}], got {value}", param=key)
+    return float(value)
+
+
+def _stop_list(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return [s for s in stop if s]
+    raise RequestError("stop must be a string or a list of strings", param="stop")
+
+
+def sampling_params(body: dict[str, Any], cfg: RolloutConfig, prompt_len: int) -> SamplingParams:
+    """Request sampling options, max_tokens capped by the rollout config (see the module docstring)."""
+    limit = min(cfg.max_tokens_per_turn, cfg.max_total_tokens - prompt_len)
+    if limit <= 0:
+        raise RequestError(
+            f"the prompt has {prompt_len} tokens; rollout.max_total_tokens={cfg.max_total_tokens} leaves no "
+            "room to generate",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise RequestError("max_tokens must be a positive integer", param="max_tokens")
+        limit = min(limit, requested)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError("seed must be an integer", param="seed")
+    top_k = body.get("top_k", -1)
+    if top_k is None:
+        top_k = -1
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise RequestError("top_k must be an integer", param="top_k")
+    return SamplingParams(
+        max_tokens=limit,
+        temperature=_number(body, "temperature", cfg.temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", cfg.top_p, 1e-6, 1.0),
+        top_k=top_k,
+        stop=_stop_list(body),
+        seed=seed,
+    )
+
+
+# ------------------------------------------------------------------------------ responses
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text up to the first stop string (excluded), and whether it was cut."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def assistant_message(
+    text: str, parse_tools: bool
+) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], bool]:
+    """The OpenAI assistant message for a reply `text`: (message, parsed calls, malformed).
+
+    With `parse_tools`, `<tool_call>` blocks become `tool_calls` (fresh ids, arguments as JSON strings)
+    and are removed from the content (None when nothing else is left). A reply whose tool call cannot
+    be parsed is returned as plain text with malformed=True, as vLLM does.
+    """
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if not parse_tools:
+        return message, [], False
+    calls, problem = parse_tool_calls(text)
+    if problem is not None:
+        return message, [], True
+    if not calls:
+        return message, [], False
+    parsed = [(c.name, c.arguments) for c in calls]
+    message["content"] = strip_tool_calls(text) or None
+    message["tool_calls"] = [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
+        }
+        for name, args in parsed
+    ]
+    return message, parsed, False
+
+
+def chat_logprobs(token_texts: list[str], logprobs: list[float], top: int) -> list[dict[str, Any]]:
+    """`choices[0].logprobs.content` of a chat response (token_texts: each generated token's text)."""
+    entries = []
+    for text, lp in zip(token_texts, logprobs, strict=True):
+        entry: dict[str, Any] = {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        # Only the sampled token's logprob is known: it stands in for the top list.
+        entry["top_logprobs"] = [dict(entry)] if top > 0 else []
+        entries.append(entry)
+    return entries
+
+
+def completion_logprobs(token_texts: list[str], logprobs: list[float], top: int) -> dict[str, Any]:
+    """`choices[0].logprobs` of a completion response (token_texts: each generated token's text)."""
+    offsets, pos = [], 0
+    for t in token_texts:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": list(token_texts),
+        "token_logprobs": list(logprobs),
+        "top_logprobs": [{t: lp} for t, lp in zip(token_texts, logprobs, strict=True)] if top > 0 else None,
+        "text_offset": offsets,
+    }
+
+
+def response_envelope(
+    kind: str,
+    model: str,
+    choice: dict[str, Any],
+    prompt_ids: list[int],
+    completion_ids: list[int],
+    body: dict[str, Any],
+) -> dict[str, Any]:
+    """The response object of either route (`kind` "chat" | "completion") around its one `choice`."""
+    id_prefix, obj, _ = _OBJECTS[kind]
+    p, c = len(prompt_ids), len(completion_ids)
+    response: dict[str, Any] = {
+        "id": f"{id_prefix}-{uuid.uuid4().hex}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+    }
+    if body.get("return_token_ids"):
+        response["prompt_token_ids"] = list(prompt_ids)
+        choice["token_ids"] = list(completion_ids)
+    return response
+
+
+def stream_chunks(kind: str, response: dict[str, Any], body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks of a streamed response: the whole reply, the finish reason, and (when asked) usage."""
+    choice = response["choices"][0]
+    head = {k: response[k] for k in ("id", "created", "model")} | {"object": _OBJECTS[kind][2]}
+    if kind == "chat":
+        delta = dict(choice["message"])
+        if "tool_calls" in delta:
+            delta["tool_calls"] = [dict(tc, index=i) for i, tc in enumerate(delta["tool_calls"])]
+        first = {"index": 0, "delta": delta, "logprobs": choice["logprobs"], "finish_reason": None}
+        last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}
+    else:
+        first = dict(choice, finish_reason=None)
+        last = {"index": 0, "text": "", "logprobs": None, "finish_reason": choice["finish_reason"]}
+    chunks = [head | {"choices": [first]}, head | {"choices": [last]}]
+    if (body.get("stream_options") or {}).get("include_usage"):
+        chunks.append(head | {"choices": [], "usage": response["usage"]})
+    return chunks
+
+
+def models_list(model: str, max_model_len: int) -> dict[str, Any]:
+    """The `/models` response: the one served model."""
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": 0,
+                "owned_by": "slime",
+                "max_model_len": max_model_len,
+            }
+        ],
+    }
