@@ -65,7 +65,7 @@ def main() -> None:
 
     from benchmarks.weight_sync import _resolve_smollm2
     from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-    from trainer.worker import TrainerWorker, free_port
+    from trainer.worker import TrainerSpec, TrainerWorker
 
     model_dir = args.model_dir or _resolve_smollm2(os.path.expanduser(args.cache_dir))
     groups = build_groups(model_dir, args.seqs, 4, args.reply_tokens, seed=0)
@@ -78,16 +78,14 @@ def main() -> None:
         threads_per_rank=args.threads,
     )
     acfg = AlgorithmConfig(name="grpo")
-    worker = TrainerWorker(
-        0, 1, "127.0.0.1", free_port(), model_dir, ModelConfig(name="bench"), tcfg, acfg, 0
-    )
+    worker = TrainerWorker(TrainerSpec(model_dir, ModelConfig(name="bench"), tcfg, acfg, 0))
     worker.setup()
     runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     try:
         worker.train_step(groups, version=0)  # warm-up (allocator, DeepSpeed's first step)
         for _ in range(args.reps):
             for share in (False, True):
-                worker.cfg.share_prefix = share
+                worker.forward.share_prefix = share
                 runs[share].append(worker.train_step(groups, version=0))
     finally:
         worker.close()

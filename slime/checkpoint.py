@@ -2,14 +2,14 @@
 
 One checkpoint is one directory (the controller uses `<run_dir>/checkpoints/step_NNNNNN`):
 
-    <ckpt>/ds/...                 DeepSpeed engine state of the policy (weights, optimizer, per rank)
+    <ckpt>/ds/...                 DeepSpeed state of the policy (weights, optimizer, per rank)
     <ckpt>/critic/ds/...          the critic's DeepSpeed state (PPO only)
     <ckpt>/hf/                    a transformers checkpoint: config.json, *.safetensors, tokenizer
                                   files, generation_config.json; loadable by transformers and vLLM
     <ckpt>/slime_state.json       {"step", "version", ...}; written last, so its presence means the
                                   checkpoint is complete
 
-The trainer (trainer/worker.py) writes the DeepSpeed part on every rank and the rest on rank 0.
+The trainer (trainer/export.py) writes the DeepSpeed part on every rank and the rest on rank 0.
 Nothing here imports torch at module import time.
 """
 
@@ -30,7 +30,6 @@ STATE_FILE = "slime_state.json"
 HF_DIR = "hf"
 DS_TAG = "ds"
 CRITIC_DIR = "critic"
-MiB = 1 << 20
 
 # Files of a model directory that are weights or the model config; everything else in it (tokenizer
 # files, chat template, generation config) is copied into the export unchanged.
@@ -71,7 +70,8 @@ def latest_checkpoint(root: str) -> str | None:
         return None
     best: tuple[int, str] | None = None
     for entry in base.iterdir():
-        if entry.is_dir() and is_complete(str(entry)):
+        # `<name>.partial` is a checkpoint still being written (or torn by a kill): never resume from it.
+        if entry.is_dir() and not entry.name.endswith(".partial") and is_complete(str(entry)):
             step = int(read_state(str(entry))["step"])
             if best is None or step > best[0]:
                 best = (step, str(entry))
@@ -118,7 +118,7 @@ def write_hf_checkpoint(
 
     - named_tensors: full tensors under checkpoint names (tied weights already left out, MoE experts
       in the checkpoint layout), consumed once, one at a time, so a gathering generator keeps memory
-      to one shard.
+      to one shard (`slime.weights.write_buckets` writes them).
     - config: the model's `PretrainedConfig`; written with `dtype` as its dtype.
     - src_dir: the model directory the run started from; its tokenizer files are copied.
     - dtype: cast floating-point tensors (None keeps them).
@@ -128,55 +128,32 @@ def write_hf_checkpoint(
     Written into a temporary sibling and renamed, so `out_dir` never holds half a checkpoint.
     Returns out_dir.
     """
-    from safetensors.torch import save_file
+    from slime.weights import MiB, write_buckets
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    limit = shard_mb * MiB
-    shards: list[dict[str, torch.Tensor]] = []
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-    total = 0
-    shard_files: list[str] = []
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        if shard:
-            name = f"shard-{len(shard_files):05d}.tmp"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            shard_files.append(name)
-            shards.append({k: None for k in shard})  # names only, to build the index
-        shard, shard_bytes = {}, 0
-
     try:
-        for name, tensor in named_tensors:
-            t = tensor.detach().to("cpu")
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            t = (
-                t.contiguous().clone()
-                if t.untyped_storage().nbytes() != t.numel() * t.element_size()
-                else t.contiguous()
-            )
-            nbytes = t.numel() * t.element_size()
-            if shard and shard_bytes + nbytes > limit:
-                flush()
-            shard[name] = t
-            shard_bytes += nbytes
-            total += nbytes
-        flush()
+        buckets = write_buckets(
+            named_tensors,
+            tmp,
+            shard_mb * MiB,
+            lambda i: f"shard-{i:05d}.tmp",
+            dtype=dtype,
+            metadata={"format": "pt"},
+        )
         # Final names: a single file is model.safetensors; several follow save_pretrained's pattern.
-        if len(shard_files) == 1:
-            (tmp / shard_files[0]).rename(tmp / "model.safetensors")
+        if len(buckets) == 1:
+            (tmp / buckets[0].file).rename(tmp / "model.safetensors")
         else:
-            n = len(shard_files)
+            n = len(buckets)
             weight_map = {}
-            for i, (fname, names) in enumerate(zip(shard_files, shards, strict=True)):
+            for i, bucket in enumerate(buckets):
                 final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                (tmp / fname).rename(tmp / final)
-                weight_map.update({k: final for k in names})
+                (tmp / bucket.file).rename(tmp / final)
+                weight_map.update({k: final for k in bucket.names})
+            total = sum(b.num_bytes for b in buckets)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = copy.deepcopy(config)  # never mutate the live model's config

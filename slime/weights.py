@@ -27,7 +27,8 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,79 @@ def _prune(out_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@dataclass
+class Bucket:
+    """One safetensors file written by `write_buckets`: its file name, tensor names and bytes."""
+
+    file: str
+    names: list[str]
+    num_bytes: int
+
+
+def write_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: Path,
+    bucket_bytes: int,
+    file_name: Callable[[int], str],
+    *,
+    dtype: torch.dtype | None = None,
+    skip: Collection[str] = (),
+    metadata: dict[str, str] | None = None,
+) -> list[Bucket]:
+    """Write `named_tensors` into `directory` as safetensors files of about `bucket_bytes` each.
+
+    The one bucketed writer behind the weight transport (`write_weights`) and the transformers export
+    (`slime.checkpoint.write_hf_checkpoint`). Tensors are consumed one at a time (a gathering generator
+    keeps memory to one bucket), moved to CPU, cast to `dtype` when floating-point (None keeps them),
+    and made contiguous; views are cloned so no two saved tensors alias. A tensor larger than a bucket
+    gets a bucket of its own. Names in `skip` are left out, and so is a tensor that shares storage,
+    offset, shape and dtype with one already written (a tied weight passed under a second name), as
+    save_pretrained does. `file_name(i)` names the i-th file. Returns the buckets in write order.
+    """
+    from safetensors.torch import save_file
+
+    # storage key -> weak reference to the tensor that claimed it. Weak, so a generator's freed tensors
+    # are not kept alive; checked for liveness, so a reused address is not mistaken for a tie.
+    seen_storage: dict[tuple[int, int, tuple[int, ...], torch.dtype], weakref.ref] = {}
+    buckets: list[Bucket] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            name = file_name(len(buckets))
+            save_file(pending, str(directory / name), metadata=metadata)
+            buckets.append(Bucket(file=name, names=list(pending), num_bytes=pending_bytes))
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in named_tensors:
+        if name in skip:
+            continue
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel():
+            owner = seen_storage.get(key)
+            if owner is not None and owner() is not None:
+                continue
+            seen_storage[key] = weakref.ref(tensor)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        # save_file needs contiguous, non-shared tensors; clone views so buckets never alias.
+        t = t.contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        nbytes = t.numel() * t.element_size()
+        if pending and pending_bytes + nbytes > bucket_bytes:
+            flush()
+        pending[name] = t
+        pending_bytes += nbytes
+    flush()
+    return buckets
+
+
 def write_weights(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     version: int,
@@ -119,11 +193,9 @@ def write_weights(
     - dtype: cast floating-point tensors (e.g. torch.bfloat16 halves the bytes); None keeps them as given.
     - skip: names to leave out (e.g. tied weights a caller's gathered dict still holds).
     - keep: how many newest version directories to keep after writing (>= 1).
-    A tensor larger than a bucket gets a bucket of its own. Tensors are moved to CPU and made contiguous.
+    Bucketing, casting and tie detection as in `write_buckets`.
     Rewriting an existing version replaces it. Returns the manifest (absolute file paths, in load order).
     """
-    from safetensors.torch import save_file
-
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if bucket_mb <= 0:
@@ -132,53 +204,19 @@ def write_weights(
     root.mkdir(parents=True, exist_ok=True)
     final = Path(version_dir(str(root), version))
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:08d}-", dir=root))
-    limit = bucket_mb * MiB
-    # storage key -> weak reference to the tensor that claimed it. Weak, so a generator's freed tensors
-    # are not kept alive; checked for liveness, so a reused address is not mistaken for a tie.
-    seen_storage: dict[tuple[int, int, tuple[int, ...], torch.dtype], weakref.ref] = {}
-    bucket: dict[str, torch.Tensor] = {}
-    bucket_bytes = 0
-    names: list[str] = []
-    files: list[str] = []
-    total_bytes = 0
-    metadata = {"format": "pt", "slime_version": str(version)}
-
-    def flush() -> None:
-        nonlocal bucket, bucket_bytes
-        if bucket:
-            name = f"bucket-{len(files):05d}.safetensors"
-            save_file(bucket, str(tmp / name), metadata=metadata)
-            files.append(name)
-        bucket, bucket_bytes = {}, 0
-
     try:
-        for name, tensor in named_tensors:
-            if name in skip:
-                continue
-            t = tensor.detach()
-            if t.device.type != "cpu":
-                t = t.to("cpu")
-            # Same storage, offset, shape and dtype => the same tensor under a second (tied) name.
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-            if t.numel():
-                owner = seen_storage.get(key)
-                if owner is not None and owner() is not None:
-                    continue
-                seen_storage[key] = weakref.ref(tensor)
-            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                t = t.to(dtype)
-            # save_file needs contiguous, non-shared tensors; clone views so buckets never alias.
-            t = t.contiguous()
-            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                t = t.clone()
-            nbytes = t.numel() * t.element_size()
-            if bucket and bucket_bytes + nbytes > limit:
-                flush()
-            bucket[name] = t
-            bucket_bytes += nbytes
-            total_bytes += nbytes
-            names.append(name)
-        flush()
+        buckets = write_buckets(
+            named_tensors,
+            tmp,
+            bucket_mb * MiB,
+            lambda i: f"bucket-{i:05d}.safetensors",
+            dtype=dtype,
+            skip=skip,
+            metadata={"format": "pt", "slime_version": str(version)},
+        )
+        names = [n for b in buckets for n in b.names]
+        total_bytes = sum(b.num_bytes for b in buckets)
+        files = [b.file for b in buckets]
         (tmp / "manifest.json").write_text(
             json.dumps({"version": version, "files": files, "num_bytes": total_bytes, "names": names})
         )

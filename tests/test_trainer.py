@@ -1,9 +1,9 @@
 """The DeepSpeed trainer on tiny models: real DeepSpeed (gloo, CPU), real transformers models.
 
 In-process tests drive `TrainerWorker` with world size 1 (one process group for the module, torn
-down at the end so later tests see a clean process); `test_group_*` runs `TrainerGroup` with two Ray
-ranks and compares against one rank. The first DeepSpeed init in a process costs about 1.5 s; no op
-is JIT-compiled (the trainer avoids DeepSpeed's CPU Adam and shared-memory comm op).
+down at the end so later tests see a clean process); `test_ranks_*` runs `TrainerRanks` with two Ray
+ranks and compares against one rank. No op is JIT-compiled (the trainer avoids DeepSpeed's CPU Adam
+and shared-memory comm op).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " then", " ran", "
 @pytest.fixture(scope="module", autouse=True)
 def _process_group() -> Iterator[None]:
     """In-process workers share one world-size-1 process group; afterwards the group, DeepSpeed's
-    comm backend, the env vars and the thread count are restored so other modules are unaffected."""
-    env = dict(os.environ)
+    comm backend and the thread count are restored so other modules are unaffected."""
     threads = torch.get_num_threads()
     yield
     import torch.distributed as dist
@@ -44,8 +43,6 @@ def _process_group() -> Iterator[None]:
         ds_comm.cdb = None
     except ImportError:
         pass
-    os.environ.clear()
-    os.environ.update(env)
     torch.set_num_threads(threads)
 
 
@@ -102,16 +99,16 @@ def make_groups(tokenizer, num_groups: int = 2, n: int = 4, seed: int = 0) -> li
 
 
 def new_worker(model_dir: str, tcfg: TrainerConfig, acfg: AlgorithmConfig, **kw):
-    from trainer.worker import TrainerWorker, free_port
+    from trainer.worker import TrainerSpec, TrainerWorker
 
-    w = TrainerWorker(0, 1, "127.0.0.1", free_port(), model_dir, MODEL_CFG, tcfg, acfg, seed=0, **kw)
+    w = TrainerWorker(TrainerSpec(model_dir, MODEL_CFG, tcfg, acfg, seed=0, **kw))
     w.setup()
     return w
 
 
 def full_state(w) -> dict[str, torch.Tensor]:
     """The worker's full weights under checkpoint names, fp32, via the export path's generator."""
-    return {k: v.clone() for k, v in w._full_named_tensors(torch.float32)}
+    return {k: v.clone() for k, v in w.full_named_tensors(torch.float32)}
 
 
 def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
@@ -192,12 +189,34 @@ def test_dense_step_and_export(stage: int, tiny_dense_dir: str, tokenizer, tmp_p
         w.close()
 
 
-def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer, tmp_path) -> None:
-    """ZeRO-3 (the gathering path): the hf export loads in transformers with the trainer's logits,
-    and load_checkpoint restores weights, optimizer state and counters."""
+def safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in a directory."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def trainer_logprobs(w, ids: list[int], start: int) -> list[float]:
+    """The worker's policy's logprobs (temperature 1) of ids[start:] given what precedes them."""
+    with torch.no_grad():
+        logits = w.policy(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    lp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+    return lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).squeeze(1).tolist()
+
+
+async def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer, tmp_path, engine) -> None:
+    """ZeRO-3 (the gathering path). The hf export holds exactly the trainer's parameters (not the
+    initial ones), loads in transformers with the trainer's logits and in vLLM with the trainer's
+    logprobs. load_checkpoint restores weights, optimizer state and counters: the step after it
+    leaves the weights exactly where the run that never stopped left them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slime import checkpoint as ck
+    from slime.types import SamplingParams, WeightManifest
 
     tcfg = trainer_cfg(zero_stage=3, warmup_steps=4)
     w = new_worker(tiny_dense_dir, tcfg, algo_cfg())
@@ -208,16 +227,44 @@ def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer, tmp_
         assert ck.resolve_checkpoint(str(tmp_path)) == ckpt
         hf = os.path.join(ckpt, ck.HF_DIR)
         assert os.path.exists(os.path.join(hf, "tokenizer.json"))
+        saved = full_state(w)
+        exported = safetensors_dir(hf)
+        initial = safetensors_dir(tiny_dense_dir)
+        assert set(exported) == set(saved) == set(initial)
+        for k in exported:
+            assert torch.equal(exported[k], saved[k]), k  # fp32: exactly the trainer's parameters
+            assert not torch.equal(exported[k], initial[k]), k  # ... after the step, not before it
         model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
         assert AutoTokenizer.from_pretrained(hf).encode("hello") == tokenizer.encode("hello")
         ids = torch.tensor([tokenizer.encode("Once upon a time there was a cat")])
         with torch.no_grad():
-            trainer_logits = w.engine(input_ids=ids, use_cache=False).logits
+            trainer_logits = w.policy(input_ids=ids, use_cache=False).logits
             hf_logits = model(input_ids=ids).logits
         torch.testing.assert_close(hf_logits, trainer_logits, rtol=1e-5, atol=1e-5)
-        saved = full_state(w)
+
+        # vLLM loads the export's weight file (the session's float32 engine on the same model).
+        prompt = tokenizer.encode("Once upon a time there was a cat")
+        files = sorted(os.path.join(hf, f) for f in os.listdir(hf) if f.endswith(".safetensors"))
+        num_bytes = sum(t.numel() * t.element_size() for t in exported.values())
+        await engine.update_weights(WeightManifest(engine.version + 1, files, num_bytes, len(exported)))
+        try:
+            out = await engine.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3))
+            ours = trainer_logprobs(w, prompt + out.token_ids, len(prompt))
+            assert max(abs(a - b) for a, b in zip(out.logprobs, ours, strict=True)) < 1e-3
+            # The check can tell: the initial weights give other logprobs for these tokens.
+            before = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, dtype=torch.float32).eval()
+            with torch.no_grad():
+                logits0 = before(input_ids=torch.tensor([prompt + out.token_ids])).logits[0]
+            lp0 = torch.log_softmax(logits0[len(prompt) - 1 : -1], dim=-1)
+            lp0 = lp0.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1).tolist()
+            assert max(abs(a - b) for a, b in zip(lp0, ours, strict=True)) > 1e-2
+        finally:
+            original = [os.path.join(tiny_dense_dir, "model.safetensors")]
+            await engine.update_weights(WeightManifest(engine.version + 1, original, 0, len(initial)))
+
         next_groups = make_groups(tokenizer, seed=2)
         m_cont = w.train_step(next_groups, version=1)
+        after_cont = full_state(w)
     finally:
         w.close()
 
@@ -226,11 +273,14 @@ def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer, tmp_
         assert w2.load_checkpoint(str(tmp_path)) == (1, 1)
         restored = full_state(w2)
         assert all(torch.equal(saved[k], restored[k]) for k in saved)
-        # Same optimizer state and LR schedule position => the same next step.
+        # Same optimizer state and LR schedule position => the same next step, to the bit.
         m_resumed = w2.train_step(next_groups, version=1)
         assert m_resumed["lr"] == m_cont["lr"] == pytest.approx(1e-3 * 2 / 4)
         assert m_resumed["loss/policy"] == pytest.approx(m_cont["loss/policy"], abs=1e-6)
         assert m_resumed["grad_norm"] == pytest.approx(m_cont["grad_norm"], rel=1e-5)
+        after_resumed = full_state(w2)
+        for k in after_cont:
+            assert torch.equal(after_resumed[k], after_cont[k]), k
     finally:
         w2.close()
 
@@ -255,8 +305,8 @@ def test_micro_batching_does_not_change_the_step(tiny_dense_dir: str, tokenizer)
                 assert r["grad_norm"] == pytest.approx(runs[0]["grad_norm"], rel=1e-4), agg
         # Gradient checkpointing recomputes activations: same loss and gradient (it cannot share the
         # prefix cache: the recomputation would append to it again; the config check forbids both).
-        w.cfg.share_prefix = False
-        w.engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        w.forward.share_prefix = False
+        w.policy.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         recomputed = w.train_step(groups, version=0)
         assert recomputed["loss/policy"] == pytest.approx(runs[-1]["loss/policy"], rel=1e-5, abs=1e-7)
         assert recomputed["grad_norm"] == pytest.approx(runs[-1]["grad_norm"], rel=1e-4)
@@ -269,18 +319,16 @@ def test_micro_batching_does_not_change_the_step(tiny_dense_dir: str, tokenizer)
 def test_bf16_path(tiny_dense_dir: str, tokenizer, tmp_path, monkeypatch) -> None:
     """DeepSpeed's bf16 mode (bf16 weights, fp32 master copy) as on AMX CPUs and GPUs; forced here,
     where this CPU only emulates bf16. Exports in model.dtype (bfloat16)."""
-    import trainer.worker as tw
+    import slime.models
 
-    monkeypatch.setattr(tw, "cpu_has_fast_bf16", lambda: True)
-    from trainer.worker import TrainerWorker, free_port
+    monkeypatch.setattr(slime.models, "has_native_bf16", lambda cuda=None: True)
+    from trainer.worker import TrainerSpec, TrainerWorker
 
     mcfg = ModelConfig(name="tiny", source="random", dtype="bfloat16")
-    w = TrainerWorker(
-        0, 1, "127.0.0.1", free_port(), tiny_dense_dir, mcfg, trainer_cfg(dtype="bfloat16"), algo_cfg(), 0
-    )
+    w = TrainerWorker(TrainerSpec(tiny_dense_dir, mcfg, trainer_cfg(dtype="bfloat16"), algo_cfg(), 0))
     w.setup()
     try:
-        assert w.bf16 and next(w.engine.module.parameters()).dtype == torch.bfloat16
+        assert w.bf16 and next(w.policy.module.parameters()).dtype == torch.bfloat16
         metrics = w.train_step(make_groups(tokenizer, num_groups=1, n=2), version=0)
         assert metrics["grad_norm"] > 0 and metrics["loss/policy"] == metrics["loss/policy"]
         manifest = w.export_weights(1, str(tmp_path), bucket_mb=64)
@@ -332,29 +380,53 @@ def test_shared_prefix_forward_matches_the_full_forward(
     model: str, stage: int, tiny_dense_dir: str, tiny_moe_dir: str, tokenizer
 ) -> None:
     """Running the rows' common prefix once (its cache repeated, with gradients) gives the logits,
-    loss and gradient of the plain forward (lr=0 keeps the weights fixed between the steps)."""
+    loss and every parameter's gradient of the plain forward (lr=0 keeps the weights fixed between
+    the steps), and the shared path did run (the forward would fall back to the plain one silently)."""
     from trainer.batching import flatten_groups, make_micro_batches
+    from trainer.build import load_causal_lm
 
     model_dir = tiny_dense_dir if model == "dense" else tiny_moe_dir
     w = new_worker(model_dir, trainer_cfg(lr=0.0, micro_batch_size=4, zero_stage=stage), algo_cfg())
     groups = long_prompt_groups(tokenizer)
+    # Per-parameter gradients come from a plain copy of the model (DeepSpeed's hooks own the
+    # policy's gradients); the forward under test is the same object the worker uses.
+    plain = load_causal_lm(model_dir, MODEL_CFG)
+    params = list(plain.named_parameters())
+
+    def grads(mb, share: bool) -> dict[str, torch.Tensor]:
+        """Per-parameter gradients of a weighted sum of the logprobs of every loss column."""
+        w.forward.share_prefix = share
+        lp = w.forward.logprobs(plain, mb)  # [B, T]
+        weights = torch.linspace(-1.0, 1.0, lp.numel()).view_as(lp) * mb.loss_mask
+        g = torch.autograd.grad((lp * weights).sum(), [p for _, p in params], allow_unused=True)
+        return {n: torch.zeros_like(p) if d is None else d for (n, p), d in zip(params, g, strict=True)}
+
     try:
         mbs = make_micro_batches(flatten_groups(groups), 2, w.pad_id)
         assert all(mb.shared_prefix > 40 for mb in mbs)
-        with torch.no_grad():
-            for mb in mbs:
-                w.cfg.share_prefix = True
-                shared = w._logits(w.engine, mb)
-                w.cfg.share_prefix = False
-                full = w._logits(w.engine, mb)
-                assert shared.shape == full.shape
-                real = mb.loss_mask > 0  # padded columns may differ; they carry no loss
-                # Measured: at most 3e-7 in float32 (summation order only).
-                assert (shared - full)[real].abs().max() < 1e-5
+        for mb in mbs:
+            with torch.no_grad():
+                ran = w.forward.shared_prefix_forwards
+                w.forward.share_prefix = True
+                shared = w.forward.logits(w.policy, mb)
+                assert w.forward.shared_prefix_forwards == ran + 1
+                w.forward.share_prefix = False
+                full = w.forward.logits(w.policy, mb)
+                assert w.forward.shared_prefix_forwards == ran + 1
+            assert shared.shape == full.shape
+            real = mb.loss_mask > 0  # padded columns may differ; they carry no loss
+            # Summation order only (float32).
+            assert (shared - full)[real].abs().max() < 1e-5
+            g_shared, g_full = grads(mb, True), grads(mb, False)
+            assert any(g.abs().sum() > 0 for g in g_full.values())
+            for n in g_full:
+                torch.testing.assert_close(g_shared[n], g_full[n], rtol=1e-3, atol=1e-6, msg=n)
         runs = []
         for share in (True, False):
-            w.cfg.share_prefix = share
+            w.forward.share_prefix = share
+            ran = w.forward.shared_prefix_forwards
             runs.append(w.train_step(groups, version=0))
+            assert (w.forward.shared_prefix_forwards > ran) == share
         assert runs[0]["loss/policy"] == pytest.approx(runs[1]["loss/policy"], rel=1e-4, abs=1e-6)
         assert runs[0]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-3)
         assert runs[0]["grad_norm"] > 0
@@ -390,7 +462,7 @@ def test_learns_rewarded_token(tiny_dense_dir: str, tokenizer) -> None:
             ],
         )
         mb = collate(flatten_groups([g]), w.pad_id)
-        return float(w._logprobs(w.engine, mb)[0, -1])
+        return float(w.forward.logprobs(w.policy, mb)[0, -1])
 
     def on_policy_groups() -> list[Group]:
         groups = []
@@ -431,6 +503,8 @@ def test_learns_rewarded_token(tiny_dense_dir: str, tokenizer) -> None:
 
 
 def test_ppo_with_critic_reference_and_minibatches(tiny_dense_dir: str, tokenizer) -> None:
+    from trainer.batching import flatten_groups, minibatch_split
+
     acfg = algo_cfg(
         name="ppo",
         advantage="gae",
@@ -441,11 +515,13 @@ def test_ppo_with_critic_reference_and_minibatches(tiny_dense_dir: str, tokenize
         lam=0.95,
         num_minibatches=2,
         ppo_epochs=2,
+        critic_lr=3e-3,
     )
     w = new_worker(tiny_dense_dir, trainer_cfg(micro_batch_size=3), acfg)
     try:
-        assert w.ref is not None and w.critic is not None
-        metrics = w.train_step(make_groups(tokenizer, num_groups=2, n=3), version=0)
+        assert w.reference is not None and w.critic is not None
+        batch = make_groups(tokenizer, num_groups=2, n=3)
+        metrics = first = w.train_step(batch, version=0)
         assert metrics["train/optimizer_steps"] == 4.0
         # Averaged over the 4 updates: the first sees policy == reference, later ones have moved.
         assert 0.0 < metrics["kl"] < 1.0
@@ -454,6 +530,63 @@ def test_ppo_with_critic_reference_and_minibatches(tiny_dense_dir: str, tokenize
         assert metrics["loss/value"] > 0 and metrics["critic/grad_norm"] > 0
         metrics = w.train_step(make_groups(tokenizer, num_groups=2, n=3, seed=5), version=1)
         assert metrics["kl"] > 0 and metrics["loss/value"] > 0
+
+        # The critic learns: back on the first batch, its value loss is well below the first time
+        # (when the zero-initialised head predicted 0 everywhere).
+        again = [w.train_step(batch, version=2 + i)["loss/value"] for i in range(2)]
+        assert max(again) < 0.5 * first["loss/value"], (first["loss/value"], again)
+
+        # Minibatches are a seeded shuffle of the batch, not its order: a different split than the
+        # unshuffled one, the same one again for the same step.
+        refs = flatten_groups(make_groups(tokenizer, num_groups=4, n=3, seed=9))
+
+        def split() -> list[list[int]]:
+            plan = w._plan_micro_batches(refs)
+            return [sorted(int(i) for s in mini if not s.mb.dummy for i in s.mb.seq_index) for mini in plan]
+
+        shuffled = split()
+        assert sorted(i for mini in shuffled for i in mini) == list(range(len(refs)))
+        assert shuffled != [[r.index for r in mini] for mini in minibatch_split(refs, 2)]
+        assert split() == shuffled
+    finally:
+        w.close()
+
+
+def test_kl_reward_mode_changes_the_advantages(tiny_dense_dir: str, tokenizer, monkeypatch) -> None:
+    """With kl_mode=reward, the KL to the reference (nonzero once the policy has moved) is taken from
+    the rewards before the advantages: they differ from kl_mode=loss, whose Dr. GRPO advantages are
+    exactly reward minus its group's mean."""
+    import trainer.objective as obj
+
+    captured: list[dict[int, float]] = []
+    assign = obj.assign_sequence_advantages
+
+    def spy(plan, groups, rewards, algo, comm) -> None:
+        assign(plan, groups, rewards, algo, comm)
+        adv: dict[int, float] = {}
+        for s in (s for mini in plan for s in mini if not s.mb.dummy):
+            for row, seq in enumerate(s.mb.seq_index.tolist()):
+                adv[seq] = float(s.adv[row][s.mb.loss_mask[row] > 0][0])
+        captured.append(adv)
+
+    monkeypatch.setattr(obj, "assign_sequence_advantages", spy)
+    acfg = algo_cfg(name="dr_grpo", advantage="dr_grpo", kl_coef=0.5, kl_mode="reward", kl_estimator="k1")
+    w = new_worker(tiny_dense_dir, trainer_cfg(lr=1e-2), acfg)
+    try:
+        w.train_step(make_groups(tokenizer, seed=11), version=0)  # the policy leaves the reference
+        w.cfg.lr = 0.0  # the same weights for both modes below
+        batch = make_groups(tokenizer, seed=12)
+        w.train_step(batch, version=1)
+        acfg.kl_mode = "loss"
+        w.train_step(batch, version=2)
+        kl_reward, kl_loss = captured[1], captured[2]
+        rewards = [t.reward for g in batch for t in g.trajectories]
+        n = len(batch[0].trajectories)
+        expected = [r - sum(rewards[i - i % n : i - i % n + n]) / n for i, r in enumerate(rewards)]
+        assert [kl_loss[i] for i in range(len(rewards))] == pytest.approx(expected, abs=1e-6)
+        assert max(abs(kl_reward[i] - kl_loss[i]) for i in kl_loss) > 1e-3
+        for g in range(len(batch)):  # still centred per group
+            assert sum(kl_reward[i] for i in range(g * n, g * n + n)) == pytest.approx(0.0, abs=1e-5)
     finally:
         w.close()
 
@@ -463,11 +596,14 @@ def test_ppo_with_critic_reference_and_minibatches(tiny_dense_dir: str, tokenize
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss_agg", ["token_mean"])
-async def test_group_two_ranks_match_one_rank(
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean", "seq_sum_norm"])
+async def test_ranks_two_ranks_match_one_rank(
     loss_agg: str, tiny_dense_dir, tokenizer, ray_cluster, tmp_path
 ) -> None:
-    from trainer.group import TrainerGroup
+    """Two Ray ranks take the same steps as one rank, for every loss aggregation: the loss is
+    normalised over the global batch (units and the seq_sum_norm constant all-reduced)."""
+    from trainer.ranks import TrainerRanks
+    from trainer.worker import TrainerSpec
 
     acfg = algo_cfg(loss_agg=loss_agg)
     # Groups of 6 and 2 trajectories: the ranks get 8 and 4 sequences (4 and 2 micro-batches), so
@@ -484,13 +620,15 @@ async def test_group_two_ranks_match_one_rank(
     finally:
         one.close()
 
-    group = TrainerGroup(
-        tiny_dense_dir, MODEL_CFG, trainer_cfg(zero_stage=3, micro_batch_size=2, num_ranks=2), acfg, 0
+    ranks = TrainerRanks(
+        TrainerSpec(
+            tiny_dense_dir, MODEL_CFG, trainer_cfg(zero_stage=3, micro_batch_size=2, num_ranks=2), acfg, 0
+        )
     )
     try:
-        info = await group.setup()
+        info = await ranks.setup()
         assert [i["rank"] for i in info] == [0, 1]
-        got = [await group.train_step(b, version=i) for i, b in enumerate(batches)]
+        got = [await ranks.train_step(b, version=i) for i, b in enumerate(batches)]
         for r, g in zip(ref, got, strict=True):
             assert g["train/sequences"] == r["train/sequences"] and g["train/tokens"] == r["train/tokens"]
             for key in (
@@ -504,20 +642,19 @@ async def test_group_two_ranks_match_one_rank(
                 assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-6), key
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
             assert g["is_ratio/max"] == pytest.approx(r["is_ratio/max"], rel=1e-4)
-        manifest = await group.export_weights(2, str(tmp_path / "w"), bucket_mb=4)
+        manifest = await ranks.export_weights(2, str(tmp_path / "w"), bucket_mb=4)
         from slime.weights import read_weights
 
         exported = dict(read_weights(manifest))
         assert set(exported) == set(ref_weights)
         for k, v in exported.items():
             torch.testing.assert_close(v, ref_weights[k], rtol=0, atol=2e-4)
-        assert len(await group.ping()) == 2
         with pytest.raises(RuntimeError, match=r"trainer rank \d failed in train_step"):
             bad = make_groups(tokenizer, num_groups=2, n=2)
             for g in bad:
                 g.trajectories[0].token_ids = g.trajectories[0].token_ids[:1]
                 for name in ("loss_mask", "behavior_logprobs", "versions"):
                     setattr(g.trajectories[0], name, getattr(g.trajectories[0], name)[:1])
-            await group.train_step(bad, version=2)
+            await ranks.train_step(bad, version=2)
     finally:
-        group.shutdown()
+        ranks.shutdown()

@@ -13,6 +13,8 @@ All statistics here are computed without gradient: advantages are constants of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -185,11 +187,46 @@ def broadcast_to_tokens(seq_adv: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask != 0, seq_adv[:, None].to(torch.promote_types(seq_adv.dtype, torch.float32)), 0.0)
 
 
+@dataclass(frozen=True)
+class Moments:
+    """Count, sum and sum of squares of the masked entries of one or more tensors (float64 sums).
+
+    Moments of separate pieces add up (`+`, or element-wise after an all-reduce), so `whiten` can
+    normalise each micro-batch of a batch with the statistics of the whole batch, across ranks.
+    """
+
+    count: float = 0.0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    @staticmethod
+    @torch.no_grad()
+    def of(x: Tensor, mask: Tensor) -> Moments:
+        m = mask != 0
+        xv = torch.where(m, x.double(), 0.0)
+        return Moments(float(m.sum()), float(xv.sum()), float(xv.square().sum()))
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.count + other.count, self.total + other.total, self.total_sq + other.total_sq)
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1.0)
+
+    @property
+    def var(self) -> float:
+        """Unbiased variance; 0 with fewer than two entries."""
+        if self.count < 2:
+            return 0.0
+        return max(self.total_sq - self.count * self.mean**2, 0.0) / (self.count - 1.0)
+
+
 @torch.no_grad()
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments: Moments | None = None) -> Tensor:
     """Normalise x over the masked entries of the whole batch (PPO advantage whitening).
 
-    mean and unbiased variance are taken over entries where mask != 0;
+    mean and unbiased variance are taken over entries where mask != 0 (or, when `moments` is given,
+    are those of the batch x is one piece of: e.g. the all-reduced `Moments` of every micro-batch);
     result = (x - mean) / sqrt(var + 1e-8), plus `mean` again when shift_mean is False
     (scale only, keeping the sign structure of e.g. returns).
 
@@ -197,6 +234,7 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
         x: [B, T] values.
         mask: [B, T] 1.0 where x counts.
         shift_mean: subtract the mean (True) or only rescale (False).
+        moments: the statistics to normalise with (default: those of x over mask).
 
     Returns:
         [B, T] float, 0 where mask is 0. With fewer than two masked entries the variance is taken as 0.
@@ -204,10 +242,14 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     m = mask != 0
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xv = torch.where(m, x.to(dtype), 0.0)
-    n = m.sum()
-    mean = xv.sum() / n.clamp(min=1)
-    sq = torch.where(m, (xv - mean) ** 2, 0.0).sum()
-    var = torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq))
+    if moments is None:
+        n = m.sum()
+        mean = xv.sum() / n.clamp(min=1)
+        sq = torch.where(m, (xv - mean) ** 2, 0.0).sum()
+        var = torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq))
+    else:
+        mean = torch.tensor(moments.mean, dtype=dtype, device=x.device)
+        var = torch.tensor(moments.var, dtype=dtype, device=x.device)
     out = (xv - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean

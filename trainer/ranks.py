@@ -1,12 +1,12 @@
-"""The trainer as a group of Ray actors: one `TrainerWorker` per data-parallel rank.
+"""The trainer as Ray actors: one `TrainerWorker` per data-parallel rank.
 
-The controller talks only to `TrainerGroup`. Every method fans out to all ranks (they run
+The controller talks only to `TrainerRanks`. Every method fans out to all ranks (they run
 collectives together) and awaits them; the first rank to fail fails the call with its rank in the
-message (the others may be stuck in a collective then: call `shutdown()`; the group is not
+message (the others may be stuck in a collective then: call `shutdown()`; the ranks are not
 reusable after a failure).
 
-Groups are sharded here (`trainer.batching.shard_groups`: whole groups, equal counts, balanced
-tokens); metrics come back from rank 0 and are already reduced over all ranks.
+Groups of trajectories are sharded here (`trainer.batching.shard_groups`: whole groups, equal
+counts, balanced tokens); metrics come back from rank 0 and are already reduced over all ranks.
 """
 
 from __future__ import annotations
@@ -15,74 +15,37 @@ import asyncio
 import logging
 from typing import Any
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
 from slime.types import Group, WeightManifest
 from trainer.batching import shard_groups
+from trainer.process import rank_env
+from trainer.worker import TrainerSpec
 
 log = logging.getLogger(__name__)
 
 
-def rank_env(trainer_cfg: TrainerConfig) -> dict[str, str]:
-    """Environment variables for a rank's process: its thread budget, and the CPU accelerator when
-    the rank has no GPU (DeepSpeed otherwise probes for one and warns on stdout)."""
-    threads = str(trainer_cfg.threads_per_rank)
-    env = {
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if trainer_cfg.gpus_per_rank <= 0:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
-
-
-class TrainerGroup:
-    """`trainer_cfg.num_ranks` trainer actors in one process group.
+class TrainerRanks:
+    """`spec.trainer.num_ranks` trainer actors in one process group, all built from `spec`.
 
     Construction creates the actors (cheap); `await setup()` joins the process group and builds the
-    DeepSpeed engines. `max_response_len` (DAPO overlong shaping and the seq_sum_norm constant) and
-    `temperature` (the rollout's sampling temperature) are passed to every rank; see TrainerWorker.
+    DeepSpeed models. Each actor gets its thread budget and accelerator through its `runtime_env`.
     """
 
-    def __init__(
-        self,
-        model_dir: str,
-        model_cfg: ModelConfig,
-        trainer_cfg: TrainerConfig,
-        algo_cfg: AlgorithmConfig,
-        seed: int,
-        max_response_len: int = 0,
-        temperature: float = 1.0,
-    ) -> None:
+    def __init__(self, spec: TrainerSpec) -> None:
         import ray
 
         from trainer.worker import TrainerWorker
 
-        self.cfg = trainer_cfg
-        self.num_ranks = trainer_cfg.num_ranks
-        actor_cls = ray.remote(TrainerWorker).options(
-            num_cpus=trainer_cfg.num_cpus_per_rank,
-            num_gpus=trainer_cfg.gpus_per_rank,
-            runtime_env={"env_vars": rank_env(trainer_cfg)},
-        )
-        # master_addr/port are filled in by setup() from rank 0's node.
+        cfg = spec.trainer
+        self.num_ranks = cfg.num_ranks
+        actor_cls = ray.remote(TrainerWorker)
         self.actors = [
-            actor_cls.remote(
-                rank,
-                self.num_ranks,
-                "",
-                0,
-                model_dir,
-                model_cfg,
-                trainer_cfg,
-                algo_cfg,
-                seed,
-                max_response_len,
-                temperature,
-            )
+            actor_cls.options(
+                num_cpus=cfg.num_cpus_per_rank,
+                num_gpus=cfg.gpus_per_rank,
+                runtime_env={"env_vars": rank_env(cfg, rank)},
+            ).remote(spec, rank, self.num_ranks)
             for rank in range(self.num_ranks)
         ]
-        self.info: list[dict[str, Any]] = []
 
     async def _all(self, method: str, per_rank_args: list[tuple] | None = None) -> list[Any]:
         """Call `method` on every rank, return the results in rank order; the first failure raises
@@ -108,11 +71,11 @@ class TrainerGroup:
             raise RuntimeError(f"trainer rank {rank} failed in {method}: {e}") from e
 
     async def setup(self) -> list[dict[str, Any]]:
-        """Rendezvous at rank 0's node on a free port, then build the engines on every rank."""
+        """Rendezvous at rank 0's node on a free port, then build the models on every rank."""
         addr, port = await self._one(0, "node_address", self.actors[0].node_address.remote())
-        self.info = await self._all("setup", [(addr, port)] * self.num_ranks)
-        log.info("trainer ready: %d rank(s) at %s:%d, %s", self.num_ranks, addr, port, self.info[0])
-        return self.info
+        info = await self._all("setup", [(addr, port)] * self.num_ranks)
+        log.info("trainer ready: %d rank(s) at %s:%d, %s", self.num_ranks, addr, port, info[0])
+        return info
 
     async def train_step(self, groups: list[Group], version: int) -> dict[str, float]:
         """Shard `groups` over the ranks (whole groups), train one step, return the global metrics."""
@@ -139,10 +102,6 @@ class TrainerGroup:
         """Resume every rank from a checkpoint (or the latest under a directory); returns (step, version)."""
         results = await self._all("load_checkpoint", [(ckpt_dir,)] * self.num_ranks)
         return results[0]
-
-    async def ping(self) -> list[dict[str, Any]]:
-        """Health of every rank (fails with the rank of an actor that died)."""
-        return await self._all("ping")
 
     def shutdown(self) -> None:
         """Kill the rank actors (their process group goes with them). Safe to call twice."""

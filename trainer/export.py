@@ -1,0 +1,169 @@
+"""Full weights out of a DeepSpeed policy (ZeRO-3 gathered), weight pushes and checkpoints.
+
+Every function here is a collective under ZeRO-3: all ranks call it together (rank 0 writes).
+Checkpoint layout: slime/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slime.types import WeightManifest
+
+_LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
+
+
+def full_named_tensors(policy: Any, zero3: bool, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+    """Yield (checkpoint name, full CPU tensor in `dtype`) of a DeepSpeed policy, one layer at a time.
+
+    Every rank must exhaust this generator under ZeRO-3 (gathering is collective); other stages read
+    their local full copies. Parameters are grouped by decoder layer and converted to the checkpoint
+    layout per group (`slime.weights.to_checkpoint_format`: tied weights dropped, fused MoE experts
+    split back per expert), so peak extra memory is one layer.
+    """
+    import deepspeed
+
+    from slime.weights import to_checkpoint_format
+
+    module = policy.module
+    persistent = set()
+    for mod_name, mod in module.named_modules():
+        for b_name, buf in mod._buffers.items():
+            if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                persistent.add(f"{mod_name}.{b_name}" if mod_name else b_name)
+    entries: list[tuple[str, Tensor]] = list(module.named_parameters())
+    entries += [(n, b) for n, b in module.named_buffers() if n in persistent]
+    for _, group in layer_groups(entries):
+        params = [t for _, t in group if isinstance(t, nn.Parameter)]
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
+        with ctx:
+            full = {n: t.detach().to(device="cpu", dtype=dtype) for n, t in group}
+        yield from to_checkpoint_format(module, full).items()
+
+
+def layer_groups(entries: list[tuple[str, Tensor]]) -> list[tuple[str, list[tuple[str, Tensor]]]]:
+    """Group consecutive (name, tensor) entries by decoder layer (`...layers.N.`); other entries
+    (embeddings, final norm, head) form a group each."""
+    groups: list[tuple[str, list[tuple[str, Tensor]]]] = []
+    for name, t in entries:
+        match = _LAYER.match(name)
+        key = match.group(1) if match else name
+        if groups and groups[-1][0] == key:
+            groups[-1][1].append((name, t))
+        else:
+            groups.append((key, [(name, t)]))
+    return groups
+
+
+def _drain(tensors: Iterator[Any]) -> None:
+    """Take part in the collective gathers of a generator whose tensors another rank writes."""
+    for _ in tensors:
+        pass
+
+
+def export_weights(
+    policy: Any, rank: int, zero3: bool, dtype: torch.dtype, version: int, out_dir: str, bucket_mb: int
+) -> WeightManifest | None:
+    """Write the full policy weights (checkpoint names, `dtype`) as versioned buckets
+    (`slime.weights.write_weights`). Rank 0 writes and returns the manifest, the others None."""
+    from slime.weights import write_weights
+
+    tensors = full_named_tensors(policy, zero3, dtype)
+    if rank == 0:
+        return write_weights(tensors, version, out_dir, bucket_mb, dtype=dtype)
+    if zero3:
+        _drain(tensors)
+    return None
+
+
+def save_checkpoint(
+    policy: Any,
+    critic: Any,
+    *,
+    rank: int,
+    world_size: int,
+    zero3: bool,
+    dtype: torch.dtype,
+    model_dir: str,
+    ckpt_dir: str,
+    client_state: dict[str, int],
+    marker: dict[str, Any],
+) -> str:
+    """DeepSpeed state (policy, and critic when there is one) on every rank, then on rank 0 a
+    transformers export in `<ckpt_dir>/hf` (tokenizer files copied from `model_dir`) and last the
+    completion marker `slime_state.json` with `marker` (step, version, ...). Returns ckpt_dir."""
+    import torch.distributed as dist
+
+    from slime import checkpoint as ck
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    save_rng_state(ckpt_dir, rank)
+    policy.save_checkpoint(ckpt_dir, tag=ck.DS_TAG, client_state=client_state, save_latest=False)
+    if critic is not None:
+        critic.save_checkpoint(
+            os.path.join(ckpt_dir, ck.CRITIC_DIR), tag=ck.DS_TAG, client_state=client_state, save_latest=False
+        )
+    tensors = full_named_tensors(policy, zero3, dtype)
+    if rank == 0:
+        hf_dir = os.path.join(ckpt_dir, ck.HF_DIR)
+        ck.write_hf_checkpoint(tensors, policy.module.config, model_dir, hf_dir, dtype=dtype)
+    elif zero3:
+        _drain(tensors)
+    if world_size > 1:
+        dist.barrier()  # every rank's DeepSpeed files are on disk before the marker says complete
+    if rank == 0:
+        ck.write_state(ckpt_dir, **marker)
+    return ckpt_dir
+
+
+RNG_DIR = "rng"  # <ckpt>/rng/rank<r>.pt: each rank's Python, NumPy and torch RNG states
+
+
+def save_rng_state(ckpt_dir: str, rank: int) -> None:
+    """This rank's random states, so a resumed run draws what the uninterrupted one would have."""
+    import random
+
+    import numpy as np
+
+    os.makedirs(os.path.join(ckpt_dir, RNG_DIR), exist_ok=True)
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(state, os.path.join(ckpt_dir, RNG_DIR, f"rank{rank}.pt"))
+
+
+def load_rng_state(ckpt_dir: str, rank: int) -> bool:
+    """Restore what `save_rng_state` wrote; False for checkpoints written without it (or with fewer ranks)."""
+    import random
+
+    import numpy as np
+
+    path = os.path.join(ckpt_dir, RNG_DIR, f"rank{rank}.pt")
+    if not os.path.exists(path):
+        return False
+    state = torch.load(path, weights_only=False)  # our own file: Python and NumPy states are tuples
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    return True
+
+
+def load_checkpoint(policy: Any, critic: Any, ckpt_dir: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Restore weights and optimizer state of the policy (and critic) from a checkpoint written by
+    `save_checkpoint`, or from the latest complete one under a directory of checkpoints.
+    Returns (the checkpoint's path, its marker, the client state saved with the policy)."""
+    from slime import checkpoint as ck
+
+    path = ck.resolve_checkpoint(ckpt_dir)
+    marker = ck.read_state(path)
+    loaded, client = policy.load_checkpoint(path, tag=ck.DS_TAG)
+    if loaded is None:
+        raise FileNotFoundError(f"{path}: DeepSpeed could not load tag {ck.DS_TAG!r}")
+    if critic is not None:
+        critic.load_checkpoint(os.path.join(path, ck.CRITIC_DIR), tag=ck.DS_TAG)
+    return path, marker, dict(client or {})

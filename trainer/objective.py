@@ -1,0 +1,343 @@
+"""The objective of one train step: rewards, advantages, loss normalisers and the micro-step loss.
+
+Tensors in, tensors out: nothing here builds a model or needs DeepSpeed; collectives go through a
+`trainer.process.Collectives` (identities for one rank), so all of it runs in unit tests
+(tests/test_objective.py). The rank (trainer/worker.py) runs the forwards and the backward.
+
+Decisions:
+
+- Loss normalisation: the loss of one optimizer step is the `algorithm.loss_agg` aggregate over the
+  *global* minibatch (all ranks, all micro-batches). `policy_loss` normalises within a micro-batch,
+  so micro-batch k's loss is weighted by n_k / N (`Normalisers.policy_weight`), where n is the number
+  of loss tokens (token_mean) or of non-empty sequences (seq_mean, seq_sum_norm) and N its
+  all-reduced total over the minibatch; the rank further multiplies by the world size because
+  DeepSpeed averages gradients over data-parallel ranks. The seq_sum_norm constant is
+  `max_response_len` when given, else the longest predicted length of the global batch.
+- Proximal logprobs: recomputed with the current weights before the first update when more than one
+  optimizer step uses a batch (ppo_epochs * num_minibatches > 1) or when the KL penalty goes into the
+  reward (`needs_proximal`); otherwise they equal the detached logprobs of the training forward itself
+  (same weights), which saves one forward pass per step.
+- Advantages of sequence-level estimators are computed from the rewards of the *global* batch
+  (all-gathered), so batch statistics (REINFORCE++) do not depend on the number of ranks.
+- KL to the reference: kl_mode=loss adds kl_coef * aggregate(KL) to the loss; kl_mode=reward subtracts
+  kl_coef * KL(proximal || reference) from the rewards (summed over a sequence's tokens for
+  sequence-level estimators, per token for GAE).
+- Critic (advantage=gae): the outcome reward sits on each sequence's last generated token; advantages
+  are whitened over the global batch (`whiten` with all-reduced `Moments`) when
+  algorithm.normalize_adv_std.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from slime.config import AlgorithmConfig
+from slime.types import Group
+from trainer.advantages import (
+    Moments,
+    broadcast_to_tokens,
+    gae,
+    overlong_shaping,
+    sequence_advantages,
+    whiten,
+)
+from trainer.batching import MicroBatch, SeqRef
+from trainer.losses import (
+    aggregate,
+    entropy_from_logits,
+    kl_estimate,
+    policy_loss,
+    token_logprobs_from_logits,
+)
+from trainer.process import Collectives
+from trainer.step_metrics import StepMetrics
+
+
+@dataclass
+class Scored:
+    """One micro-batch and what scoring and the advantage computation attach to it.
+    All per-token tensors are [B, T] (T = L-1-start, see trainer.batching) on the model's device."""
+
+    mb: MicroBatch
+    prox: Tensor | None = None  # proximal logprobs (None: take them from the training forward)
+    ref: Tensor | None = None  # reference-model logprobs
+    old_values: Tensor | None = None  # critic values before the update
+    adv: Tensor | None = None  # per-token advantages
+    returns: Tensor | None = None  # value targets (GAE)
+
+
+# Minibatches (one optimizer step each) of micro-batches (one forward/backward each).
+Plan = list[list[Scored]]
+
+
+def needs_proximal(algo: AlgorithmConfig) -> bool:
+    """Whether proximal logprobs must be scored before the first update (see the module docstring)."""
+    updates = algo.ppo_epochs * algo.num_minibatches
+    return updates > 1 or (algo.kl_coef > 0 and algo.kl_mode == "reward")
+
+
+def units(mb: MicroBatch, loss_agg: str) -> float:
+    """This micro-batch's count of the aggregation's units: loss tokens (token_mean) or sequences
+    with at least one loss token (seq_mean, seq_sum_norm); 0 for a dummy."""
+    if mb.dummy:
+        return 0.0
+    if loss_agg == "token_mean":
+        return float(mb.num_loss_tokens)
+    return float((mb.loss_mask.sum(dim=-1) > 0).sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards and advantages
+# --------------------------------------------------------------------------------------------------
+
+
+def shaped_rewards(refs: list[SeqRef], plan: Plan, algo: AlgorithmConfig, max_response_len: int) -> Tensor:
+    """Per-sequence rewards [N_local] after DAPO overlong shaping and, for sequence-level estimators
+    with kl_mode=reward, the summed per-token KL penalty (needs `prox` and `ref` scored)."""
+    rewards = torch.tensor([r.traj.reward for r in refs], dtype=torch.float32)
+    if algo.overlong_buffer > 0:
+        lengths = torch.tensor([r.traj.num_generated for r in refs], dtype=torch.int64)
+        rewards = rewards + overlong_shaping(
+            lengths, max_response_len, algo.overlong_buffer, algo.overlong_penalty
+        )
+    if algo.kl_coef > 0 and algo.kl_mode == "reward" and algo.advantage != "gae":
+        for w in (w for mini in plan for w in mini if not w.mb.dummy):
+            kl = kl_estimate(w.prox, w.ref, algo.kl_estimator) * w.mb.loss_mask  # [B, T]
+            rewards[w.mb.seq_index] -= algo.kl_coef * kl.sum(dim=-1).cpu()
+    return rewards
+
+
+def global_sequence_advantages(
+    group_sizes: list[int], rewards: Tensor, algo: AlgorithmConfig, comm: Collectives
+) -> Tensor:
+    """Advantages [N_local] of this rank's sequences, computed from the rewards of the *global*
+    batch (every rank's groups, all-gathered), so batch-level normalisation (REINFORCE++) is the same
+    for any number of ranks. `rewards` [N_local] are this rank's, group by group (`group_sizes`).
+    Groups of unequal size are computed per size (a batch statistic such as REINFORCE++'s std is then
+    per size bucket)."""
+    bounds = [sum(group_sizes[:i]) for i in range(len(group_sizes) + 1)]
+    local = [rewards[bounds[i] : bounds[i + 1]].tolist() for i in range(len(group_sizes))]
+    gathered = comm.all_gather_object(local)
+    all_groups = [g for rank_groups in gathered for g in rank_groups]
+    offset = sum(len(rank_groups) for rank_groups in gathered[: comm.rank])
+    adv_groups: list[Tensor | None] = [None] * len(all_groups)
+    by_size: dict[int, list[int]] = {}
+    for i, g in enumerate(all_groups):
+        by_size.setdefault(len(g), []).append(i)
+    for idx in by_size.values():
+        adv = sequence_advantages(torch.tensor([all_groups[i] for i in idx], dtype=torch.float32), algo)
+        for row, i in enumerate(idx):
+            adv_groups[i] = adv[row]
+    mine = adv_groups[offset : offset + len(group_sizes)]
+    return torch.cat([a for a in mine if a is not None]) if mine else torch.zeros(0)
+
+
+def assign_sequence_advantages(
+    plan: Plan, groups: list[Group], rewards: Tensor, algo: AlgorithmConfig, comm: Collectives
+) -> None:
+    """Sequence-level estimators: every generated token gets its sequence's advantage (`w.adv`)."""
+    seq_adv = global_sequence_advantages([len(g.trajectories) for g in groups], rewards, algo, comm)
+    for w in (w for mini in plan for w in mini):
+        w.adv = broadcast_to_tokens(seq_adv[w.mb.seq_index].to(w.mb.loss_mask.device), w.mb.loss_mask)
+
+
+def token_rewards(w: Scored, rewards: Tensor, algo: AlgorithmConfig) -> Tensor:
+    """[B, T] per-token rewards for GAE: each sequence's outcome reward on its last generated token,
+    minus kl_coef * KL(proximal || reference) per token with kl_mode=reward."""
+    mask = w.mb.loss_mask
+    out = torch.zeros_like(mask)  # [B, T]
+    if not w.mb.dummy:
+        pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask > 0, pos, -1).amax(dim=1)  # [B]
+        has = last >= 0
+        seq_r = rewards[w.mb.seq_index].to(mask.device)
+        out[has.nonzero().squeeze(-1), last[has]] = seq_r[has]
+    if algo.kl_coef > 0 and algo.kl_mode == "reward":
+        out = out - algo.kl_coef * kl_estimate(w.prox, w.ref, algo.kl_estimator) * mask
+    return out
+
+
+def assign_gae_advantages(plan: Plan, rewards: Tensor, algo: AlgorithmConfig, comm: Collectives) -> None:
+    """Token-level advantages and returns from the critic's `old_values` (`w.adv`, `w.returns`);
+    with `normalize_adv_std` the advantages are whitened over the generated tokens of the global
+    batch."""
+    works = [w for mini in plan for w in mini]
+    local = Moments()
+    for w in works:
+        w.adv, w.returns = gae(
+            token_rewards(w, rewards, algo), w.old_values, w.mb.loss_mask, algo.gamma, algo.lam
+        )
+        local = local + Moments.of(w.adv, w.mb.loss_mask)
+    if not algo.normalize_adv_std:
+        return
+    batch = Moments(*comm.all_reduce([local.count, local.total, local.total_sq]))
+    for w in works:
+        w.adv = whiten(w.adv, w.mb.loss_mask, moments=batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepCounts:
+    """Sums over one rank's batch that the step needs over all ranks; `all_reduce` sums every field
+    over the ranks in one collective."""
+
+    units: list[float]  # per minibatch: aggregation units (see `units`)
+    loss_tokens: list[float]  # per minibatch: loss tokens
+    adv: Moments  # advantages over loss tokens (for the adv/mean and adv/std metrics)
+    tokens: float  # real tokens, prompts included
+    sequences: float  # sequences (dummies excluded)
+
+    @staticmethod
+    def of(plan: Plan, loss_agg: str) -> StepCounts:
+        works = [w for mini in plan for w in mini]
+        adv = Moments()
+        for w in works:
+            adv = adv + Moments.of(w.adv, w.mb.loss_mask)
+        return StepCounts(
+            units=[sum(units(w.mb, loss_agg) for w in mini) for mini in plan],
+            loss_tokens=[sum(float(w.mb.num_loss_tokens) for w in mini) for mini in plan],
+            adv=adv,
+            tokens=sum(float(w.mb.num_tokens) for w in works),
+            sequences=sum(0.0 if w.mb.dummy else float(w.mb.input_ids.shape[0]) for w in works),
+        )
+
+    def all_reduce(self, comm: Collectives) -> StepCounts:
+        n = len(self.units)
+        adv = [self.adv.count, self.adv.total, self.adv.total_sq]
+        summed = iter(comm.all_reduce([*self.units, *self.loss_tokens, *adv, self.tokens, self.sequences]))
+
+        def take(k: int) -> list[float]:
+            return [next(summed) for _ in range(k)]
+
+        return StepCounts(
+            units=take(n), loss_tokens=take(n), adv=Moments(*take(3)), tokens=take(1)[0], sequences=take(1)[0]
+        )
+
+
+@dataclass
+class Normalisers:
+    """What turns a micro-batch's own loss into its share of its minibatch's global loss."""
+
+    units: list[float]  # per minibatch: aggregation units over all ranks
+    loss_tokens: list[float]  # per minibatch: loss tokens over all ranks (the value loss's token mean)
+    loss_norm: float  # the seq_sum_norm constant
+
+    def policy_weight(self, minibatch: int, mb: MicroBatch, loss_agg: str) -> float:
+        """n_k / N for the policy loss (see the module docstring)."""
+        return units(mb, loss_agg) / max(self.units[minibatch], 1.0)
+
+    def value_weight(self, minibatch: int, mb: MicroBatch) -> float:
+        """The micro-batch's share of its minibatch's loss tokens (the value loss is a token mean)."""
+        return float(mb.num_loss_tokens) / max(self.loss_tokens[minibatch], 1.0)
+
+
+def normalisers(counts: StepCounts, plan: Plan, max_response_len: int, comm: Collectives) -> Normalisers:
+    """Normalisers from the global `counts`; without `max_response_len` the seq_sum_norm constant is
+    the widest untrimmed predicted length of the global batch (a collective)."""
+    if max_response_len:
+        loss_norm = float(max_response_len)
+    else:
+        widest = max(w.mb.input_ids.shape[1] - 1 for mini in plan for w in mini)
+        loss_norm = comm.all_reduce([float(widest)], "max")[0]
+    return Normalisers(units=counts.units, loss_tokens=counts.loss_tokens, loss_norm=loss_norm)
+
+
+# --------------------------------------------------------------------------------------------------
+# The micro-step loss
+# --------------------------------------------------------------------------------------------------
+
+_MEAN_KEYS = (
+    "clip_frac",
+    "clip_frac/low",
+    "clip_frac/high",
+    "is_ratio/mean",
+    "policy_ratio/mean",
+    "is_weight/mean",
+    "is_truncated_frac",
+    "masked_frac",
+    "approx_kl",
+)
+
+
+def micro_step_loss(
+    logits: Tensor,
+    w: Scored,
+    algo: AlgorithmConfig,
+    temperature: float,
+    loss_norm: float,
+    weight: float,
+    m: StepMetrics,
+) -> tuple[Tensor, Tensor]:
+    """The policy objective of one micro-batch from its logits [B, T, V].
+
+    Returns (total, policy): `total` is what to backpropagate before weighting (policy loss, minus
+    the entropy bonus, plus the KL loss with kl_mode=loss), `policy` the policy loss alone (detached),
+    both normalised within the micro-batch. `weight` is the micro-batch's share of the minibatch
+    (`Normalisers.policy_weight`), used for the reported KL loss. Without proximal logprobs
+    (`w.prox` None) the detached logprobs of this forward become them. Records the metrics in `m`.
+    """
+    mb = w.mb
+    n_tok = float(mb.num_loss_tokens)
+    lp = token_logprobs_from_logits(logits, mb.targets, temperature)  # [B, T] float32
+    if w.prox is None:
+        # Single update per batch: the proximal policy is the current one (same weights).
+        w.prox = lp.detach()
+        m.mean("mismatch/logprob_abs", masked_abs_mean(mb.behavior_logprobs, w.prox, mb.loss_mask), n_tok)
+    loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm)
+    total = loss
+    if algo.entropy_coef > 0:
+        ent = entropy_from_logits(logits, temperature)  # [B, T], with grad for the bonus
+        total = total - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.loss_agg, loss_norm)
+    else:
+        with torch.no_grad():
+            ent = entropy_from_logits(logits.detach(), temperature)
+    if w.ref is not None:
+        kl_tok = kl_estimate(lp, w.ref, algo.kl_estimator)  # [B, T]
+        if algo.kl_mode == "loss":
+            kl_loss = aggregate(kl_tok, mb.loss_mask, algo.loss_agg, loss_norm)
+            total = total + algo.kl_coef * kl_loss
+            # Weighted by the micro-batch's share: the reduced mean is the global KL loss per step.
+            m.mean("loss/kl", float(kl_loss.detach()), weight)
+        m.mean("kl", masked_mean(kl_tok, mb.loss_mask), n_tok)
+    m.mean("entropy", masked_mean(ent, mb.loss_mask), n_tok)
+    for key in _MEAN_KEYS:
+        m.mean(key, float(pm[key]), n_tok)
+    # Always recorded (the reduce needs the same keys on every rank); a micro-batch without loss
+    # tokens contributes the neutral element.
+    for key in ("is_ratio/max", "policy_ratio/max"):
+        m.max(key, float(pm[key]) if n_tok > 0 else -math.inf)
+    for key in ("is_ratio/min", "policy_ratio/min"):
+        m.min(key, float(pm[key]) if n_tok > 0 else math.inf)
+    return total, loss.detach()
+
+
+def value_step_loss(values: Tensor, w: Scored, algo: AlgorithmConfig, m: StepMetrics) -> Tensor:
+    """The critic's clipped value loss of one micro-batch from its values [B, T] (token mean within
+    the micro-batch; weight it with `Normalisers.value_weight`). Records the metrics in `m`."""
+    from trainer.losses import value_loss
+
+    n_tok = float(w.mb.num_loss_tokens)
+    vl = value_loss(values, w.old_values, w.returns, w.mb.loss_mask, algo.value_clip)
+    m.mean("loss/value", float(vl.detach()), n_tok)
+    m.mean("value/mean", masked_mean(values, w.mb.loss_mask), n_tok)
+    return vl
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> float:
+    """Mean of x over mask != 0 (0.0 when empty), detached, as a Python float."""
+    m = mask != 0
+    return float(torch.where(m, x.detach().float(), 0.0).sum() / m.sum().clamp(min=1))
+
+
+def masked_abs_mean(a: Tensor, b: Tensor, mask: Tensor) -> float:
+    """Mean |a - b| over mask != 0 (0.0 when empty)."""
+    m = mask != 0
+    return float(torch.where(m, (a.float() - b.float()).abs(), 0.0).sum() / m.sum().clamp(min=1))
