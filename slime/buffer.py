@@ -49,10 +49,13 @@ class ReplayBuffer:
         self.closed = False
         self.failure: str | None = None  # set when episodes keep failing: the run cannot make progress
         self._failed_in_a_row = 0
+        self._zero_variance_since_batch = 0  # dynamic-sampling drops since the last batch left
+        self._kept_zero_variance = 0  # groups kept past the cap (on_gen_cap=train), since last stats()
         self._groups: list[Group] = []
+        self._outstanding: dict[int, int] = {}  # ticket -> worker, admitted and not yet put
+        self._reissue: list[int] = []  # tickets to hand out again, oldest first
         self._cond = asyncio.Condition()
         self._dropped: collections.Counter[str] = collections.Counter()  # since last stats()
-        self._dropped_total: collections.Counter[str] = collections.Counter()
         self._failed_episodes = 0
         self._failure_reasons: collections.Counter[str] = collections.Counter()
         self._episodes = 0
@@ -65,15 +68,33 @@ class ReplayBuffer:
     def _window(self) -> int:
         return (self.version + self.cfg.max_staleness + 1) * self.batch_groups + self.refunded
 
-    async def acquire(self) -> tuple[int, int] | None:
-        """Wait for an admission ticket; returns (ticket, version at admission), or None once closed."""
+    async def acquire(self, worker: int = 0) -> tuple[int, int] | None:
+        """Wait for an admission ticket; returns (ticket, version at admission), or None once closed.
+
+        Tickets whose groups were lost in flight (a dead worker, a resumed run) are handed out again
+        first, under their old numbers, so every ticket's task is generated and trained once.
+        """
         async with self._cond:
-            await self._cond.wait_for(lambda: self.closed or self.issued < self._window())
+            await self._cond.wait_for(lambda: self.closed or self._reissue or self.issued < self._window())
             if self.closed:
                 return None
-            ticket = self.issued
-            self.issued += 1
+            if self._reissue:
+                ticket = self._reissue.pop(0)
+            else:
+                ticket = self.issued
+                self.issued += 1
+            self._outstanding[ticket] = worker
             return ticket, self.version
+
+    async def requeue(self, worker: int) -> list[int]:
+        """`worker` died: its tickets in flight go back to the queue; returns them."""
+        async with self._cond:
+            lost = sorted(t for t, w in self._outstanding.items() if w == worker)
+            for t in lost:
+                del self._outstanding[t]
+            self._reissue = sorted(self._reissue + lost)
+            self._cond.notify_all()
+            return lost
 
     async def set_version(self, version: int) -> None:
         """The engines now serve `version`: widen the admission window."""
@@ -89,12 +110,12 @@ class ReplayBuffer:
     # -- data in -------------------------------------------------------------------------------------
     def _drop(self, reason: str, n: int = 1) -> None:
         self._dropped[reason] += n
-        self._dropped_total[reason] += n
         self.refunded += n
 
     async def put(self, group: Group) -> bool:
         """Accept a finished group; returns False when it was dropped (the ticket is refunded)."""
         async with self._cond:
+            self._outstanding.pop(group.ticket, None)
             self._episodes += len(group.trajectories)
             failed = [t for t in group.trajectories if t.status == Status.FAILED]
             self._failed_episodes += len(failed)
@@ -113,8 +134,9 @@ class ReplayBuffer:
                         f"{self._failed_in_a_row} groups in a row lost their episodes to env failures "
                         f"(check env.name / env.kwargs / the environment code): {reasons}"
                     )
-            elif self.drop_zero_variance and len(set(group.rewards)) <= 1:
+            elif self.drop_zero_variance and len(set(group.rewards)) <= 1 and not self._gen_cap_reached():
                 self._drop("zero_variance")
+                self._zero_variance_since_batch += 1
             else:
                 if len(self._groups) >= self.cfg.max_groups:
                     self._groups.pop(0)
@@ -128,6 +150,27 @@ class ReplayBuffer:
                 return True
             self._cond.notify_all()
             return False
+
+    def _gen_cap_reached(self) -> bool:
+        """DAPO's cap on generation batches: dynamic sampling refunds every group whose rewards are
+        all equal, which on a too-hard (or too-easy) task would generate forever without a step.
+        After `max_gen_batches` batches' worth of such drops since the last batch, either keep
+        those groups (`on_gen_cap=train`) or end the run with the reason (`on_gen_cap=stop`)."""
+        cap = self.cfg.max_gen_batches
+        if not cap or self._zero_variance_since_batch < cap * self.batch_groups:
+            return False
+        if self.cfg.on_gen_cap == "train":
+            self._kept_zero_variance += 1
+            return True
+        if self.failure is None:
+            self.failure = (
+                f"dynamic sampling dropped {self._zero_variance_since_batch} groups in a row whose rewards "
+                f"were all equal ({cap} batches' worth, buffer.max_gen_batches) without filling a batch: "
+                "the task is too hard or too easy for the policy. Set algorithm.dynamic_sampling=false, "
+                "buffer.on_gen_cap=train, or a larger buffer.max_gen_batches"
+            )
+            self._cond.notify_all()
+        return False
 
     # -- data out ------------------------------------------------------------------------------------
     def _drop_stale(self, version: int) -> None:
@@ -155,6 +198,7 @@ class ReplayBuffer:
                 raise RuntimeError("replay buffer closed before a full batch was ready")
             self._groups.sort(key=lambda g: g.ticket)
             batch, self._groups = self._groups[:n], self._groups[n:]
+            self._zero_variance_since_batch = 0
             # Dropping stale groups refunded tickets: let workers start replacements.
             self._cond.notify_all()
         return batch, time.perf_counter() - t0
@@ -169,15 +213,36 @@ class ReplayBuffer:
         }
         for reason in ("stale", "zero_variance", "failed", "overflow"):
             out[f"buffer/dropped_{reason}"] = self._dropped.get(reason, 0)
+        out["buffer/kept_zero_variance"] = self._kept_zero_variance
         out["episode/failure_reasons"] = dict(self._failure_reasons)
+        self._kept_zero_variance = 0
         self._dropped.clear()
         self._failed_episodes = 0
         self._episodes = 0
         self._failure_reasons.clear()
         return out
 
-    def totals(self) -> dict[str, int]:
-        return dict(self._dropped_total)
+    # -- resume ---------------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue the ticket sequence exactly: the counters, the
+        accepted groups not yet trained, and the tickets still in flight (to be generated again)."""
+        return {
+            "version": self.version,
+            "issued": self.issued,
+            "refunded": self.refunded,
+            "reissue": sorted([*self._reissue, *self._outstanding]),
+            "groups": [g.to_dict() for g in self._groups],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `snapshot()`'s state (call before any worker acquires)."""
+        if self.issued or self._groups:
+            raise RuntimeError("ReplayBuffer.restore() must run before the buffer is used")
+        self.version = int(state["version"])
+        self.issued = int(state["issued"])
+        self.refunded = int(state["refunded"])
+        self._reissue = sorted(int(t) for t in state["reissue"])
+        self._groups = [Group.from_dict(d) for d in state["groups"]]
 
     def shutdown(self) -> None:
         if self._record is not None:

@@ -1,43 +1,78 @@
-"""The controller: the asynchronous RL loop, top to bottom.
+"""The controller: the asynchronous RL loop, top to bottom (docs/architecture.md follows one batch).
 
-    RolloutWorker x N (Ray actors, one vLLM engine each, max_concurrent_groups loops)
+    RolloutWorker x N (rollout/worker.py; Ray actors supervised by slime/fleet.py; one vLLM engine
+        |              each, rollout/engine.py; max_concurrent_groups episode loops, rollout/episode.py)
         |  acquire() ticket  (blocks: admission window = (version + max_staleness + 1) * B + refunds)
-        |  run group_size episodes of task[ticket]
+        |  run group_size episodes of task[ticket]  (envs/: the environment contract and built-ins)
         v  put(group)
-    ReplayBuffer (Ray actor, asyncio)  -- drops stale / failed / zero-variance groups, refunds tickets
+    ReplayBuffer (slime/buffer.py, Ray actor)  -- drops stale / failed / zero-variance groups, refunds
         |  get_batch(B, version)  (blocks until B fresh groups: the trainer's only wait)
         v
     Controller (this module, driver process)
-        |  train_step(batch, version)  -> TrainerGroup (DeepSpeed ranks, Ray actors)
+        |  train_step(batch, version)  -> TrainerRanks (trainer/ranks.py -> trainer/worker.py per rank)
         |  version += 1
-        |  export_weights(version) -> bucketed safetensors manifest
-        |  update_weights(manifest) on every worker (engines pause between decoding steps, reload,
+        |  export_weights(version) -> bucketed safetensors manifest (trainer/export.py, slime/weights.py)
+        |  update_weights(manifest) on every live worker (engines pause between decoding steps, reload,
         |      resume: in-flight episodes keep going, later tokens carry the new version)
-        v  set_version(version) on the buffer -> widens the admission window by B
+        |  set_version(version) on the buffer -> widens the admission window by B
+        v  step_row -> metrics.jsonl + wandb (slime/metrics.py); checkpoint every save_every steps
 
 Back-pressure: rollout can run at most max_staleness + 1 batches ahead of the trainer (admission),
 the buffer holds at most buffer.max_groups groups, and the trainer waits only in get_batch.
 max_staleness=0 gives the synchronous baseline: generate one batch, train, push, repeat.
 
-Supervision: every await on the trainer or buffer races the workers' `run` futures, so a worker that
-dies (engine crash, bug) ends the run with its traceback instead of a silent hang.
+Supervision: every await on the trainer or buffer races the fleet's failure future. A worker or
+engine that dies is restarted by the fleet (its tickets in flight are issued again), up to
+rollout.max_restarts; past that the run ends with the worker's last error.
+
+Stopping: SIGINT/SIGTERM end the loop at the next safe point (trainer.on_stop: finish the step in
+progress, or abandon it), publish a checkpoint and exit within trainer.stop_timeout_s; a second
+signal exits at once. Checkpoints are written under a temporary name and renamed into place, so the
+last published one is always complete; `resume=auto` continues from it exactly (trainer state,
+buffer tickets and untrained groups, wandb run, metrics.jsonl without repeated steps).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from slime.config import SlimeConfig
-from slime.metrics import MetricsLogger, batch_metrics
+from slime.fleet import RolloutFleet
+from slime.metrics import MetricsLogger, StepTimes, step_row, truncate_from_step
 from slime.types import Group
 
 log = logging.getLogger("slime")
+
+CKPT_PREFIX = "step_"
+CONTROLLER_STATE = "controller_state.json"  # buffer tickets and groups, wandb run id
+PARTIAL_SUFFIX = ".partial"
+TRAINED_LOG = "trained.jsonl"  # under <run_dir>/buffer/: the tickets and tasks of every step's batch  # a checkpoint being written; renamed to its final name once complete
+
+
+class Stopped(Exception):
+    """The run stopped on a signal; `checkpoint` is the last complete checkpoint (None if there is none)."""
+
+    def __init__(self, signal_name: str, steps_done: int, checkpoint: str | None) -> None:
+        self.signal_name = signal_name
+        self.steps_done = steps_done
+        self.checkpoint = checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint was written"
+        super().__init__(f"stopped by {signal_name} after {steps_done} steps; {where}")
+
+
+class _StopNow(Exception):
+    """Raised inside the loop when a stop request interrupts a wait."""
 
 
 def _ray_env(threads: int) -> dict[str, str]:
@@ -62,8 +97,20 @@ class Controller:
         self.config_dict = config_dict
         self.version = 0
         self.start_step = 0
-        self.workers: list[Any] = []
-        self.run_refs: list[Any] = []
+        self.fleet: RolloutFleet | None = None  # None when replaying recorded groups
+        self._tokenizer: Any = None  # loaded on the first sample log
+        self._t_last = 0.0  # when the previous step ended (perf_counter)
+        self.steps_done = 0  # optimizer steps completed, counting those before a resume
+        self.last_checkpoint: str | None = None
+        self.stop_signal: str | None = None
+        self._resume_state: dict[str, Any] = {}  # the checkpoint's controller state on resume
+        self._logger: MetricsLogger | None = None
+        self._stop = asyncio.Event()
+
+    def request_stop(self, signal_name: str) -> None:
+        """Stop admitting work, end the loop at the next safe point and checkpoint (see `run`)."""
+        self.stop_signal = signal_name
+        self._stop.set()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start_ray(self) -> None:
@@ -81,9 +128,10 @@ class Controller:
     async def setup(self) -> None:
         import ray
 
-        from rollout.worker import RolloutWorker
         from slime.buffer import ReplayBuffer
-        from trainer.group import TrainerGroup
+        from slime.fleet import RolloutFleet
+        from trainer.ranks import TrainerRanks
+        from trainer.worker import TrainerSpec
 
         cfg = self.cfg
         self.buffer = (
@@ -100,44 +148,32 @@ class Controller:
         max_response = min(
             cfg.rollout.max_turns * cfg.rollout.max_tokens_per_turn, cfg.rollout.max_total_tokens
         )
-        self.trainer = TrainerGroup(
-            self.model_dir,
-            cfg.model,
-            cfg.trainer,
-            cfg.algorithm,
-            cfg.seed,
-            max_response_len=max_response,
-            temperature=cfg.rollout.temperature,
+        self.trainer = TrainerRanks(
+            TrainerSpec(
+                self.model_dir,
+                cfg.model,
+                cfg.trainer,
+                cfg.algorithm,
+                cfg.seed,
+                max_response_len=max_response,
+                temperature=cfg.rollout.temperature,
+            )
         )
         if not cfg.buffer.replay_path:
-            worker_cls = ray.remote(RolloutWorker).options(
-                num_cpus=cfg.rollout.num_cpus_per_worker,
-                num_gpus=cfg.rollout.gpus_per_worker,
-                max_concurrency=1000,
-                runtime_env={"env_vars": _ray_env(cfg.rollout.threads_per_worker)},
-            )
-            self.workers = [
-                worker_cls.remote(
-                    i,
-                    self.model_dir,
-                    cfg.model,
-                    cfg.rollout,
-                    cfg.env,
-                    cfg.seed,
-                    os.path.join(cfg.run_dir, "rollout", f"worker{i}"),
-                )
-                for i in range(cfg.rollout.num_workers)
-            ]
+            self.fleet = RolloutFleet(cfg, self.model_dir, _ray_env(cfg.rollout.threads_per_worker))
         t0 = time.perf_counter()
-        starts = await asyncio.gather(self.trainer.setup(), *(w.start.remote() for w in self.workers))
-        log.info(
-            "started trainer and %d rollout workers in %.1fs: %s",
-            len(self.workers),
-            time.perf_counter() - t0,
-            starts[1:],
+        _, starts = await asyncio.gather(
+            self.trainer.setup(), self.fleet.start() if self.fleet else _nothing()
         )
+        log.info("started the trainer and rollout workers in %.1fs: %s", time.perf_counter() - t0, starts)
         if cfg.resume:
             self.start_step, self.version = await self.trainer.load_checkpoint(cfg.resume)
+            self.steps_done = self.start_step
+            self._resume_state = read_controller_state(cfg.resume)
+            if self._resume_state:
+                await self.buffer.restore.remote(self._resume_state["buffer"])
+            else:
+                log.warning("resume=%s has no %s: tickets start again at 0", cfg.resume, CONTROLLER_STATE)
             await self._push_weights()  # engines started from the base model: bring them up to date
             await self.buffer.set_version.remote(self.version)
 
@@ -146,38 +182,37 @@ class Controller:
 
         try:
             await self.buffer.close.remote()
-            await asyncio.gather(*(w.stop.remote() for w in self.workers), return_exceptions=True)
+            if self.fleet is not None:
+                await self.fleet.stop()
             await self.buffer.shutdown.remote()
         finally:
             self.trainer.shutdown()
-            for w in self.workers:
-                ray.kill(w)
+            ray.kill(self.buffer)
             shutil.rmtree(self._weights_dir(), ignore_errors=True)  # /dev/shm is RAM: leave nothing behind
 
     # -- supervision -----------------------------------------------------------------------------
-    async def _supervised(self, awaitable: Any) -> Any:
-        """Await `awaitable`, but fail fast if any rollout worker's run loop ends."""
+    async def _supervised(self, awaitable: Any, interruptible: bool = False) -> Any:
+        """Await `awaitable`, but fail fast once the fleet gives up on a worker (its error is raised).
+
+        With `interruptible`, a stop request (signal) abandons the wait and raises `_StopNow`.
+        """
         task = asyncio.ensure_future(awaitable)
-        if not self.run_refs:
+        watch: list[asyncio.Future] = []
+        if self.fleet is not None:
+            watch.append(self.fleet.failure)
+        if interruptible:
+            watch.append(asyncio.ensure_future(self._stop.wait()))
+        if not watch:
             return await task
-        watch = [asyncio.ensure_future(self._watch(i, ref)) for i, ref in enumerate(self.run_refs)]
         done, _ = await asyncio.wait([task, *watch], return_when=asyncio.FIRST_COMPLETED)
-        for w in watch:
-            w.cancel()
+        if interruptible:
+            watch[-1].cancel()
         if task in done:
             return task.result()
         task.cancel()
-        for w in done:
-            w.result()  # raises the worker's error
-        raise RuntimeError("a rollout worker stopped unexpectedly")
-
-    @staticmethod
-    async def _watch(index: int, ref: Any) -> None:
-        try:
-            await ref
-        except Exception as e:
-            raise RuntimeError(f"rollout worker {index} failed: {e}") from e
-        raise RuntimeError(f"rollout worker {index} stopped before the run ended")
+        if self.fleet is not None and self.fleet.failure.done():
+            self.fleet.failure.result()  # raises the worker's error
+        raise _StopNow
 
     # -- the loop --------------------------------------------------------------------------------
     async def _push_weights(self) -> tuple[float, dict[str, float]]:
@@ -186,10 +221,10 @@ class Controller:
             self.version, self._weights_dir(), self.cfg.trainer.weight_bucket_mb
         )
         export_s = time.perf_counter() - t0
-        load = await asyncio.gather(*(w.update_weights.remote(manifest) for w in self.workers))
+        load_s = await self.fleet.update_weights(manifest) if self.fleet else 0.0
         return time.perf_counter() - t0, {
             "time/export_s": export_s,
-            "time/engine_load_s": max(load, default=0.0),
+            "time/engine_load_s": load_s,
             "sync/bytes": float(manifest.num_bytes),
         }
 
@@ -202,70 +237,153 @@ class Controller:
         if replay is not None:
             start = (step * b) % len(replay)
             return [replay[(start + i) % len(replay)] for i in range(b)], 0.0
-        return await self._supervised(self.buffer.get_batch.remote(b, self.version))
+        return await self._supervised(self.buffer.get_batch.remote(b, self.version), interruptible=True)
+
+    async def _train(self, groups: list[Group]) -> tuple[dict[str, float], float]:
+        """One optimizer step on `groups`; the policy version moves on by one."""
+        t0 = time.perf_counter()
+        abandon = self.cfg.trainer.on_stop == "abandon"  # a signal may cut the step short
+        metrics = await self._supervised(self.trainer.train_step(groups, self.version), interruptible=abandon)
+        self.version += 1
+        return metrics, time.perf_counter() - t0
+
+    async def _publish(self) -> tuple[float, dict[str, float]]:
+        """Push the new weights to every engine, then let the buffer admit the next version's work."""
+        sync_s, sync_info = await self._supervised(self._push_weights())
+        await self.buffer.set_version.remote(self.version)
+        return sync_s, sync_info
+
+    async def _rollout_tokens(self) -> int:
+        return await self.fleet.tokens() if self.fleet else 0
+
+    async def _buffer_stats(self, replaying: bool) -> dict[str, Any]:
+        return {} if replaying else await self.buffer.stats.remote()
+
+    def _log_trained(self, step: int, groups: list[Group]) -> None:
+        """buffer/trained.jsonl: which tickets and tasks each step trained on, in batch order."""
+        row = {"step": step, "version": self.version - 1, "tickets": [g.ticket for g in groups]}
+        row["tasks"] = [g.task.id for g in groups]
+        self._trained_log.write(json.dumps(row) + "\n")
+        self._trained_log.flush()
+
+    def _log_samples(self, logger: MetricsLogger, step: int, groups: list[Group]) -> None:
+        every = self.cfg.logger.sample_every
+        if not every or step % every:
+            return
+        if self._tokenizer is None:
+            from slime.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_dir)
+        logger.log_samples(step, groups, self._tokenizer.decode)
+
+    async def _maybe_checkpoint(self, step: int) -> None:
+        done = step + 1
+        every = self.cfg.trainer.save_every
+        if done == self.cfg.trainer.steps or (every and done % every == 0):
+            await self._checkpoint(done)
+
+    async def _checkpoint(self, steps_done: int) -> str:
+        """Write a checkpoint under a temporary name, then publish it with one atomic rename.
+
+        A kill at any moment leaves either no `step_N` or a complete one, so the previous checkpoint
+        stays the latest loadable; `trainer.keep_checkpoints` bounds how many are kept.
+        """
+        root = os.path.join(self.cfg.run_dir, "checkpoints")
+        final = os.path.join(root, f"{CKPT_PREFIX}{steps_done:06d}")
+        if self.last_checkpoint == final:
+            return final  # this step's checkpoint is already written
+        partial = final + PARTIAL_SUFFIX
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-write
+        await self._supervised(self.trainer.save_checkpoint(partial, steps_done, self.version))
+        state = {
+            "buffer": await self.buffer.snapshot.remote(),
+            "wandb_run_id": self._logger.wandb_run_id if self._logger else None,
+        }
+        with open(os.path.join(partial, CONTROLLER_STATE), "w", encoding="utf-8") as f:
+            json.dump(state, f)
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same name
+        os.rename(partial, final)
+        self.last_checkpoint = final
+        prune_checkpoints(root, self.cfg.trainer.keep_checkpoints)
+        return final
 
     async def run(self) -> list[dict[str, Any]]:
-        """Run the configured number of steps; returns the logged metric rows."""
+        """Run the configured number of steps; returns the logged metric rows.
+
+        Raises `Stopped` after a signal: the loop ends at the next wait (or, with
+        `trainer.on_stop=finish`, after the step in progress), a checkpoint is published, and
+        the caller tears the actors down.
+        """
         cfg = self.cfg
         replay = None
         if cfg.buffer.replay_path:
             from slime.buffer import load_recorded_groups
 
             replay = load_recorded_groups(cfg.buffer.replay_path)
-        logger = MetricsLogger(cfg.run_dir, cfg.logger, self.config_dict, cfg.trainer.steps)
-        tokenizer = None
+        logger = MetricsLogger(
+            cfg.run_dir,
+            cfg.logger,
+            self.config_dict,
+            cfg.trainer.steps,
+            resume_step=self.start_step if cfg.resume else None,
+            wandb_run_id=self._resume_state.get("wandb_run_id"),
+        )
+        self._logger = logger
+        trained_path = os.path.join(cfg.run_dir, "buffer", TRAINED_LOG)
+        os.makedirs(os.path.dirname(trained_path), exist_ok=True)
+        if cfg.resume:
+            truncate_from_step(trained_path, self.start_step)
+        self._trained_log = open(trained_path, "a", encoding="utf-8")
         rows: list[dict[str, Any]] = []
         try:
-            self.run_refs = [w.run.remote(self.buffer) for w in self.workers]
-            t_last = time.perf_counter()
+            if self.fleet is not None:
+                self.fleet.run(self.buffer)
+            self._t_last = time.perf_counter()
             for step in range(self.start_step, cfg.trainer.steps):
-                groups, wait_s = await self._next_batch(replay, step)
-                t_train = time.perf_counter()
-                metrics = await self._supervised(self.trainer.train_step(groups, self.version))
-                train_s = time.perf_counter() - t_train
-                trained_version = self.version
-                self.version += 1
-                sync_s, sync_info = await self._supervised(self._push_weights())
-                await self.buffer.set_version.remote(self.version)
-
-                now = time.perf_counter()
-                step_s, t_last = now - t_last, now
-                rollout = await asyncio.gather(*(w.stats.remote() for w in self.workers))
-                row = {
-                    "step": step,
-                    "version": self.version,
-                    **batch_metrics(groups, trained_version),
-                    **metrics,
-                }
-                row.update(await self.buffer.stats.remote() if replay is None else {})
-                row.pop("episode/failure_reasons", None)
-                row.update(sync_info)
-                row.update(
-                    {
-                        "time/step_s": step_s,
-                        "time/train_s": train_s,
-                        "time/sync_s": sync_s,
-                        "time/wait_s": wait_s,
-                        "perf/trainer_idle_frac": max(0.0, 1.0 - train_s / step_s),
-                        "perf/rollout_tokens_per_s": sum(r["tokens"] for r in rollout) / step_s,
-                        "perf/samples_per_s": metrics.get("train/sequences", 0.0) / step_s,
-                    }
-                )
-                logger.log(row)
-                rows.append(row)
-                if cfg.logger.sample_every and step % cfg.logger.sample_every == 0:
-                    if tokenizer is None:
-                        from slime.models import load_tokenizer
-
-                        tokenizer = load_tokenizer(self.model_dir)
-                    logger.log_samples(step, groups, tokenizer.decode)
-                last = step + 1 == cfg.trainer.steps
-                if last or (cfg.trainer.save_every and (step + 1) % cfg.trainer.save_every == 0):
-                    ckpt = os.path.join(cfg.run_dir, "checkpoints", f"step_{step + 1:06d}")
-                    await self._supervised(self.trainer.save_checkpoint(ckpt, step + 1, self.version))
+                if self._stop.is_set():
+                    break
+                try:
+                    rows.append(await self._step(step, replay, logger))
+                except _StopNow:
+                    break
+            if self.stop_signal is not None:
+                await self._close_admission()
+                if cfg.trainer.on_stop == "finish" and self.steps_done > self.start_step:
+                    await self._checkpoint(self.steps_done)
+                raise Stopped(self.stop_signal, self.steps_done, self.last_checkpoint)
         finally:
             logger.close()
+            self._trained_log.close()
         return rows
+
+    async def _step(self, step: int, replay: list[Group] | None, logger: MetricsLogger) -> dict[str, Any]:
+        """One trainer step: take a batch, train, push the weights, log, maybe checkpoint."""
+        groups, wait_s = await self._next_batch(replay, step)
+        trainer_metrics, train_s = await self._train(groups)
+        sync_s, sync_info = await self._publish()
+        now = time.perf_counter()
+        times = StepTimes(step_s=now - self._t_last, train_s=train_s, sync_s=sync_s, wait_s=wait_s)
+        self._t_last = now
+        row = step_row(
+            step,
+            self.version,
+            groups,
+            trainer_metrics,
+            await self._buffer_stats(replay is not None),
+            sync_info,
+            times,
+            await self._rollout_tokens(),
+            restarts=sum(self.fleet.restarts) if self.fleet else 0,
+        )
+        logger.log(row)
+        self._log_trained(step, groups)
+        self._log_samples(logger, step, groups)
+        await self._maybe_checkpoint(step)
+        self.steps_done = step + 1
+        return row
+
+    async def _close_admission(self) -> None:
+        await self.buffer.close.remote()
 
 
 async def run_controller(
@@ -273,12 +391,88 @@ async def run_controller(
 ) -> list[dict[str, Any]]:
     """Start Ray, the actors and the loop; always tear the actors down."""
     controller = Controller(cfg, model_dir, config_dict)
-    controller.start_ray()
-    await controller.setup()
+    with _stop_on_signals(controller, cfg.trainer.stop_timeout_s):
+        controller.start_ray()
+        await controller.setup()
+        try:
+            return await controller.run()
+        except Stopped:
+            raise
+        except Exception:
+            # A dead trainer rank, a worker past its restarts, a bug: say where a resume starts.
+            where = controller.last_checkpoint or cfg.resume
+            log.error(
+                "the run failed after %d steps; %s",
+                controller.steps_done,
+                f"resume=auto (or resume={where}) continues from there" if where else "no checkpoint yet",
+            )
+            raise
+        finally:
+            await controller.shutdown()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(controller: Controller, timeout_s: float) -> Iterator[None]:
+    """SIGINT/SIGTERM (Ctrl-C, a scheduler's preemption notice) ask the controller to stop cleanly.
+
+    The first signal requests a checkpointed stop and arms a `timeout_s` deadline; a second signal,
+    or the deadline, exits the process at once. Either way the last published checkpoint is intact:
+    checkpoints are only ever renamed into place when complete.
+    """
+    loop = asyncio.get_running_loop()
+
+    def hard_exit(code: int, why: str) -> None:
+        where = controller.last_checkpoint or "none written by this run"
+        print(f"slime: {why}; exiting now. Last complete checkpoint: {where}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if controller.stop_signal is not None:
+            hard_exit(128 + signum, f"second {name}")
+        print(
+            f"slime: {name}: stopping after the current step and writing a checkpoint "
+            f"(at most {timeout_s:.0f}s; send it again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        controller.request_stop(name)
+        loop.call_later(timeout_s, hard_exit, 128 + signum, f"the stop took longer than {timeout_s:.0f}s")
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread: leave as is
+            pass
     try:
-        return await controller.run()
+        yield
     finally:
-        await controller.shutdown()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _nothing() -> None:
+    return None
+
+
+def read_controller_state(ckpt_dir: str) -> dict[str, Any]:
+    """The controller's part of a checkpoint ({} for checkpoints written before it existed)."""
+    path = os.path.join(ckpt_dir, CONTROLLER_STATE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def prune_checkpoints(root: str, keep: int) -> None:
+    """Delete all but the newest `keep` complete `step_N` checkpoints under `root` (0 keeps all)."""
+    if keep <= 0:
+        return
+    done = sorted(d for d in os.listdir(root) if d.startswith(CKPT_PREFIX) and not d.endswith(PARTIAL_SUFFIX))
+    for name in done[:-keep]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def to_dict(cfg: SlimeConfig) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from slime.config import LoggerConfig
@@ -50,14 +52,156 @@ def batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
     }
 
 
+def truncate_from_step(path: str, start_step: int) -> None:
+    """Cut an append-only JSONL log (one row per step, e.g. metrics.jsonl) before the first row of
+    step >= start_step: a resumed run trains those steps again and logs them once more."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+            continue
+        if int(row.get("step", 0)) >= start_step:
+            break
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Wall-clock split of one controller step, in seconds."""
+
+    step_s: float  # since the previous step ended
+    train_s: float  # the trainer's optimizer step
+    sync_s: float  # export + every engine's weight load
+    wait_s: float  # waiting for the buffer to hand over a full batch
+
+
+def step_row(
+    step: int,
+    version: int,
+    groups: list[Group],
+    trainer: dict[str, float],
+    buffer: dict[str, Any],
+    sync: dict[str, float],
+    times: StepTimes,
+    rollout_tokens: int,
+    restarts: int = 0,
+) -> dict[str, Any]:
+    """The one metrics row of a trainer step, as metrics.jsonl and wandb receive it.
+
+    `version` is the policy version after the step (the batch was trained at `version - 1`);
+    `buffer` is the buffer's counters since the previous step ({} when replaying recorded groups);
+    `rollout_tokens` is what every engine generated since the previous step; `restarts` counts
+    rollout worker restarts since the run (or its resume) began.
+    """
+    row: dict[str, Any] = {"step": step, "version": version, **batch_metrics(groups, version - 1), **trainer}
+    row.update({k: v for k, v in buffer.items() if k != "episode/failure_reasons"})
+    row.update(sync)
+    row.update(
+        {
+            "time/step_s": times.step_s,
+            "time/train_s": times.train_s,
+            "time/sync_s": times.sync_s,
+            "time/wait_s": times.wait_s,
+            "perf/trainer_idle_frac": max(0.0, 1.0 - times.train_s / times.step_s),
+            "perf/rollout_tokens_per_s": rollout_tokens / times.step_s,
+            "perf/samples_per_s": trainer.get("train/sequences", 0.0) / times.step_s,
+            "rollout/restarts": restarts,
+        }
+    )
+    return row
+
+
+# Metric-name sections (the part before the first "/"): wandb groups its panels by them; each is
+# plotted against `step` rather than wandb's own row counter.
+METRIC_SECTIONS = (
+    "reward",
+    "eval",
+    "response",
+    "episode",
+    "staleness",
+    "time",
+    "perf",
+    "mismatch",
+    "loss",
+    "is_ratio",
+    "moe",
+    "buffer",
+    "batch",
+    "train",
+    "sync",
+    "rollout",
+)
+
+# Columns of a sample row (wandb table and samples.jsonl).
+SAMPLE_COLUMNS = ("step", "task", "prompt", "response", "reward", "status", "turns")
+
+
+def define_sections(run: Any) -> None:
+    """Declare `step` as the x-axis of every metric on a wandb run, section by section (then every
+    other key), so the dashboard shows one panel group per section, all against the trainer step."""
+    run.define_metric("step")
+    for section in METRIC_SECTIONS:
+        run.define_metric(f"{section}/*", step_metric="step")
+    run.define_metric("*", step_metric="step")
+
+
+def sample_rows(step: int, groups: list[Group], decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
+    """One row per group (its first trajectory): the whole decoded conversation, untruncated.
+
+    `prompt` is the first prompt (system message, tools, task) and `response` everything after it:
+    every assistant turn and every environment message appended between turns, with the chat
+    template's markers as `decode` renders them. Also the task id, reward, status and turns.
+    """
+    rows = []
+    for g in groups:
+        t = g.trajectories[0]
+        rows.append(
+            {
+                "step": step,
+                "task": g.task.id,
+                "prompt": decode(t.token_ids[: t.prompt_len]),
+                "response": decode(t.token_ids[t.prompt_len :]),
+                "reward": t.reward,
+                "status": t.status.value,
+                "turns": t.turns,
+            }
+        )
+    return rows
+
+
 class MetricsLogger:
     """Writes one JSON object per trainer step to metrics.jsonl, mirrors it to wandb and the console."""
 
-    def __init__(self, run_dir: str, cfg: LoggerConfig, config: dict[str, Any], total_steps: int) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        cfg: LoggerConfig,
+        config: dict[str, Any],
+        total_steps: int,
+        resume_step: int | None = None,
+        wandb_run_id: str | None = None,
+    ) -> None:
+        """A resumed run passes the checkpoint's step as `resume_step` and its `wandb_run_id`: rows the killed run
+        wrote after that checkpoint are cut from metrics.jsonl (they are trained again), so every step
+        appears once, and wandb continues the same run."""
         self.cfg = cfg
         self.total_steps = total_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         os.makedirs(run_dir, exist_ok=True)
+        if resume_step is not None:
+            truncate_from_step(self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         self._t0 = time.perf_counter()
         self._wandb = None
@@ -70,8 +214,15 @@ class MetricsLogger:
                 dir=run_dir,
                 mode=cfg.mode,
                 config=config,
+                id=wandb_run_id,
+                resume="allow" if wandb_run_id else None,
                 settings=wandb.Settings(console="off", silent=True),
             )
+            define_sections(self._wandb)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self._wandb.id if self._wandb is not None else None
 
     def log(self, metrics: dict[str, Any]) -> None:
         row = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool) or v is None}
@@ -98,27 +249,19 @@ class MetricsLogger:
         )
         print(line, file=sys.stderr, flush=True)
 
-    def log_samples(self, step: int, groups: list[Group], decode) -> None:
-        """A table of sample trajectories (wandb) and samples.jsonl next to metrics.jsonl."""
-        rows = []
-        for g in groups[: self.cfg.num_samples]:
-            t = g.trajectories[0]
-            text = decode(t.token_ids[t.prompt_len :])
-            rows.append(
-                [step, g.task.id, decode(t.token_ids[: t.prompt_len])[-300:], text, t.reward, t.status.value]
-            )
+    def log_samples(self, step: int, groups: list[Group], decode: Callable[[list[int]], str]) -> None:
+        """A table of sample trajectories (wandb, key `samples`) and the same rows appended to
+        samples.jsonl next to metrics.jsonl: see `sample_rows`."""
+        rows = sample_rows(step, groups[: self.cfg.num_samples], decode)
         with open(os.path.join(os.path.dirname(self.path), "samples.jsonl"), "a", encoding="utf-8") as f:
             for r in rows:
-                f.write(
-                    json.dumps(
-                        dict(zip(["step", "task", "prompt", "response", "reward", "status"], r, strict=True))
-                    )
-                    + "\n"
-                )
+                f.write(json.dumps(r) + "\n")
         if self._wandb is not None:
             import wandb
 
-            table = wandb.Table(columns=["step", "task", "prompt", "response", "reward", "status"], data=rows)
+            table = wandb.Table(
+                columns=list(SAMPLE_COLUMNS), data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows]
+            )
             self._wandb.log({"samples": table}, step=step)
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """Entry point: `python -m slime.train +experiment=NAME [overrides]`.
 
-Hydra composes `configs/` against the dataclass schemas (a wrong key or type fails here), the result
-is converted to `SlimeConfig` once, checked by `validate`, and everything that can be wrong with the
-model, environment or dataset is checked before any Ray actor starts.
+Hydra composes `configs/` against the dataclass schemas (a wrong key, type or choice fails here), the
+result is converted to `SlimeConfig` once (`to_config`: the selected environment's `env.by_name`
+arguments folded in), checked by `validate`, and everything that can be wrong with the model,
+environment or dataset is checked before any Ray actor starts.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from slime.config import SlimeConfig, register_configs, validate
+from slime.config import Dtype, SlimeConfig, register_configs, validate
 
 log = logging.getLogger("slime")
 
@@ -28,18 +30,28 @@ def prepare(cfg: SlimeConfig) -> str:
 
     Raises ValueError (or a subclass) with a message that names the key to change.
     """
-    from envs.dataset import load_tasks
-    from envs.registry import load_env_class
     from slime.models import resolve_dtype, resolve_model
 
     validate(cfg)
     # Resolved once here so every actor gets a concrete dtype (set explicitly for mixed clusters).
-    cfg.model.dtype = resolve_dtype(cfg.model.dtype)
-    cfg.trainer.dtype = resolve_dtype(cfg.trainer.dtype)
+    cfg.model.dtype = Dtype(resolve_dtype(cfg.model.dtype))
+    cfg.trainer.dtype = Dtype(resolve_dtype(cfg.trainer.dtype))
     if cfg.buffer.replay_path and not os.path.exists(cfg.buffer.replay_path):
         raise ValueError(f"buffer.replay_path={cfg.buffer.replay_path!r} does not exist")
-    if cfg.resume and not os.path.isdir(cfg.resume):
-        raise ValueError(f"resume={cfg.resume!r} is not a checkpoint directory")
+    cfg.resume = resolve_resume(cfg.resume, cfg.run_dir)
+    num_tasks = check_env(cfg)
+    log.info("env %s: %d tasks", cfg.env.name, num_tasks)
+    return resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
+
+
+def check_env(cfg: SlimeConfig) -> int:
+    """Everything that can be wrong with the environment, checked in the driver: the class resolves,
+    `env.kwargs` construct it, `env.agent` loads (or is unset for an env that runs no agent), and the
+    dataset is non-empty and well-formed. Returns the number of tasks; raises ValueError (or a
+    subclass) naming the key to change."""
+    from envs.dataset import load_tasks
+    from envs.registry import load_env_class
+
     env_cls = load_env_class(cfg.env.name)  # unknown env / broken plugin -> clear error now
     try:
         env_cls(**cfg.env.kwargs)  # wrong env.kwargs -> clear error now, not a failed episode each
@@ -48,12 +60,33 @@ def prepare(cfg: SlimeConfig) -> str:
     from envs.openai_agent import uses_agent
 
     if uses_agent(env_cls):
-        from rollout.agent_episode import load_agent
+        from rollout.agent.episode import load_agent
 
         load_agent(cfg.env.agent)  # a wrong env.agent fails here, not inside a worker
-    tasks = load_tasks(cfg.env, cfg.seed)  # empty or malformed dataset -> clear error now
-    log.info("env %s: %d tasks", cfg.env.name, len(tasks))
-    return resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
+    elif cfg.env.agent:
+        raise ValueError(
+            f"env.agent={cfg.env.agent!r} is set but env.name={cfg.env.name} does not run agents "
+            "(env.agent is for env=openai_agent): remove env.agent"
+        )
+    return len(load_tasks(cfg.env, cfg.seed))  # empty or malformed dataset -> clear error now
+
+
+def resolve_resume(resume: str, run_dir: str) -> str:
+    """`resume=auto`: the latest complete checkpoint of this run dir ("" when there is none yet, so
+    the same command starts a run and continues it); `resume=PATH`: that checkpoint, or the latest
+    complete one under PATH."""
+    from slime.checkpoint import latest_checkpoint, resolve_checkpoint
+
+    if not resume:
+        return ""
+    if resume == "auto":
+        latest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        log.info("resume=auto: %s", latest or "no checkpoint yet, starting fresh")
+        return latest or ""
+    try:
+        return resolve_checkpoint(resume)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
 
 
 def _reject_unknown_keys(obj: object, path: str) -> None:
@@ -66,14 +99,28 @@ def _reject_unknown_keys(obj: object, path: str) -> None:
         value = getattr(obj, name)
         if dataclasses.is_dataclass(value):
             _reject_unknown_keys(value, f"{path}{name}.")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    _reject_unknown_keys(item, f"{path}{name}.{key}.")
 
 
 def to_config(dcfg: DictConfig) -> SlimeConfig:
-    """The single DictConfig -> dataclass conversion; nothing downstream sees a DictConfig."""
+    """The single DictConfig -> dataclass conversion; nothing downstream sees a DictConfig.
+
+    The selected environment's `env.by_name` entry is folded into `env.kwargs` / `env.dataset.kwargs`
+    here (`EnvConfig.select`), so every consumer sees exactly the arguments that environment gets.
+    """
     cfg = OmegaConf.to_object(dcfg)
     assert isinstance(cfg, SlimeConfig)
     _reject_unknown_keys(cfg, "")
+    cfg.env.select()
     return cfg
+
+
+def config_yaml(cfg: SlimeConfig) -> str:
+    """The run's `config.yaml`: the effective config, resolved, choices as plain strings."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
@@ -85,15 +132,24 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(OmegaConf.to_yaml(dcfg, resolve=True))
+        f.write(config_yaml(cfg))
     try:
         model_dir = prepare(cfg)
     except (ValueError, TypeError, ImportError) as e:
         print(f"slime: config error: {e}", file=sys.stderr)
         sys.exit(2)
-    from slime.controller import run_controller, to_dict
+    from slime.controller import Stopped, run_controller, to_dict
 
-    rows = asyncio.run(run_controller(cfg, model_dir, to_dict(cfg)))
+    try:
+        rows = asyncio.run(run_controller(cfg, model_dir, to_dict(cfg)))
+    except Stopped as stop:
+        how = (
+            f"resume with the same command plus resume={stop.checkpoint}"
+            if stop.checkpoint
+            else "nothing to resume"
+        )
+        print(f"slime: {stop}; {how} (or resume=auto with hydra.run.dir={cfg.run_dir})", file=sys.stderr)
+        sys.exit(128 + signal.Signals[stop.signal_name].value)
     if rows:
         first, last = rows[0], rows[-1]
         log.info(

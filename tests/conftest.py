@@ -10,15 +10,24 @@
   pytest's asyncio loop scope is "session" (pyproject.toml), so any async test in any module can use it.
   Tests may update its weights: the version only grows, and a test that needs particular weights loads
   them itself (test_engine restores the original checkpoint's weights after its update tests).
+- `ray_cluster`: ONE local Ray cluster (2 CPUs) for every test that needs Ray; the controller reuses it.
+
+Builders (plain functions; test modules import them with `from conftest import ...`):
+- `make_trajectory(prompt, response, ...)`: a trajectory with a loss mask on the response only,
+  behaviour logprobs, per-token versions and a reward.
+- `make_group(trajectories, ...)`: a group of trajectories for one task.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+
+from slime.types import Group, Status, Task, Trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = REPO / "configs" / "model"
@@ -89,3 +98,57 @@ async def engine(tiny_dense_dir: str, tmp_path_factory: pytest.TempPathFactory):
         yield eng
     finally:
         await eng.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for the whole session (2 CPUs, no dashboard)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_trajectory(
+    prompt: Sequence[int],
+    response: Sequence[int],
+    *,
+    reward: float = 0.0,
+    version: int = 0,
+    logprobs: Sequence[float] | None = None,
+    status: Status = Status.COMPLETED,
+    task_id: str = "t",
+) -> Trajectory:
+    """A one-turn trajectory: `prompt` then `response`, the policy's tokens being the response.
+
+    Behaviour logprobs default to -0.5, -0.6, ... along the response (0 on the prompt); every
+    response token carries `version`, prompt tokens -1.
+    """
+    n_p, n_r = len(prompt), len(response)
+    if logprobs is None:
+        logprobs = [-0.5 - 0.1 * i for i in range(n_r)]
+    if len(logprobs) != n_r:
+        raise ValueError(f"{len(logprobs)} logprobs for {n_r} response tokens")
+    return Trajectory(
+        task_id=task_id,
+        token_ids=[*prompt, *response],
+        loss_mask=[0] * n_p + [1] * n_r,
+        behavior_logprobs=[0.0] * n_p + list(logprobs),
+        versions=[-1] * n_p + [version] * n_r,
+        prompt_len=n_p,
+        reward=reward,
+        status=status,
+        start_version=version,
+    )
+
+
+def make_group(
+    trajectories: Sequence[Trajectory], *, task_id: str = "g", ticket: int = 0, version: int | None = None
+) -> Group:
+    """The group of `trajectories` for task `task_id` (its start version: the oldest trajectory's)."""
+    start = min(t.start_version for t in trajectories) if version is None else version
+    return Group(
+        task=Task(id=task_id, prompt="p"), trajectories=list(trajectories), ticket=ticket, start_version=start
+    )

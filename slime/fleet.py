@@ -1,0 +1,155 @@
+"""The rollout fleet: the worker actors, kept alive, fed the current weights.
+
+    start()            every worker builds its engine (in parallel)
+    run(buffer)        one episode loop per worker, each watched by a supervisor task
+    update_weights(m)  push manifest m to every live worker; remembered for restarts
+    failure            a future that raises once a worker died more often than allowed
+
+When a worker or its engine dies (killed, out of memory, a crash inside vLLM) or its loop raises,
+its supervisor hands the worker's tickets in flight back to the buffer (they are generated again,
+never trained twice), has Ray restart the actor, starts its engine, loads the latest weights and
+resumes its loop; `rollout/restarts` counts these. A worker that dies more than
+`rollout.max_restarts` times ends the run with its last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from slime.config import SlimeConfig
+from slime.types import WeightManifest
+
+log = logging.getLogger("slime")
+
+
+class RolloutFleet:
+    """`rollout.num_workers` RolloutWorker actors under supervision."""
+
+    def __init__(self, cfg: SlimeConfig, model_dir: str, ray_env: dict[str, str]) -> None:
+        import ray
+
+        from rollout.worker import RolloutWorker
+
+        self.max_restarts = cfg.rollout.max_restarts
+        worker_cls = ray.remote(RolloutWorker).options(
+            num_cpus=cfg.rollout.num_cpus_per_worker,
+            num_gpus=cfg.rollout.gpus_per_worker,
+            max_concurrency=1000,
+            max_restarts=cfg.rollout.max_restarts,
+            runtime_env={"env_vars": ray_env},
+        )
+        self.workers = [
+            worker_cls.remote(
+                i,
+                model_dir,
+                cfg.model,
+                cfg.rollout,
+                cfg.env,
+                cfg.seed,
+                os.path.join(cfg.run_dir, "rollout", f"worker{i}"),
+                capture_routes=cfg.algorithm.routing_replay == "rollout",
+            )
+            for i in range(cfg.rollout.num_workers)
+        ]
+        self.restarts = [0] * len(self.workers)
+        self._live = [True] * len(self.workers)  # False while a worker restarts: no pushes, no stats
+        self._manifest: WeightManifest | None = None
+        self._push_lock = asyncio.Lock()  # a restart's weight load never interleaves with a push
+        self._supervisors: list[asyncio.Task] = []
+        self._closing = False
+        self.failure: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def start(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(w.start.remote() for w in self.workers)))
+
+    def run(self, buffer: Any) -> None:
+        """Start every worker's episode loop under a supervisor."""
+        self._supervisors = [
+            asyncio.create_task(self._supervise(i, buffer), name=f"supervise-worker{i}")
+            for i in range(len(self.workers))
+        ]
+
+    async def _supervise(self, index: int, buffer: Any) -> None:
+        worker = self.workers[index]
+        while True:
+            try:
+                await worker.run.remote(buffer)
+                return  # the buffer closed: the run is over
+            except Exception as e:  # the actor died, or its loop raised
+                if self._closing:
+                    return
+                self.restarts[index] += 1
+                if self.restarts[index] > self.max_restarts:
+                    if not self.failure.done():
+                        self.failure.set_exception(
+                            RuntimeError(
+                                f"rollout worker {index} failed {self.restarts[index]} times "
+                                f"(rollout.max_restarts={self.max_restarts}); last error: {e}"
+                            )
+                        )
+                    return
+                from ray.exceptions import RayActorError
+
+                log.warning("rollout worker %d failed (%s); restarting it", index, str(e).splitlines()[0])
+                await self._restart(index, buffer, died=isinstance(e, RayActorError))
+
+    async def _restart(self, index: int, buffer: Any, died: bool) -> None:
+        import ray
+
+        t0 = time.perf_counter()
+        self._live[index] = False
+        lost = await buffer.requeue.remote(index)
+        worker = self.workers[index]
+        if not died:
+            ray.kill(worker, no_restart=False)  # its loop raised but the actor is up: restart it too
+        await self._call_when_back(worker.start)
+        async with self._push_lock:
+            if self._manifest is not None:
+                await worker.update_weights.remote(self._manifest)
+            self._live[index] = True
+        log.warning(
+            "rollout worker %d back in %.1fs at version %s; %d tickets in flight generated again",
+            index,
+            time.perf_counter() - t0,
+            self._manifest.version if self._manifest else 0,
+            len(lost),
+        )
+
+    @staticmethod
+    async def _call_when_back(method: Any, attempts: int = 20) -> Any:
+        """Ray queues calls to an actor it is restarting, but one sent in the moment of a kill can
+        fail with ActorUnavailableError (each such failure takes Ray a second or two to report)."""
+        from ray.exceptions import ActorUnavailableError
+
+        for attempt in range(attempts):
+            try:
+                return await method.remote()
+            except ActorUnavailableError:
+                if attempt + 1 == attempts:
+                    raise
+
+    async def update_weights(self, manifest: WeightManifest) -> float:
+        """Load `manifest` on every live worker; returns the slowest engine's load time."""
+        async with self._push_lock:
+            self._manifest = manifest
+            live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
+            return max(await asyncio.gather(*(w.update_weights.remote(manifest) for w in live)), default=0.0)
+
+    async def tokens(self) -> int:
+        """Tokens the live workers generated since the previous call."""
+        live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
+        return int(sum(r["tokens"] for r in await asyncio.gather(*(w.stats.remote() for w in live))))
+
+    async def stop(self) -> None:
+        import ray
+
+        self._closing = True
+        await asyncio.gather(*(w.stop.remote() for w in self.workers), return_exceptions=True)
+        for task in self._supervisors:
+            task.cancel()
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
