@@ -33,6 +33,12 @@ SYNC = [
 ]
 
 
+def log_file(run_dir: Path, name: str):
+    """Where a run's own output goes (the table on stdout stays readable)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return open(run_dir / f"{name}.log", "w")
+
+
 def cli(run_dir: Path, *overrides: str) -> list[str]:
     """The command line of a synchronous tiny run in `run_dir`."""
     return [sys.executable, "-m", "slime.train", *SYNC, f"hydra.run.dir={run_dir}", *overrides]
@@ -89,18 +95,26 @@ class Outcome:
 def kill_driver(work: Path, steps: int = 6) -> Outcome:
     """kill -9 of the driver after its 3rd checkpoint, torn checkpoints planted, then resume=auto."""
     run_dir = work / "kill9"
-    proc = subprocess.Popen(cli(run_dir, f"trainer.steps={steps}"), cwd=REPO)
+    out = log_file(run_dir, "first")
+    proc = subprocess.Popen(cli(run_dir, f"trainer.steps={steps}"), cwd=REPO, stdout=out, stderr=out)
     wait_for(lambda: is_complete(run_dir / "checkpoints" / "step_000003"), proc, 900)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     plant_torn_checkpoints(run_dir / "checkpoints")
     done_before = len(read_jsonl(run_dir / "metrics.jsonl"))
-    t0 = time.monotonic()
-    resumed = subprocess.Popen(cli(run_dir, f"trainer.steps={steps}", "resume=auto"), cwd=REPO)
+    t0, wall0 = time.monotonic(), time.time()
+    out = log_file(run_dir, "resumed")
+    resumed = subprocess.Popen(
+        cli(run_dir, f"trainer.steps={steps}", "resume=auto"), cwd=REPO, stdout=out, stderr=out
+    )
     resumed_from = max(
         int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir() if is_complete(p) and "." not in p.name
     )
-    wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) > resumed_from, resumed, 900)
+    metrics = run_dir / "metrics.jsonl"
+    # The resumed run first cuts the rows after its checkpoint, then logs its first new step.
+    wait_for(
+        lambda: metrics.stat().st_mtime > wall0 and len(read_jsonl(metrics)) > resumed_from, resumed, 900
+    )
     recover_s = time.monotonic() - t0
     resumed.wait(900)
     return Outcome(
@@ -125,7 +139,9 @@ def stop_signal(work: Path, sig: signal.Signals) -> Outcome:
     """SIGINT / SIGTERM in the middle of a run, then resume=auto for one more step."""
     run_dir = work / sig.name.lower()
     cmd = cli(run_dir, "trainer.steps=1000", "trainer.save_every=0")
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=log_file(run_dir, "first"), stderr=subprocess.PIPE, text=True
+    )
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: len(read_jsonl(metrics)) >= 2, proc, 900)
     t0 = time.monotonic()
@@ -158,7 +174,8 @@ def kill_worker(work: Path, steps: int = 4) -> Outcome:
         f"env.kwargs.marker={marker}",
     )
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, timeout=1200)
+    out = log_file(run_dir, "run")
+    proc = subprocess.run(cmd, cwd=REPO, timeout=1200, stdout=out, stderr=out)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     step_s = [r["time/step_s"] for r in rows]
     slowest = max(step_s, default=0.0)

@@ -16,7 +16,7 @@ from typing import Any
 
 from rollout.engine_common import set_thread_budget
 from slime.config import EnvConfig, ModelConfig, RolloutConfig
-from slime.types import Group, SamplingParams, Task, WeightManifest
+from slime.types import Group, SamplingParams, Task, Trajectory, WeightManifest
 
 
 class TaskSchedule:
@@ -63,7 +63,7 @@ class RolloutWorker:
         self.engine: Any = None
         self._stopping = False
         self._tokens = 0
-        self._episodes = 0
+        self._episodes_done = 0
         self._busy_s = 0.0
 
     async def start(self) -> dict[str, Any]:
@@ -115,30 +115,41 @@ class RolloutWorker:
         )
 
     async def run_group(self, task: Task, ticket: int, start_version: int) -> Group:
-        from rollout.agent.episode import run_agent_group
-        from rollout.episode import run_group
-
         t0 = time.perf_counter()
-        if self.agent_server is not None:
-            trajs = await run_agent_group(
-                self.engine, self.agent_server, self.chat, task, self.cfg.group_size, self.agent_fn, self.cfg
-            )
-        else:
-            trajs = await run_group(
-                self.engine,
-                lambda: self.env_cls(**self.env_cfg.kwargs),
-                task,
-                self.cfg.group_size,
-                self.chat,
-                self.cfg,
-                self._sampling(ticket),
-            )
+        trajs = await self._episodes(task, self.cfg.group_size, self._sampling(ticket))
         self._busy_s += time.perf_counter() - t0
         self._tokens += sum(t.num_generated for t in trajs)
-        self._episodes += len(trajs)
+        self._episodes_done += len(trajs)
         return Group(
             task=task, trajectories=trajs, ticket=ticket, start_version=start_version, worker=self.index
         )
+
+    async def _episodes(self, task: Task, n: int, sampling: SamplingParams) -> list[Trajectory]:
+        from rollout.agent.episode import run_agent_group
+        from rollout.episode import run_group
+
+        if self.agent_server is not None:  # the agent chooses its own sampling per request
+            return await run_agent_group(
+                self.engine, self.agent_server, self.chat, task, n, self.agent_fn, self.cfg
+            )
+        return await run_group(
+            self.engine, lambda: self.env_cls(**self.env_cfg.kwargs), task, n, self.chat, self.cfg, sampling
+        )
+
+    async def evaluate(self, tasks: list[Task], n: int, temperature: float, top_p: float) -> list[Group]:
+        """`n` episodes of each held-out task on the current weights, beside the training episodes
+        (at most max_concurrent_groups tasks at once); nothing reaches the buffer."""
+        sampling = SamplingParams(
+            max_tokens=self.cfg.max_tokens_per_turn, temperature=temperature, top_p=top_p
+        )
+        slots = asyncio.Semaphore(self.cfg.max_concurrent_groups)
+
+        async def one(task: Task) -> Group:
+            async with slots:
+                trajs = await self._episodes(task, n, sampling)
+            return Group(task=task, trajectories=trajs, worker=self.index)
+
+        return list(await asyncio.gather(*(one(t) for t in tasks)))
 
     async def _loop(self, buffer: Any) -> None:
         while not self._stopping:
@@ -158,8 +169,8 @@ class RolloutWorker:
 
     async def stats(self) -> dict[str, float]:
         """Counters since the previous call."""
-        out = {"tokens": float(self._tokens), "episodes": float(self._episodes), "busy_s": self._busy_s}
-        self._tokens, self._episodes, self._busy_s = 0, 0, 0.0
+        out = {"tokens": float(self._tokens), "episodes": float(self._episodes_done), "busy_s": self._busy_s}
+        self._tokens, self._episodes_done, self._busy_s = 0, 0, 0.0
         return out
 
     async def stop(self) -> None:

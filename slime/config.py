@@ -332,6 +332,19 @@ class RolloutConfig:
 
 
 @dataclass
+class MoeConfig:
+    """Router losses of mixture-of-experts models (ignored for dense models). Each is added to the
+    policy loss when its coefficient is > 0; both are logged for every MoE run (`moe/` metrics)."""
+
+    aux_loss_coef: float = opt(
+        -1.0, "load-balancing loss coefficient (< 0: the model config's router_aux_loss_coef, else 0)"
+    )
+    z_loss_coef: float = opt(
+        -1.0, "router z-loss coefficient (< 0: the model config's router_z_loss_coef, else 0)"
+    )
+
+
+@dataclass
 class TrainerConfig:
     """DeepSpeed trainer ranks (Ray actors in one process group)."""
 
@@ -365,8 +378,11 @@ class TrainerConfig:
     threads_per_rank: int = opt(1, "torch/OMP threads inside a rank (oversubscribed cores are 5-50x slower)")
     gpus_per_rank: float = opt(0.0, "Ray GPU resources per rank (0 = CPU training with gloo)")
     expert_parallel_size: int = opt(
-        1, "expert parallelism for MoE models; only 1 (ZeRO 2/3 shards transformers MoE experts instead)"
+        1,
+        "ranks that share one copy of each MoE layer's experts (DeepSpeed AutoEP, all-to-all token dispatch); "
+        "divides num_ranks and the expert count; ZeRO 1-2",
     )
+    moe: MoeConfig = opt(MoeConfig, "mixture-of-experts router losses")
 
     def validate(self) -> None:
         _require_positive(
@@ -531,6 +547,27 @@ class RayConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training, on the rollout engines, beside the training rollouts."""
+
+    every: int = opt(0, "evaluate every N trainer steps, at step 0 and after the last step (0 = never)")
+    dataset: str = opt(
+        "",
+        "JSONL/Parquet file of held-out tasks (empty: the env's generator, with a seed disjoint from training)",
+    )
+    num_tasks: int = opt(32, "tasks per evaluation (the first N of the dataset)")
+    n: int = opt(1, "samples per task; eval/pass@k uses k = n")
+    temperature: float = opt(0.0, "sampling temperature (0 = greedy)")
+    top_p: float = opt(1.0, "nucleus sampling for evaluation")
+    success: float = opt(1.0, "a sample counts as solved (pass@k) when its reward is at least this")
+
+    def validate(self) -> None:
+        _require_non_negative(self, "eval", "every", "temperature")
+        _require_positive(self, "eval", "num_tasks", "n")
+        _require(0.0 < self.top_p <= 1.0, f"eval.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
 class SlimeConfig:
     """The whole run."""
 
@@ -542,6 +579,7 @@ class SlimeConfig:
     buffer: BufferConfig = opt(BufferConfig, "replay buffer")
     logger: LoggerConfig = opt(LoggerConfig, "metrics sinks")
     ray: RayConfig = opt(RayConfig, "Ray cluster")
+    eval: EvalConfig = opt(EvalConfig, "evaluation during training")
     seed: int = opt(0, "seeds task generation, sampling and initialisation")
     run_dir: str = opt(".", "where outputs go (the CLI sets it to Hydra's run dir)")
     cache_dir: str = opt(
@@ -550,7 +588,17 @@ class SlimeConfig:
     resume: str = opt("", "resume from a checkpoint dir, or `auto` (the latest one of this run dir)")
 
 
-SECTIONS: tuple[str, ...] = ("model", "env", "rollout", "trainer", "algorithm", "buffer", "logger", "ray")
+SECTIONS: tuple[str, ...] = (
+    "model",
+    "env",
+    "rollout",
+    "trainer",
+    "algorithm",
+    "buffer",
+    "logger",
+    "ray",
+    "eval",
+)
 
 
 # ---------------------------------------------------------------------------------- introspection
@@ -626,6 +674,35 @@ def model_num_experts(model: ModelConfig) -> int | None:
     return None
 
 
+# transformers model_type -> DeepSpeed AutoEP preset (trainer.expert_parallel_size > 1). GLM-4.5/GLM-5's
+# MoE block is DeepSeek-V3's (sigmoid scores, correction bias, grouped top-k, one shared expert).
+AUTOEP_PRESETS: dict[str, str] = {
+    "qwen3_moe": "qwen3_moe",
+    "qwen2_moe": "qwen3_moe",
+    "mixtral": "mixtral",
+    "deepseek_v3": "deepseek_v3",
+    "glm4_moe": "deepseek_v3",
+}
+
+
+def model_type_of(model: ModelConfig) -> str | None:
+    """The transformers `model_type` of the configured model; None when it cannot be known before the
+    model is resolved (a hub id)."""
+    if model.source == ModelSource.smollm2_gguf:
+        return "llama"
+    if model.source == ModelSource.random:
+        try:
+            import transformers
+
+            return str(getattr(transformers, model.architecture).config_class.model_type)
+        except Exception:
+            return None
+    config_json = Path(model.path).expanduser() / "config.json"
+    if config_json.is_file():
+        return json.loads(config_json.read_text(encoding="utf-8")).get("model_type")
+    return None
+
+
 def _check_expert_parallel(cfg: SlimeConfig) -> None:
     ep = cfg.trainer.expert_parallel_size
     if ep == 1:
@@ -644,9 +721,24 @@ def _check_expert_parallel(cfg: SlimeConfig) -> None:
         experts is None or experts % ep == 0,
         f"trainer.expert_parallel_size ({ep}) must divide the model's number of experts ({experts})",
     )
-    raise ValueError(
-        f"trainer.expert_parallel_size={ep}: expert parallelism is not implemented for transformers MoE "
-        "models; ZeRO stage 2/3 shards the experts instead: set trainer.expert_parallel_size=1"
+    # The trainer runs DeepSpeed AutoEP with ZeRO 1 and 2 (tested). ZeRO-0 steps the torch optimizer
+    # without DeepSpeed's expert-aware gradient norm; ZeRO-3 without expert parallelism already
+    # partitions every expert over all ranks (docs/moe.md).
+    _require(
+        cfg.trainer.zero_stage in (1, 2),
+        f"trainer.expert_parallel_size={ep} needs trainer.zero_stage 1 or 2, got {cfg.trainer.zero_stage}; "
+        "for ZeRO-3 set trainer.expert_parallel_size=1 (ZeRO-3 partitions the experts over all ranks)",
+    )
+    kind = model_type_of(cfg.model)
+    _require(
+        kind is None or kind in AUTOEP_PRESETS,
+        f"trainer.expert_parallel_size={ep}: DeepSpeed AutoEP has no preset for model_type {kind!r} "
+        f"(supported: {', '.join(sorted(AUTOEP_PRESETS))}); set trainer.expert_parallel_size=1",
+    )
+    _require(
+        not cfg.trainer.gradient_checkpointing,
+        f"trainer.expert_parallel_size={ep} is not combined with trainer.gradient_checkpointing=true here "
+        "(untested): set one of them back",
     )
 
 
@@ -663,6 +755,12 @@ def _check_routing_replay(cfg: SlimeConfig) -> None:
         replay != RoutingReplay.rollout or cfg.rollout.engine == Engine.vllm,
         "algorithm.routing_replay=rollout needs the engine's routes, which only rollout.engine=vllm captures: "
         "set rollout.engine=vllm or algorithm.routing_replay=none",
+    )
+    # A recomputed layer would run its router hook outside the forward that announced its tokens.
+    _require(
+        not cfg.trainer.gradient_checkpointing,
+        f"algorithm.routing_replay={replay.value} cannot be combined with trainer.gradient_checkpointing=true: "
+        "set one of them back",
     )
 
 

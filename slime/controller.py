@@ -45,10 +45,13 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slime.config import SlimeConfig
 from slime.fleet import RolloutFleet
+
+if TYPE_CHECKING:
+    from slime.evaluator import Evaluator
 from slime.metrics import MetricsLogger, StepTimes, step_row, truncate_from_step
 from slime.types import Group
 
@@ -338,14 +341,21 @@ class Controller:
         try:
             if self.fleet is not None:
                 self.fleet.run(self.buffer)
+            evaluator = self._evaluator(logger)
             self._t_last = time.perf_counter()
             for step in range(self.start_step, cfg.trainer.steps):
+                if evaluator is not None:
+                    evaluator.maybe_start(self.steps_done, self.version)
                 if self._stop.is_set():
                     break
                 try:
                     rows.append(await self._step(step, replay, logger))
                 except _StopNow:
                     break
+            if evaluator is not None and self.stop_signal is None:
+                await self._supervised(evaluator.finish())  # one still running from an earlier step
+                evaluator.maybe_start(self.steps_done, self.version)  # after the last step
+                await self._supervised(evaluator.finish())
             if self.stop_signal is not None:
                 await self._close_admission()
                 if cfg.trainer.on_stop == "finish" and self.steps_done > self.start_step:
@@ -355,6 +365,13 @@ class Controller:
             logger.close()
             self._trained_log.close()
         return rows
+
+    def _evaluator(self, logger: MetricsLogger) -> Evaluator | None:
+        if not self.cfg.eval.every or self.fleet is None:
+            return None
+        from slime.evaluator import Evaluator
+
+        return Evaluator(self.cfg, self.fleet, logger)
 
     async def _step(self, step: int, replay: list[Group] | None, logger: MetricsLogger) -> dict[str, Any]:
         """One trainer step: take a batch, train, push the weights, log, maybe checkpoint."""
@@ -391,8 +408,8 @@ async def run_controller(
 ) -> list[dict[str, Any]]:
     """Start Ray, the actors and the loop; always tear the actors down."""
     controller = Controller(cfg, model_dir, config_dict)
+    controller.start_ray()  # before our handlers: ray.init installs a SIGTERM handler that aborts
     with _stop_on_signals(controller, cfg.trainer.stop_timeout_s):
-        controller.start_ray()
         await controller.setup()
         try:
             return await controller.run()

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from slime.config import SlimeConfig
-from slime.types import WeightManifest
+from slime.types import Group, Task, WeightManifest
 
 log = logging.getLogger("slime")
 
@@ -138,6 +138,19 @@ class RolloutFleet:
             self._manifest = manifest
             live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
             return max(await asyncio.gather(*(w.update_weights.remote(manifest) for w in live)), default=0.0)
+
+    async def evaluate(self, tasks: list[Task], n: int, temperature: float, top_p: float) -> list[Group]:
+        """Held-out episodes on the live workers, tasks dealt round-robin; returns their groups."""
+        live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
+        shards = [tasks[i :: len(live)] for i in range(len(live))]
+        results = await asyncio.gather(
+            *(
+                w.evaluate.remote(shard, n, temperature, top_p)
+                for w, shard in zip(live, shards, strict=True)
+                if shard
+            )
+        )
+        return [g for shard in results for g in shard]
 
     async def tokens(self) -> int:
         """Tokens the live workers generated since the previous call."""

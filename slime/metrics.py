@@ -52,6 +52,25 @@ def batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
     }
 
 
+def eval_metrics(groups: list[Group], success: float) -> dict[str, float]:
+    """Evaluation figures of `groups` (each the n samples of one held-out task): mean reward and
+    length, pass@1 (share of samples with reward >= `success`) and pass@k (share of tasks with at
+    least one such sample among its k = n)."""
+    trajs = [t for g in groups for t in g.trajectories]
+    solved = [[t.reward >= success for t in g.trajectories] for g in groups]
+    return {
+        "eval/reward_mean": _mean([t.reward for t in trajs]),
+        "eval/reward_std": _std([t.reward for t in trajs]),
+        "eval/pass@1": _mean([float(s) for task in solved for s in task]),
+        "eval/pass@k": _mean([float(any(task)) for task in solved]),
+        "eval/k": float(max((len(g.trajectories) for g in groups), default=0)),
+        "eval/len_mean": _mean([float(t.num_generated) for t in trajs]),
+        "eval/turns_mean": _mean([float(t.turns) for t in trajs]),
+        "eval/failed": float(sum(t.status.value == "failed" for t in trajs)),
+        "eval/num_tasks": float(len(groups)),
+    }
+
+
 def truncate_from_step(path: str, start_step: int) -> None:
     """Cut an append-only JSONL log (one row per step, e.g. metrics.jsonl) before the first row of
     step >= start_step: a resumed run trains those steps again and logs them once more."""
@@ -229,10 +248,10 @@ class MetricsLogger:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log(
-                {k: v for k, v in row.items() if isinstance(v, int | float)}, step=int(row["step"])
-            )
-        if self.cfg.console:
+            # No `step=`: every key is plotted against the row's own `step` (define_sections), so
+            # evaluation rows, which finish out of step order, need no monotonic wandb counter.
+            self._wandb.log({k: v for k, v in row.items() if isinstance(v, int | float)})
+        if self.cfg.console and not row.get("eval"):
             self._console(row)
 
     def _console(self, m: dict[str, Any]) -> None:
@@ -262,7 +281,7 @@ class MetricsLogger:
             table = wandb.Table(
                 columns=list(SAMPLE_COLUMNS), data=[[r[c] for c in SAMPLE_COLUMNS] for r in rows]
             )
-            self._wandb.log({"samples": table}, step=step)
+            self._wandb.log({"samples": table, "step": step})
 
     def close(self) -> None:
         self._file.close()

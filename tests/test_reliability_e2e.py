@@ -3,7 +3,7 @@
 - kill -9 of the driver after step 3, then `resume=auto`: every step logged once, versions continue,
   each ticket trained once, and (synchronous, seeded sampling) the same data, rewards and losses as a
   run that never stopped; torn checkpoints left beside it are never resumed from.
-- SIGINT mid-run: a checkpointed exit within the bound, with a line saying how to resume.
+- SIGINT or SIGTERM mid-run: a checkpointed exit within the bound, with a line saying how to resume.
 - A rollout worker's process (and so its engine) killed mid-run: Ray restarts it, its tickets are
   generated again, the run finishes, `rollout/restarts` is 1.
 """
@@ -68,17 +68,18 @@ def test_kill_9_then_resume_continues_exactly(uninterrupted: Path, tmp_path: Pat
     assert not (run_dir / "checkpoints" / "step_000099").exists()  # the torn ones were never published
 
 
-def test_sigint_checkpoints_and_exits_within_the_bound(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler's preemption
+def test_a_stop_signal_checkpoints_and_exits_within_the_bound(sig: signal.Signals, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = cli(run_dir, "trainer.steps=1000", "trainer.save_every=0", "trainer.stop_timeout_s=60")
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     wait_for(lambda: len(read_jsonl(metrics)) >= 2, proc, timeout_s=900)
     t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     stop_s = time.monotonic() - t0
-    assert proc.returncode == 128 + signal.SIGINT, stderr[-2000:]
+    assert proc.returncode == 128 + sig, stderr[-2000:]
     assert stop_s < 60 + 10, stop_s
     assert "Traceback" not in stderr, stderr[-3000:]
     done = len(read_jsonl(metrics))
