@@ -579,8 +579,23 @@ async def test_sandbox_runs_code_with_limits():
     assert big.exit_code != 0 and "MemoryError" in big.stderr
     loud = await run_python("while True:\n    print('x' * 1000)", max_output_bytes=10_000)
     assert loud.output_truncated and len(loud.stdout) <= 10_000 and "output limit" in loud.as_tool_output()
-    files = await run_python("import os\nopen('f.txt', 'w').write('x')\nprint(os.listdir('.'))")
-    assert "f.txt" in files.stdout  # runs in its own temporary directory
+    # Each run gets a fresh, empty temporary directory (only the script in it), removed afterwards with
+    # whatever the code wrote there. Local imports: this file's import block belongs to other tests.
+    import os
+    import tempfile
+
+    probe = "import os\nprint(os.getcwd())\nprint(sorted(os.listdir('.')))\nopen('f.txt', 'w').write('x')"
+    first, second = await run_python(probe), await run_python(probe)
+    dirs = []
+    for res in (first, second):
+        assert res.ok, res.stderr
+        cwd, listing = res.stdout.splitlines()
+        assert listing == "['main.py']", listing  # nothing left over from an earlier run
+        assert os.path.dirname(cwd) == os.path.realpath(tempfile.gettempdir()), cwd
+        assert cwd != os.path.realpath(os.getcwd())
+        assert not os.path.exists(cwd), f"{cwd} was not removed"
+        dirs.append(cwd)
+    assert dirs[0] != dirs[1]
 
 
 async def test_sandbox_output_cap_never_hangs():
