@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_group, make_trajectory
 
 from slime.config import AlgorithmConfig
-from slime.types import Group, Task, Trajectory
+from slime.types import Group, Trajectory
 from trainer import objective as obj
 from trainer.advantages import Moments, sequence_advantages, whiten
 from trainer.batching import flatten_groups, make_micro_batches
@@ -21,20 +22,12 @@ VOCAB = 8
 
 
 def traj(prompt: list[int], response: list[int], reward: float = 0.0) -> Trajectory:
-    n_p, n_r = len(prompt), len(response)
-    return Trajectory(
-        task_id="t",
-        token_ids=prompt + response,
-        loss_mask=[0] * n_p + [1] * n_r,
-        behavior_logprobs=[0.0] * n_p + [-2.0] * n_r,
-        versions=[-1] * n_p + [0] * n_r,
-        prompt_len=n_p,
-        reward=reward,
-    )
+    """The shared builder with behaviour logprobs of -2 on every response token (hand values below)."""
+    return make_trajectory(prompt, response, reward=reward, logprobs=[-2.0] * len(response))
 
 
 def group(*trajs: Trajectory) -> Group:
-    return Group(task=Task(id="g", prompt="p"), trajectories=list(trajs))
+    return make_group(trajs)
 
 
 def algo(**kw) -> AlgorithmConfig:

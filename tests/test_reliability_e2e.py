@@ -68,7 +68,9 @@ def test_kill_9_then_resume_continues_exactly(uninterrupted: Path, tmp_path: Pat
     assert not (run_dir / "checkpoints" / "step_000099").exists()  # the torn ones were never published
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler's preemption
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"]
+)  # Ctrl-C; preemption
 def test_a_stop_signal_checkpoints_and_exits_within_the_bound(sig: signal.Signals, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     cmd = cli(run_dir, "trainer.steps=1000", "trainer.save_every=0", "trainer.stop_timeout_s=60")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import make_group, make_trajectory
 
 from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
 from slime.types import Group, Task, Trajectory
@@ -46,20 +47,6 @@ def _process_group() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the session (reused if another module started one)."""
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        started = True
-    yield
-    if started:
-        ray.shutdown()
-
-
 def trainer_cfg(**kw) -> TrainerConfig:
     base = dict(steps=1, lr=1e-3, micro_batch_size=4, dtype="float32", zero_stage=1, threads_per_rank=1)
     base.update(kw)
@@ -83,18 +70,13 @@ def make_groups(tokenizer, num_groups: int = 2, n: int = 4, seed: int = 0) -> li
         trajs = []
         for _ in range(n):
             response = [rng.choice(word_ids) for _ in range(rng.randrange(2, 10))]
+            logprobs = [-rng.uniform(9.0, 12.0) for _ in response]
             trajs.append(
-                Trajectory(
-                    task_id=str(g),
-                    token_ids=prompt + response,
-                    loss_mask=[0] * len(prompt) + [1] * len(response),
-                    behavior_logprobs=[0.0] * len(prompt) + [-rng.uniform(9.0, 12.0) for _ in response],
-                    versions=[-1] * len(prompt) + [0] * len(response),
-                    prompt_len=len(prompt),
-                    reward=float(rng.random()),
+                make_trajectory(
+                    prompt, response, reward=float(rng.random()), logprobs=logprobs, task_id=str(g)
                 )
             )
-        groups.append(Group(task=Task(id=str(g), prompt="p"), trajectories=trajs))
+        groups.append(make_group(trajs, task_id=str(g)))
     return groups
 
 
