@@ -150,8 +150,14 @@ def stop_signal(work: Path, sig: signal.Signals) -> Outcome:
     stop_s = time.monotonic() - t0
     done = len(read_jsonl(metrics))
     ckpt_ok = is_complete(run_dir / "checkpoints" / f"step_{done:06d}")
+    out = log_file(run_dir, "resumed")
     subprocess.run(
-        cli(run_dir, f"trainer.steps={done + 1}", "resume=auto"), cwd=REPO, check=True, timeout=900
+        cli(run_dir, f"trainer.steps={done + 1}", "resume=auto"),
+        cwd=REPO,
+        check=True,
+        timeout=900,
+        stdout=out,
+        stderr=out,
     )
     last = [line for line in stderr.splitlines() if line.startswith("slime:")][-1:]
     return Outcome(
