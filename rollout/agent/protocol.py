@@ -4,7 +4,9 @@ Requests: `parse_chat_request` / `parse_completion_request` validate a JSON body
 server needs; anything the endpoint cannot honour raises `RequestError` naming the option (it becomes
 an OpenAI-style error response). Sampling (`sampling_params`): temperature, top_p, top_k, seed, stop
 and max_tokens / max_completion_tokens come from the request (temperature and top_p default to the
-rollout config's); max_tokens is capped by `rollout.max_tokens_per_turn` and by what is left of
+rollout config's, and a request that sets them to other values, or sets top_k, is refused: the trainer
+scores every token under the rollout's sampling, so other tokens would train a policy that never
+produced them); max_tokens is capped by `rollout.max_tokens_per_turn` and by what is left of
 `rollout.max_total_tokens` after the prompt; a prompt that leaves no room is rejected (400, code
 `context_length_exceeded`). Only n=1. Options that would change the output and that the endpoint
 cannot honour (penalties, logit_bias, n>1, echo, best_of, structured output, forcing a named tool)
@@ -251,14 +253,31 @@ def sampling_params(body: dict[str, Any], cfg: RolloutConfig, prompt_len: int) -
         top_k = -1
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise RequestError("top_k must be an integer", param="top_k")
+    temperature = _number(body, "temperature", cfg.temperature, 0.0, 2.0)
+    top_p = _number(body, "top_p", cfg.top_p, 1e-6, 1.0)
+    _require_trainable(temperature, top_p, top_k, cfg)
     return SamplingParams(
-        max_tokens=limit,
-        temperature=_number(body, "temperature", cfg.temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", cfg.top_p, 1e-6, 1.0),
-        top_k=top_k,
-        stop=_stop_list(body),
-        seed=seed,
+        max_tokens=limit, temperature=temperature, top_p=top_p, top_k=top_k, stop=_stop_list(body), seed=seed
     )
+
+
+def _require_trainable(temperature: float, top_p: float, top_k: int, cfg: RolloutConfig) -> None:
+    """The trainer scores every generated token under softmax(logits / rollout.temperature) (with the
+    rollout's top_p): tokens an agent sampled under other settings would get importance weights and a
+    mismatch metric for a policy that never produced them. Such requests are refused, naming the fix."""
+    for key, got, want in (("temperature", temperature, cfg.temperature), ("top_p", top_p, cfg.top_p)):
+        if not math.isclose(got, want, rel_tol=0.0, abs_tol=1e-9):
+            raise RequestError(
+                f"{key}={got} differs from rollout.{key}={want}, the sampling the trainer scores tokens "
+                f"under: omit {key} in the agent's requests, or set rollout.{key}={got}",
+                param=key,
+            )
+    if top_k not in (-1, 0):
+        raise RequestError(
+            f"top_k={top_k}: the trainer cannot score tokens sampled from a top-k truncated distribution; "
+            "omit top_k in the agent's requests",
+            param="top_k",
+        )
 
 
 # ------------------------------------------------------------------------------ responses
