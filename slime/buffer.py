@@ -174,12 +174,12 @@ class ReplayBuffer:
 
     # -- data out ------------------------------------------------------------------------------------
     def _drop_stale(self, version: int) -> None:
-        keep = []
-        for g in self._groups:
-            if version - g.min_version > self.cfg.max_staleness:
-                self._drop("stale")
-            else:
-                keep.append(g)
+        keep = [g for g in self._groups if version - g.min_version <= self.cfg.max_staleness]
+        if len(keep) < len(self._groups):
+            self._drop("stale", len(self._groups) - len(keep))
+            # The refunds widen the admission window: wake the workers blocked in acquire(), or a
+            # trainer waiting for replacements waits forever (this runs inside get_batch's wait).
+            self._cond.notify_all()
         self._groups = keep
 
     async def get_batch(self, n: int, version: int) -> tuple[list[Group], float]:

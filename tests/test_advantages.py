@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from slime.config import AlgorithmConfig
-from trainer.advantages import broadcast_to_tokens, gae, overlong_shaping, sequence_advantages, whiten
+from trainer.advantages import (
+    Moments,
+    broadcast_to_tokens,
+    gae,
+    overlong_shaping,
+    sequence_advantages,
+    whiten,
+)
 
 # Three groups of four: a 50/50 group, a single success worth 3, and a group without signal.
 REWARDS = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0]])
@@ -60,6 +65,20 @@ def test_reinforce_pp_batch_std() -> None:
     adv = sequence_advantages(REWARDS, _cfg(advantage="reinforce_pp"))
     a, b, c = 0.5956834, 0.8935251, 2.6805753  # 0.5, 0.75, 2.25 divided by 0.8393722
     _close(adv, [[a, -a, a, -a], [-b, -b, -b, c], [0.0, 0.0, 0.0, 0.0]])
+
+
+def test_small_groups() -> None:
+    # Two per group: mean 0.5, unbiased std sqrt(0.5) = 0.7071068 -> +-0.5 / 0.7071068 = +-0.7071068.
+    adv = sequence_advantages(torch.tensor([[0.0, 1.0]]), _cfg(advantage="grpo", normalize_adv_std=True))
+    _close(adv, [[-0.7071068, 0.7071068]])
+    # One per group: no baseline, no variance -> 0 (not nan), for the group and the batch statistics.
+    single = torch.tensor([[3.0], [5.0]])
+    _close(sequence_advantages(single, _cfg(advantage="grpo")), [[0.0], [0.0]])
+    _close(sequence_advantages(single[:1], _cfg(advantage="reinforce_pp")), [[0.0]])
+    with pytest.raises(ValueError, match="rloo needs at least 2 trajectories per group"):
+        sequence_advantages(single, _cfg(advantage="rloo"))
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        sequence_advantages(single, _cfg(advantage="ppo"))
 
 
 def test_gae_advantage_is_not_sequence_level() -> None:
@@ -117,15 +136,56 @@ def test_gae_ignores_masked_values() -> None:
 def test_broadcast_to_tokens() -> None:
     mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     _close(broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask), [[2.0, 0.0, 2.0], [0.0, -1.0, 0.0]])
+    # Low precision goes to float32, float64 stays.
+    assert broadcast_to_tokens(torch.tensor([2.0, -1.0]).bfloat16(), mask).dtype == torch.float32
+    assert broadcast_to_tokens(torch.tensor([2.0, -1.0]).double(), mask).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"seq_adv must be \[B\]=2, got \(3,\)"):
+        broadcast_to_tokens(torch.zeros(3), mask)
+    with pytest.raises(ValueError, match=r"seq_adv must be \[B\]=2, got \(2, 1\)"):
+        broadcast_to_tokens(torch.zeros(2, 1), mask)
 
 
 def test_whiten() -> None:
-    # Masked entries 1, 2, 3: mean 2, unbiased var (1 + 0 + 1) / 2 = 1; padding (100) ignored.
-    x = torch.tensor([[1.0, 2.0], [3.0, 100.0]])
+    # Masked entries 1, 3, 5: mean 3, unbiased var (4 + 0 + 4) / 2 = 4, std 2; padding (100) ignored.
+    x = torch.tensor([[1.0, 3.0], [5.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     _close(whiten(x, mask), [[-1.0, 0.0], [1.0, 0.0]])
-    _close(whiten(x, mask, shift_mean=False), [[1.0, 2.0], [3.0, 0.0]])
-    assert math.isfinite(float(whiten(torch.ones(1, 1), torch.ones(1, 1)).sum()))
+    # Scale only: (x - 3) / 2 + 3.
+    _close(whiten(x, mask, shift_mean=False), [[2.0, 3.0], [4.0, 0.0]])
+    # float64 stays float64.
+    assert whiten(x.double(), mask).dtype == torch.float64
+
+
+def test_whiten_small_counts() -> None:
+    # Two entries 2, 6: mean 4, unbiased var 8 (n - 1 = 1), so +-2 / sqrt(8) = +-0.7071068.
+    _close(whiten(torch.tensor([[2.0, 6.0]]), torch.ones(1, 2)), [[-0.7071068, 0.7071068]])
+    # One entry: variance 0, so it maps to 0 (not inf); scale-only keeps the value itself.
+    one, ones = torch.tensor([[4.0, 9.0]]), torch.tensor([[1.0, 0.0]])
+    _close(whiten(one, ones), [[0.0, 0.0]])
+    _close(whiten(one, ones, shift_mean=False), [[4.0, 0.0]])
+    # Nothing masked in: all zeros.
+    _close(whiten(one, torch.zeros(1, 2), shift_mean=False), [[0.0, 0.0]])
+
+
+def test_whiten_with_given_moments() -> None:
+    # The statistics of another batch (2, 4, 6: mean 4, var 4) are used instead of x's own.
+    moments = Moments.of(torch.tensor([[2.0, 4.0, 6.0, 50.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert (moments.count, moments.total, moments.total_sq) == (3.0, 12.0, 56.0)
+    assert (moments.mean, moments.var) == (4.0, 4.0)
+    _close(whiten(torch.tensor([[8.0, 0.0]]), torch.ones(1, 2), moments=moments), [[2.0, -2.0]])
+    _close(whiten(torch.tensor([[8.0]]), torch.ones(1, 1), shift_mean=False, moments=moments), [[6.0]])
+
+
+def test_moments_add_up_and_handle_small_counts() -> None:
+    a = Moments(count=2.0, total=3.0, total_sq=5.0)  # entries 1, 2
+    b = Moments(count=1.0, total=3.0, total_sq=9.0)  # entry 3
+    both = a + b
+    assert (both.count, both.total, both.total_sq) == (3.0, 6.0, 14.0)
+    assert (both.mean, both.var) == (2.0, 1.0)  # (14 - 3 * 4) / 2
+    assert (b.mean, b.var) == (3.0, 0.0)  # one entry: no variance
+    assert (Moments().mean, Moments().var) == (0.0, 0.0)
+    # Rounding can make sum_sq - n * mean^2 slightly negative for constant data: clamped to 0.
+    assert Moments(count=3.0, total=3.0, total_sq=2.9999999).var == 0.0
 
 
 def test_algorithm_yaml_files_map_onto_the_schema() -> None:
@@ -135,7 +195,7 @@ def test_algorithm_yaml_files_map_onto_the_schema() -> None:
 
     from omegaconf import OmegaConf
 
-    from slime.config import _CHOICES
+    from slime.config import CHOICES
 
     folder = Path(__file__).resolve().parents[1] / "configs" / "algorithm"
     files = sorted(folder.glob("*.yaml"))
@@ -145,6 +205,6 @@ def test_algorithm_yaml_files_map_onto_the_schema() -> None:
         node = OmegaConf.merge(OmegaConf.structured(AlgorithmConfig), OmegaConf.load(path))
         cfg = OmegaConf.to_object(node)
         assert isinstance(cfg, AlgorithmConfig) and cfg.name == path.stem
-        for key, allowed in _CHOICES.items():
+        for key, allowed in CHOICES.items():
             if key.startswith("algorithm."):
                 assert getattr(cfg, key.split(".", 1)[1]) in allowed, (path.name, key)

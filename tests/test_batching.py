@@ -9,7 +9,6 @@ from slime.types import Group, Task, Trajectory
 from trainer.batching import (
     collate,
     flatten_groups,
-    group_rewards,
     make_micro_batches,
     minibatch_split,
     num_micro_batches,
@@ -48,9 +47,6 @@ def test_collate_pads_right_and_shifts_per_token_tensors() -> None:
     assert mb.loss_mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
     assert mb.behavior_logprobs[0].tolist() == pytest.approx([0.0, -0.5, -0.6, -0.7])
     assert mb.behavior_logprobs[1].tolist() == pytest.approx([-0.5, 0.0, 0.0, 0.0])
-    assert mb.versions.tolist() == [[-1, 3, 3, 3], [3, -1, -1, -1]]
-    assert mb.rewards.tolist() == [1.0, -1.0]
-    assert mb.group_index.tolist() == [0, 1]
     assert mb.seq_index.tolist() == [0, 1]
     assert mb.lengths.tolist() == [5, 2]
     assert mb.num_tokens == 7 and mb.num_loss_tokens == 4
@@ -72,8 +68,7 @@ def test_flatten_rejects_too_short_trajectory() -> None:
 def test_flatten_keeps_group_order_and_indices() -> None:
     groups = [group(traj([1], [2]), traj([1], [3])), group(traj([4], [5]))]
     refs = flatten_groups(groups)
-    assert [(r.group, r.index) for r in refs] == [(0, 0), (0, 1), (1, 2)]
-    assert group_rewards(groups) == [[0.0, 0.0], [0.0]]
+    assert [(r.traj.token_ids, r.index) for r in refs] == [([1, 2], 0), ([1, 3], 1), ([4, 5], 2)]
 
 
 def test_split_even_sizes() -> None:
@@ -110,15 +105,19 @@ def test_num_micro_batches() -> None:
 def test_shard_groups_equal_counts_balanced_tokens() -> None:
     sizes = [100, 90, 10, 5, 50, 40, 30, 20]
     groups = [group(traj([1], [2] * (n - 1)), gid=str(i)) for i, n in enumerate(sizes)]
-    shards = shard_groups(groups, 2)
-    assert sorted(i for s in shards for i in s) == list(range(8))
-    assert [len(s) for s in shards] == [4, 4]
-    loads = [sum(sizes[i] for i in s) for s in shards]
-    assert abs(loads[0] - loads[1]) <= 10
-    assert shards == shard_groups(groups, 2)  # deterministic
-    # Uneven counts: the first ranks get one more.
-    assert [len(s) for s in shard_groups(groups[:5], 2)] == [3, 2]
+    # Largest first onto the lighter rank (ties: the lower rank): 100 -> r0, 90 -> r1, 50 -> r1,
+    # 40 -> r0, 30 -> r0 (tie at 140), 20 -> r1, 10 -> r1 (now full), 5 -> r0: loads 175 and 170.
+    assert shard_groups(groups, 2) == [[0, 3, 5, 6], [1, 2, 4, 7]]
+    # Uneven counts: the first ranks get one more. 100 -> r0, 90 -> r1, 50 -> r1 (full at 2), 10 and
+    # 5 -> r0 whatever the loads.
+    assert shard_groups(groups[:5], 2) == [[0, 2, 3], [1, 4]]
     assert shard_groups(groups, 1) == [list(range(8))]
+    # Equal sizes: groups in index order, round the ranks.
+    equal = [group(traj([1], [2]), gid=str(i)) for i in range(4)]
+    assert shard_groups(equal, 3) == [[0, 3], [1], [2]]
+    assert shard_groups([], 2) == [[], []]
+    with pytest.raises(ValueError, match="world_size must be > 0"):
+        shard_groups(groups, 0)
 
 
 def test_minibatch_split_shuffles_deterministically() -> None:
@@ -127,8 +126,13 @@ def test_minibatch_split_shuffles_deterministically() -> None:
     assert [[r.index for r in m] for m in plain] == [[0, 1, 2], [3, 4, 5]]
     a = minibatch_split(refs, 2, torch.Generator().manual_seed(1))
     b = minibatch_split(refs, 2, torch.Generator().manual_seed(1))
-    assert [[r.index for r in m] for m in a] == [[r.index for r in m] for m in b]
-    assert sorted(r.index for m in a for r in m) == list(range(6))
+    shuffled = [[r.index for r in m] for m in a]
+    assert shuffled == [[r.index for r in m] for m in b]
+    assert shuffled != [[0, 1, 2], [3, 4, 5]]  # the seed really shuffles
+    assert [len(m) for m in shuffled] == [3, 3]
+    assert sorted(i for m in shuffled for i in m) == list(range(6))
+    # The caller's list is not reordered.
+    assert [r.index for r in refs] == list(range(6))
 
 
 def test_trim_leading_drops_prompt_columns_in_every_row() -> None:
@@ -140,7 +144,6 @@ def test_trim_leading_drops_prompt_columns_in_every_row() -> None:
     assert mb.start == 2 and mb.logits_to_keep == full.input_ids.shape[1] - 2
     assert torch.equal(mb.loss_mask, full.loss_mask[:, 2:])
     assert torch.equal(mb.behavior_logprobs, full.behavior_logprobs[:, 2:])
-    assert torch.equal(mb.versions, full.versions[:, 2:])
     assert torch.equal(mb.targets, full.input_ids[:, 3:])
     assert mb.targets.shape == mb.loss_mask.shape
     assert mb.num_loss_tokens == full.num_loss_tokens
@@ -172,3 +175,86 @@ def test_shared_prefix_is_common_real_and_before_the_kept_columns() -> None:
     # One row: nothing to share.
     (single,) = make_micro_batches(flatten_groups([group(a)]), 1, PAD)
     assert single.shared_prefix == 0
+
+
+def test_collate_dtypes_and_empty_input() -> None:
+    mb = collate(flatten_groups([group(traj([5, 6], [7]))]), PAD)
+    dtypes = (mb.attention_mask, mb.behavior_logprobs, mb.seq_index, mb.lengths)
+    assert [t.dtype for t in dtypes] == [torch.int64, torch.float32, torch.int64, torch.int64]
+    with pytest.raises(ValueError) as e:
+        collate([], PAD)
+    assert str(e.value) == "collate needs at least one sequence"
+    assert (mb.routes, mb.routes_valid, mb.route_layers) == (None, None, ())  # no routes anywhere
+
+
+def test_split_even_keeps_order() -> None:
+    assert split_even(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="parts must be > 0, got 0"):
+        split_even([1], 0)
+
+
+def test_num_micro_batches_rejects_zero_size() -> None:
+    assert num_micro_batches(3, 1) == 3
+    with pytest.raises(ValueError, match="micro_batch_size must be > 0, got 0"):
+        num_micro_batches(3, 0)
+
+
+def test_make_micro_batches_unsorted_truncated_and_errors() -> None:
+    lengths = [9, 3, 6, 4]
+    refs = flatten_groups([group(*(traj([1], [2] * (n - 1)) for n in lengths))])
+    mbs = make_micro_batches(refs, 2, PAD, sort_by_length=False, trim=False)
+    assert [mb.lengths.tolist() for mb in mbs] == [[9, 3], [6, 4]]  # input order kept
+    mbs = make_micro_batches(refs, 2, PAD, max_len=5, trim=False)
+    assert [mb.lengths.tolist() for mb in mbs] == [[3, 4], [5, 5]]  # 6 and 9 cut to max_len
+    with pytest.raises(ValueError, match="no sequences and no filler for a dummy micro-batch"):
+        make_micro_batches([], 1, PAD)
+
+
+def test_shard_groups_capacity_binds() -> None:
+    # 3 groups on 2 ranks: capacities 2 and 1. 10 -> r0, 9 -> r1 (now full), 8 -> r0 although r1
+    # is lighter.
+    groups = [group(traj([1], [2] * (n - 1)), gid=str(i)) for i, n in enumerate([10, 9, 8])]
+    assert shard_groups(groups, 2) == [[0, 2], [1]]
+    # 5 groups on 3 ranks: capacities 2, 2, 1. 10, 9, 8 one each; 7 -> r1 (r2, the lightest, is
+    # full); 6 -> r0.
+    groups = [group(traj([1], [2] * (n - 1)), gid=str(i)) for i, n in enumerate([10, 9, 8, 7, 6])]
+    assert shard_groups(groups, 3) == [[0, 4], [1, 3], [2]]
+
+
+def test_shared_prefix_stops_at_the_first_difference() -> None:
+    # Rows differ at position 1 although every row is real there; trimming starts at 2.
+    a = traj([5, 6, 7], [8])
+    b = traj([5, 9, 7], [8])
+    (mb,) = make_micro_batches(flatten_groups([group(a, b)]), 1, PAD)
+    assert (mb.start, mb.shared_prefix) == (2, 1)
+    # Identical rows share everything up to `start`.
+    (same,) = make_micro_batches(flatten_groups([group(a, traj([5, 6, 7], [8]))]), 1, PAD)
+    assert (same.start, same.shared_prefix) == (2, 2)
+
+
+def test_collate_routes_pad_and_mark_rows_without_routes_invalid() -> None:
+    import numpy as np
+
+    from slime.types import RoutedExperts
+
+    # Two MoE layers (decoder layers 1 and 3), top-2; token 2 of `a` has no routes (valid False).
+    ids = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2)
+    a = traj([5, 6], [7])
+    a.routed_experts = RoutedExperts(ids, np.array([True, True, False]), [1, 3])
+    b = traj([5], [7, 8, 9])  # no routes: all invalid
+    mb = collate(flatten_groups([group(a, b)]), PAD)
+    assert mb.route_layers == (1, 3)
+    assert mb.routes.dtype == torch.int64 and mb.routes.shape == (2, 4, 2, 2)
+    assert mb.routes[0, :3].tolist() == ids.tolist() and (mb.routes[0, 3] == 0).all()
+    assert (mb.routes[1] == 0).all()
+    assert mb.routes_valid.tolist() == [[True, True, False, False], [False, False, False, False]]
+    # Routes of different shapes cannot share a batch.
+    b.routed_experts = RoutedExperts(np.zeros((4, 1, 2), dtype=np.uint8), np.ones(4, dtype=bool), [1])
+    with pytest.raises(ValueError) as e:
+        collate(flatten_groups([group(a, b)]), PAD)
+    assert str(e.value) == (
+        "trajectories of one batch carry routes of different shapes: layers [1] top-2 vs layers [1, 3] top-2"
+    )
+    b.routed_experts = RoutedExperts(np.zeros((4, 2, 1), dtype=np.uint8), np.ones(4, dtype=bool), [1, 3])
+    with pytest.raises(ValueError, match=r"layers \[1, 3\] top-1 vs layers \[1, 3\] top-2$"):
+        collate(flatten_groups([group(a, b)]), PAD)

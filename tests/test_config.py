@@ -311,8 +311,13 @@ def test_a_ray_cluster_that_fits_or_is_joined_is_accepted():
             "must divide the model's number of experts (8)",
         ),
         (
-            ["model=tiny_moe", "trainer.expert_parallel_size=2", "trainer.num_ranks=2"],
-            "expert parallelism is not implemented",
+            [
+                "model=tiny_moe",
+                "trainer.expert_parallel_size=2",
+                "trainer.num_ranks=2",
+                "trainer.zero_stage=3",
+            ],
+            "needs trainer.zero_stage 1 or 2",
         ),
         (["model=tiny_moe", "trainer.expert_parallel_size=0"], "trainer.expert_parallel_size must be > 0"),
     ],

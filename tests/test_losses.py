@@ -454,3 +454,255 @@ def test_token_logprobs_low_precision_upcast() -> None:
     torch.testing.assert_close(out, ref)  # computed in float32 from the bf16 values
     out.sum().backward()
     assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ edges
+# Boundaries, clamps, dtypes and error messages: each test here fails for a specific wrong variant of
+# trainer/losses.py (found with `make mutants`, docs/testing.md).
+
+E20 = math.exp(20.0)
+
+
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(1, n)
+
+
+def test_bands_and_caps_are_inclusive() -> None:
+    # On-policy tokens have rho = 1 exactly. mask_low = mask_high = 1 (allowed by config validation)
+    # keeps them, decoupled_cap = 1 keeps them, tis_cap = 1 does not count them as truncated.
+    lp = torch.tensor([[-1.0, -2.0]])
+    for cfg in (
+        _cfg(off_policy="mask", mask_low=1.0, mask_high=1.0),
+        _cfg(off_policy="decoupled", decoupled_cap=1.0),
+        _cfg(off_policy="tis", tis_cap=1.0),
+    ):
+        loss, m, grad = _run(lp, lp, lp, _ones(2), _ones(2), cfg)
+        _close(loss, -1.0)
+        _close(grad, [[-0.5, -0.5]])
+        _close(m["masked_frac"], 0.0)
+        _close(m["is_truncated_frac"], 0.0)
+    # decoupled_cap = 1 drops a token whose rho is 2 (rho > cap), keeps the rho = 1 one.
+    behav = lp - torch.tensor([[0.0, LN2]])
+    loss, m, _ = _run(lp, lp, behav, _ones(2), _ones(2), _cfg(off_policy="decoupled", decoupled_cap=1.0))
+    _close(loss, -0.5)
+    _close(m["masked_frac"], 0.5)
+
+
+def test_truncation_is_reported_for_tis_only() -> None:
+    # rho = 3 > tis_cap = 2, but the mask mode (band [0.5, 4]) truncates nothing.
+    prox = torch.zeros(1, 1)
+    behav = -_log([3.0])[None]
+    _, m, _ = _run(prox, prox, behav, _ones(1), _ones(1), _cfg(off_policy="mask", mask_high=4.0, tis_cap=2.0))
+    _close(m["is_truncated_frac"], 0.0)
+    _, m, _ = _run(prox, prox, behav, _ones(1), _ones(1), _cfg(off_policy="tis", tis_cap=2.0))
+    _close(m["is_truncated_frac"], 1.0)
+
+
+def test_clip_fraction_sides_follow_the_sign_of_the_advantage() -> None:
+    # A = 0.5 with r = 1.5 > 1.2 is clipped on the high side only; a single token is the whole mean.
+    lp = _log([1.5])[None]
+    _, m, _ = _run(lp, torch.zeros(1, 1), torch.zeros(1, 1), torch.full((1, 1), 0.5), _ones(1), _cfg())
+    _close(m["clip_frac"], 1.0)
+    _close(m["clip_frac/high"], 1.0)
+    _close(m["clip_frac/low"], 0.0)
+
+
+def test_sequence_level_units_are_the_non_empty_sequences() -> None:
+    # Rows: one loss token with rho = 3, no loss token, two loss tokens with rho 2 and 2 (product 4).
+    prox = torch.zeros(3, 2)
+    behav = -torch.tensor([[LN3, 0.0], [0.0, 0.0], [LN2, LN2]])
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    cfg = _cfg(off_policy="tis", off_policy_level="sequence", tis_cap=10.0, loss_agg="seq_mean")
+    loss, m, _ = _run(prox, prox, behav, torch.ones(3, 2), mask, cfg)
+    _close(m["is_ratio/mean"], 3.5)  # (3 + 4) / 2: the empty row is not a unit
+    _close(m["is_ratio/min"], 3.0)
+    _close(loss, -3.5)  # seq_mean of -rho: (-3 - 4) / 2
+
+
+def test_gspo_one_token_sequence_uses_its_own_log_ratio() -> None:
+    # A one-token sequence: s = exp(0.1 / 1), not exp(0.1 / 2).
+    lp = torch.tensor([[0.1, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    cfg = _cfg(ratio_level="sequence", clip_low=0.3, clip_high=0.3)
+    loss, m, _ = _run(lp, torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), mask, cfg)
+    _close(m["policy_ratio/mean"], math.exp(0.1))
+    _close(loss, -math.exp(0.1))
+
+
+def test_extreme_log_ratios_are_clamped_to_20() -> None:
+    def close_rel(actual: torch.Tensor, expected: float) -> None:
+        torch.testing.assert_close(
+            actual.detach().double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0
+        )
+
+    # Token ratios exp(+-30) are clamped to exp(+-20); beyond the clamp the gradient is 0.
+    lp = torch.tensor([[30.0, -30.0]])
+    zeros = torch.zeros(1, 2)
+    adv = torch.tensor([[-1.0, 1.0]])  # both on the unclipped (pessimistic) side of the clip
+    loss, m, grad = _run(lp, zeros, zeros, adv, _ones(2), _cfg(off_policy="none"))
+    close_rel(m["policy_ratio/max"], E20)
+    close_rel(m["policy_ratio/min"], math.exp(-20.0))
+    close_rel(loss, (E20 - math.exp(-20.0)) / 2)  # token_mean of -A * r
+    _close(grad, [[0.0, 0.0]])
+    # k3 of the clamped log-ratio: exp(20) - 1 - 20 and exp(-20) - 1 + 20, averaged.
+    close_rel(m["approx_kl"], (E20 - 21.0 + math.exp(-20.0) + 19.0) / 2)
+    # Sequence-level behaviour ratios: the summed log-ratio 30 (or -30) is clamped too.
+    behav = -torch.tensor([[15.0, 15.0], [-15.0, -15.0]])
+    cfg = _cfg(off_policy="tis", off_policy_level="sequence", tis_cap=2.0)
+    _, m, _ = _run(torch.zeros(2, 2), torch.zeros(2, 2), behav, torch.ones(2, 2), torch.ones(2, 2), cfg)
+    close_rel(m["is_ratio/max"], E20)
+    close_rel(m["is_ratio/min"], math.exp(-20.0))
+    # GSPO: the mean log-ratio 30 (or -30) of a sequence is clamped.
+    lp = torch.tensor([[30.0, 30.0], [-30.0, -30.0]])
+    cfg = _cfg(ratio_level="sequence", off_policy="none")
+    _, m, _ = _run(lp, torch.zeros(2, 2), torch.zeros(2, 2), torch.ones(2, 2), torch.ones(2, 2), cfg)
+    close_rel(m["policy_ratio/max"], E20)
+    close_rel(m["policy_ratio/min"], math.exp(-20.0))
+    # k3 KL estimator: d = +-30 clamped to +-20.
+    k3 = kl_estimate(torch.tensor([30.0, -30.0]), torch.zeros(2), "k3")
+    close_rel(k3[0], math.exp(-20.0) - 1.0 + 20.0)
+    close_rel(k3[1], E20 - 1.0 - 20.0)
+
+
+def test_computation_dtypes() -> None:
+    # float32 logprobs with float64 other inputs: float32 loss; metrics are float32 for float64 inputs.
+    lp = torch.tensor([[-1.0, -2.0]])
+    d = lp.double()
+    loss, m, _ = _run(lp, d, d, _ones(2).double(), _ones(2), _cfg())
+    assert loss.dtype == torch.float32
+    loss, m, _ = _run(d, d, d, _ones(2).double(), _ones(2), _cfg(ratio_level="sequence"))
+    assert loss.dtype == torch.float64
+    assert {v.dtype for v in m.values()} == {torch.float32}
+    # bfloat16 logprobs are computed in float32.
+    loss, _, _ = _run(lp.bfloat16(), lp, lp, _ones(2), _ones(2), _cfg())
+    assert loss.dtype == torch.float32
+    # value loss: float32 values with float64 targets stay float32; bfloat16 values go to float32.
+    v32 = torch.tensor([[0.5]])
+    assert value_loss(v32, v32.double(), v32.double(), _ones(1), clip=0.2).dtype == torch.float32
+    assert value_loss(v32.bfloat16(), v32, v32, _ones(1), clip=0.2).dtype == torch.float32
+
+
+def test_all_masked_batch_gives_zero_float32_metrics() -> None:
+    x = torch.tensor([[-1.0, -2.0]])
+    loss, m, grad = _run(x, x, x, _ones(2), torch.zeros(1, 2), _cfg(off_policy="tis"))
+    _close(loss, 0.0)
+    _close(grad, [[0.0, 0.0]])
+    for key, value in m.items():
+        assert value.dtype == torch.float32 and value.dim() == 0, key
+        _close(value, 0.0)
+
+
+def test_value_loss_tie_keeps_the_unclipped_gradient() -> None:
+    # old 0, clip 0.25, v 1 -> v_clip 0.25; R = 0.625 is exactly between: both errors 0.140625.
+    values = torch.tensor([[1.0]], requires_grad=True)
+    loss = value_loss(values, torch.zeros(1, 1), torch.tensor([[0.625]]), _ones(1), clip=0.25)
+    _close(loss, 0.5 * 0.140625)
+    loss.backward()
+    _close(values.grad, [[0.375]])  # d/dv 0.5 (v - R)^2; the clipped branch would give 0
+
+
+def test_errors_name_the_problem() -> None:
+    x = torch.zeros(3)
+    with pytest.raises(
+        ValueError, match=r"policy_loss expects \[B, T\] tensors of one shape, got \[\(3,\), \(3,\)"
+    ):
+        policy_loss(x, x, x, x, x, _cfg())
+    y = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"got \[\(1, 2\), \(1, 2\), \(1, 2\), \(1, 3\), \(1, 2\)\]"):
+        policy_loss(y, y, y, torch.zeros(1, 3), y, _cfg())
+    for cfg, message in (
+        (_cfg(off_policy_level="word"), "unknown off_policy_level 'word'"),
+        (_cfg(off_policy="clip"), "unknown off_policy correction 'clip'"),
+        (_cfg(ratio_level="word"), "unknown ratio_level 'word'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            policy_loss(y, y, y, y, y, cfg)
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'; expected k1, k2 or k3"):
+        kl_estimate(y, y, "k4")
+    logits, targets = torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long)
+    for fn in (
+        lambda t: token_logprobs_from_logits(logits, targets, t),
+        lambda t: entropy_from_logits(logits, t),
+    ):
+        with pytest.raises(ValueError, match=r"temperature must be > 0, got 0\.0"):
+            fn(0.0)
+    with pytest.raises(
+        ValueError, match=r"expected logits \[B, T, V\] and targets \[B, T\], got \(1, 2, 3\), \(1, 3\)"
+    ):
+        token_logprobs_from_logits(logits, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(
+        ValueError, match=r"expected logits \[B, T, V\] and targets \[B, T\], got \(1, 1, 2, 3\), \(1, 2\)"
+    ):
+        token_logprobs_from_logits(logits[None], targets)
+    with pytest.raises(ValueError, match=r"expected logits \[B, T, V\], got \(1, 1, 2, 3\)"):
+        entropy_from_logits(logits[None])
+
+
+def test_two_dimensional_logits_and_temperature() -> None:
+    # [T, V] logits (0, 2 ln 3): at temperature 2 they are (0, ln 3), p = (1/4, 3/4).
+    logits = torch.tensor([[0.0, 2 * LN3], [0.0, 2 * LN3]])
+    _close(
+        token_logprobs_from_logits(logits, torch.tensor([1, 0]), temperature=2.0), [-0.2876821, -1.3862944]
+    )
+    _close(entropy_from_logits(logits, temperature=2.0), [0.5623351, 0.5623351])
+    # Same for [B, T, V] at temperature 2 (not only at 1).
+    _close(entropy_from_logits(logits[None], temperature=2.0), [[0.5623351, 0.5623351]])
+
+
+def test_low_precision_logits_are_upcast_for_entropy() -> None:
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(2, 3, 11, generator=gen) * 5).to(torch.bfloat16)
+    z = logits.float()
+    ref = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    ent = entropy_from_logits(logits)
+    assert ent.dtype == torch.float32
+    torch.testing.assert_close(ent, ref, rtol=0, atol=1e-5)
+
+
+def test_float64_logprob_gradients_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 12)
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 5, (2, 4), generator=gen)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    w = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    (token_logprobs_from_logits(a, targets, 0.7) * w).sum().backward()
+    (torch.log_softmax(b / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1) * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_aggregate_errors_and_single_sequence() -> None:
+    x = torch.tensor([[1.0, 3.0]])
+    # One non-empty sequence: seq_sum_norm = (1 + 3) / (1 * loss_norm); loss_norm 1 is allowed.
+    _close(aggregate(x, _ones(2), "seq_sum_norm", loss_norm=1.0), 4.0)
+    with pytest.raises(ValueError) as e:
+        aggregate(x, _ones(2), "seq_sum_norm", loss_norm=0.0)
+    assert str(e.value) == "loss_norm must be > 0, got 0.0"
+    with pytest.raises(ValueError) as e:
+        aggregate(x, _ones(2), "sum")
+    assert (
+        str(e.value) == "unknown loss aggregation 'sum'; expected one of token_mean, seq_mean, seq_sum_norm"
+    )
+    with pytest.raises(ValueError) as e:
+        aggregate(torch.zeros(2), torch.zeros(2), "token_mean")
+    assert str(e.value) == "aggregate expects [B, T] per_token and mask, got (2,), (2,)"
+    with pytest.raises(ValueError, match=r"got \(1, 2\), \(1, 3\)"):
+        aggregate(x, torch.ones(1, 3), "token_mean")
+
+
+def test_approx_kl_clamps_large_negative_log_ratios() -> None:
+    # One token, log-ratio -30 clamped to -20: k3 = exp(-20) - 1 + 20 (not exp(-30) - 1 + 30).
+    lp = torch.tensor([[-30.0]])
+    _, m, _ = _run(lp, torch.zeros(1, 1), torch.zeros(1, 1), _ones(1), _ones(1), _cfg(off_policy="none"))
+    _close(m["approx_kl"], 19.0)
+
+
+def test_gspo_ratio_stats_skip_dropped_sequences() -> None:
+    # Row 0 is dropped by the mask band (rho = 4 > 2); row 1 (rho = 1) has s = exp(0.2).
+    lp = torch.tensor([[1.0, 1.0], [0.2, 0.2]])
+    behav = -torch.tensor([[LN2, LN2], [0.0, 0.0]])
+    cfg = _cfg(ratio_level="sequence", off_policy="mask", off_policy_level="sequence", clip_high=0.5)
+    _, m, _ = _run(lp, torch.zeros(2, 2), behav, torch.ones(2, 2), torch.ones(2, 2), cfg)
+    _close(m["policy_ratio/mean"], math.exp(0.2))
+    _close(m["policy_ratio/max"], math.exp(0.2))
