@@ -128,14 +128,15 @@ def test_missing_matplotlib_says_how_to_install(two_runs, tmp_path: Path, monkey
 class FakeRun:
     def __init__(self):
         self.defined: list[tuple[str, str | None]] = []
-        self.logged: list[tuple[dict, int]] = []
+        self.logged: list[dict] = []
         self.id = "fake"
 
     def define_metric(self, name: str, step_metric: str | None = None) -> None:
         self.defined.append((name, step_metric))
 
-    def log(self, data: dict, step: int) -> None:
-        self.logged.append((data, step))
+    def log(self, data: dict) -> None:
+        # No `step=` argument: rows are plotted against their own `step` key (eval rows arrive late).
+        self.logged.append(data)
 
     def finish(self) -> None:
         pass
@@ -213,8 +214,8 @@ def test_metrics_logger_wandb_sections_and_full_samples(fake_wandb: FakeRun, tmp
         "t1",
     )
 
-    (metrics, step), (tables, table_step) = fake_wandb.logged
-    assert step == table_step == 0 and metrics["reward/mean"] == 0.5
+    metrics, tables = fake_wandb.logged
+    assert metrics["step"] == tables["step"] == 0 and metrics["reward/mean"] == 0.5
     table = tables["samples"]
     assert table.columns == list(SAMPLE_COLUMNS)
     assert len(table.data) == 2 and table.data[0] == [sample[c] for c in SAMPLE_COLUMNS]
