@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_group, make_trajectory
 
-from slime.types import Group, Task, Trajectory
+from slime.types import Group, Trajectory
 from trainer.batching import (
     collate,
     flatten_groups,
@@ -20,20 +21,11 @@ PAD = 0
 
 
 def traj(prompt: list[int], response: list[int], reward: float = 0.0, version: int = 3) -> Trajectory:
-    n_p, n_r = len(prompt), len(response)
-    return Trajectory(
-        task_id="t",
-        token_ids=prompt + response,
-        loss_mask=[0] * n_p + [1] * n_r,
-        behavior_logprobs=[0.0] * n_p + [-0.5 - 0.1 * i for i in range(n_r)],
-        versions=[-1] * n_p + [version] * n_r,
-        prompt_len=n_p,
-        reward=reward,
-    )
+    return make_trajectory(prompt, response, reward=reward, version=version)
 
 
 def group(*trajs: Trajectory, gid: str = "g") -> Group:
-    return Group(task=Task(id=gid, prompt="p"), trajectories=list(trajs))
+    return make_group(trajs, task_id=gid)
 
 
 def test_collate_pads_right_and_shifts_per_token_tensors() -> None:

@@ -6,32 +6,22 @@ import asyncio
 import json
 
 import pytest
+from conftest import make_group, make_trajectory
 
 from slime.buffer import ReplayBuffer, load_recorded_groups
 from slime.config import BufferConfig
-from slime.types import Group, Status, Task, Trajectory
+from slime.types import Group, Status, Trajectory
 
 
 def _traj(version: int, reward: float = 1.0, status: Status = Status.COMPLETED) -> Trajectory:
-    return Trajectory(
-        task_id="t",
-        token_ids=[1, 2, 3, 4],
-        loss_mask=[0, 0, 1, 1],
-        behavior_logprobs=[0.0, 0.0, -0.5, -0.7],
-        versions=[-1, -1, version, version],
-        prompt_len=2,
-        reward=reward,
-        status=status,
-        start_version=version,
+    return make_trajectory(
+        [1, 2], [3, 4], reward=reward, version=version, status=status, logprobs=[-0.5, -0.7]
     )
 
 
 def _group(ticket: int, version: int, rewards=(0.0, 1.0)) -> Group:
-    return Group(
-        task=Task(id=f"task{ticket}", prompt="p"),
-        trajectories=[_traj(version, r) for r in rewards],
-        ticket=ticket,
-        start_version=version,
+    return make_group(
+        [_traj(version, r) for r in rewards], task_id=f"task{ticket}", ticket=ticket, version=version
     )
 
 
