@@ -172,12 +172,20 @@ def test_example_plugin_by_dotted_path(experiment, example_plugin_on_path):
     _check(cfg)
 
 
-@pytest.mark.skipif(
-    "reverse" not in {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)},
-    reason="the example plugin (examples/slime-env-example) is not pip-installed",
-)
+@pytest.fixture
+def example_plugin_installed(example_plugin_on_path, tmp_path, monkeypatch):
+    """What `pip install examples/slime-env-example` leaves for importlib.metadata: a dist-info with the
+    `slime.envs` entry point (tests/test_plugin_package.py does the real pip install in a subprocess)."""
+    info = tmp_path / "slime_env_example-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: slime-env-example\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nreverse = slime_env_example:ReverseEnv\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "reverse" in {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_example_plugin_by_entry_point_name(experiment):
+def test_example_plugin_by_entry_point_name(experiment, example_plugin_installed):
     cfg = _compose([f"+experiment={experiment}", "env.name=reverse", FEW_TASKS])
     assert cfg.env.kwargs == {}
     _check(cfg)
