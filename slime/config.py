@@ -133,6 +133,9 @@ class RoutingReplay(enum.StrEnum):
     none = "none"  # the trainer's routers choose experts themselves
     rollout = "rollout"  # the trainer's forward uses the experts the rollout engine chose (R3)
     old = "old"  # the trainer's forward uses the experts of its own first (old-policy) forward
+    measure = (
+        "measure"  # the engine returns its routes; the trainer compares (moe/routing_mismatch), no replay
+    )
 
 
 class LoggerMode(enum.StrEnum):
@@ -462,7 +465,8 @@ class AlgorithmConfig:
     num_minibatches: int = opt(1, "optimizer steps per pass (the policy version still moves by 1 per batch)")
     routing_replay: RoutingReplay = opt(
         RoutingReplay.none,
-        "MoE routing replay: rollout = the engine returns each token's experts and the trainer reuses them",
+        "MoE routing replay: rollout = the engine returns each token's experts and the trainer reuses them; "
+        "old = the trainer's old-policy pass's; measure = routes returned and compared, not replayed",
     )
 
     def validate(self) -> None:
@@ -752,9 +756,9 @@ def _check_routing_replay(cfg: SlimeConfig) -> None:
         "set algorithm.routing_replay=none",
     )
     _require(
-        replay != RoutingReplay.rollout or cfg.rollout.engine == Engine.vllm,
-        "algorithm.routing_replay=rollout needs the engine's routes, which only rollout.engine=vllm captures: "
-        "set rollout.engine=vllm or algorithm.routing_replay=none",
+        replay not in (RoutingReplay.rollout, RoutingReplay.measure) or cfg.rollout.engine == Engine.vllm,
+        f"algorithm.routing_replay={replay.value} needs the engine's routes, which only rollout.engine=vllm "
+        "captures: set rollout.engine=vllm or algorithm.routing_replay=none",
     )
     # A recomputed layer would run its router hook outside the forward that announced its tokens.
     _require(

@@ -51,7 +51,7 @@ class RolloutFleet:
                 cfg.env,
                 cfg.seed,
                 os.path.join(cfg.run_dir, "rollout", f"worker{i}"),
-                capture_routes=cfg.algorithm.routing_replay == "rollout",
+                capture_routes=cfg.algorithm.routing_replay in ("rollout", "measure"),
             )
             for i in range(cfg.rollout.num_workers)
         ]

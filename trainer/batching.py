@@ -57,6 +57,12 @@ class MicroBatch:
     dummy: bool = False
     start: int = 0  # leading prediction columns trimmed away (no row has loss there)
     shared_prefix: int = 0  # leading tokens identical (and real) in every row, at most `start`
+    # MoE routes the engine chose (None when no trajectory carries any): routes[b, t, m, k] is the k-th
+    # expert of input token t in MoE layer route_layers[m]; routes_valid[b, t] says it has routes.
+    routes: torch.Tensor | None = None  # [B, L, M, K] int64
+    routes_valid: torch.Tensor | None = None  # [B, L] bool
+    route_layers: tuple[int, ...] = ()
+    old_routes: torch.Tensor | None = None  # [B, L, M, K] int64, set by routing_replay=old's first pass
 
     @property
     def targets(self) -> torch.Tensor:
@@ -119,9 +125,13 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
         attention_mask[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(t.loss_mask[:n], dtype=torch.float32)
         behavior[row, :n] = torch.tensor(t.behavior_logprobs[:n], dtype=torch.float32)
+    routes, routes_valid, route_layers = collate_routes(seqs, lengths, length)
     # Shift: column t of the per-token tensors describes token t+1 (what logits[:, t] predict). The
     # first token is never predicted, so its loss-mask entry is dropped (it is a prompt token anyway).
     return MicroBatch(
+        routes=routes,
+        routes_valid=routes_valid,
+        route_layers=route_layers,
         input_ids=input_ids,
         attention_mask=attention_mask,
         loss_mask=loss_mask[:, 1:].contiguous(),
@@ -129,6 +139,33 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
         seq_index=torch.tensor([s.index for s in seqs], dtype=torch.int64),
         lengths=torch.tensor(lengths, dtype=torch.int64),
     )
+
+
+def collate_routes(
+    seqs: Sequence[SeqRef], lengths: Sequence[int], length: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
+    """The rows' MoE routes as ([B, L, M, K] int64 ids, [B, L] bool valid, layers); (None, None, ())
+    when no trajectory carries routes. Rows without routes and padding are not valid. Raises
+    ValueError when trajectories disagree on the MoE layers or top-k."""
+    have = [s.traj.routed_experts for s in seqs if s.traj.routed_experts is not None]
+    if not have:
+        return None, None, ()
+    first = have[0]
+    for r in have[1:]:
+        if r.layers != first.layers or r.top_k != first.top_k:
+            raise ValueError(
+                f"trajectories of one batch carry routes of different shapes: layers {r.layers} top-{r.top_k} "
+                f"vs layers {first.layers} top-{first.top_k}"
+            )
+    ids = torch.zeros((len(seqs), length, len(first.layers), first.top_k), dtype=torch.int64)
+    valid = torch.zeros((len(seqs), length), dtype=torch.bool)
+    for row, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        r = s.traj.routed_experts
+        if r is None:
+            continue
+        ids[row, :n] = torch.from_numpy(r.ids[:n].astype("int64"))
+        valid[row, :n] = torch.from_numpy(r.valid[:n])
+    return ids, valid, tuple(first.layers)
 
 
 def trim_leading(mb: MicroBatch) -> MicroBatch:

@@ -48,9 +48,14 @@ def resolve_precision(requested: str, use_cuda: bool) -> bool:
 
 
 def deepspeed_config(
-    cfg: TrainerConfig, bf16: bool, stage: int | None = None, train: bool = True
+    cfg: TrainerConfig,
+    bf16: bool,
+    stage: int | None = None,
+    train: bool = True,
+    expert_parallel: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config for one model (no "optimizer"/"scheduler" blocks: see the module docstring)."""
+    """The DeepSpeed config for one model (no "optimizer"/"scheduler" blocks: see the module docstring);
+    `expert_parallel` is AutoEP's section (trainer/expert_parallel.py), for the policy only."""
     stage = cfg.zero_stage if stage is None else stage
     zero: dict[str, Any] = {"stage": stage}
     if stage == 1:
@@ -64,6 +69,8 @@ def deepspeed_config(
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if expert_parallel is not None:
+        ds["expert_parallel"] = expert_parallel
     if train:
         ds.update(
             {
@@ -96,17 +103,33 @@ def no_dropout(module: nn.Module) -> None:
             m.p = 0.0
 
 
-def build_trainable(module: nn.Module, lr: float, cfg: TrainerConfig, bf16: bool) -> Any:
+def build_trainable(
+    module: nn.Module,
+    lr: float,
+    cfg: TrainerConfig,
+    bf16: bool,
+    expert_parallel: dict[str, Any] | None = None,
+) -> Any:
     """`module` as a DeepSpeed model with its own AdamW at `lr`, in train mode (the policy and the
-    critic are both built here)."""
+    critic are both built here). With `expert_parallel` (AutoEP's config section) DeepSpeed shards the
+    MoE experts while it builds the model; the optimizer is then created after that replacement, with
+    the expert parameters in their own groups (trainer/expert_parallel.py)."""
     import deepspeed
 
     if cfg.gradient_checkpointing:
         # The critic keeps its transformer as `.body`; the policy is the transformer itself.
         target = getattr(module, "body", module)
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if expert_parallel is None:
+        optimizer: Any = _adamw(module, lr, cfg)
+    else:
+        from trainer.expert_parallel import moe_param_groups
+
+        def optimizer(_params: Any) -> torch.optim.AdamW:
+            return _adamw(module, lr, cfg, split=moe_param_groups)
+
     model, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=_adamw(module, lr, cfg), config=deepspeed_config(cfg, bf16)
+        model=module, optimizer=optimizer, config=deepspeed_config(cfg, bf16, expert_parallel=expert_parallel)
     )
     if _plain_torch_step(cfg.zero_stage, bf16):
         _record_grad_norm(model, cfg.grad_clip)
@@ -139,14 +162,20 @@ def grad_norm(model: Any) -> float:
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 
-def _adamw(model: nn.Module, lr: float, cfg: TrainerConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights and biases are not decayed)."""
+def _adamw(model: nn.Module, lr: float, cfg: TrainerConfig, split: Any = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights and biases are not decayed); `split`
+    rearranges the param groups (expert parallelism puts experts into groups of their own)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
     groups = [g for g in groups if g["params"]]
+    if split is not None:
+        groups = split(groups)
     return torch.optim.AdamW(groups, lr=lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])), eps=1e-8)
 
 

@@ -1,6 +1,8 @@
-"""Full weights out of a DeepSpeed policy (ZeRO-3 gathered), weight pushes and checkpoints.
+"""Full weights out of a DeepSpeed policy (ZeRO-3 gathered, expert-parallel experts gathered), weight
+pushes and checkpoints.
 
-Every function here is a collective under ZeRO-3: all ranks call it together (rank 0 writes).
+Every function here is a collective under ZeRO-3 and expert parallelism (`collective=True`): all ranks
+call it together (rank 0 writes).
 Checkpoint layout: slime/checkpoint.py.
 """
 
@@ -20,19 +22,23 @@ from slime.types import WeightManifest
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
-def full_named_tensors(policy: Any, zero3: bool, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
+def full_named_tensors(policy: Any, collective: bool, dtype: torch.dtype) -> Iterator[tuple[str, Tensor]]:
     """Yield (checkpoint name, full CPU tensor in `dtype`) of a DeepSpeed policy, one layer at a time.
 
-    Every rank must exhaust this generator under ZeRO-3 (gathering is collective); other stages read
-    their local full copies. Parameters are grouped by decoder layer and converted to the checkpoint
-    layout per group (`slime.weights.to_checkpoint_format`: tied weights dropped, fused MoE experts
-    split back per expert), so peak extra memory is one layer.
+    Every rank must exhaust this generator when `collective` (ZeRO-3 or expert parallelism: gathering
+    is collective); otherwise each rank reads its local full copies. Parameters are grouped by decoder
+    layer, expert-parallel layers are gathered back into transformers' layout
+    (`trainer.expert_parallel.to_transformers_layout`), and each group is converted to the checkpoint
+    layout (`slime.weights.to_checkpoint_format`: tied weights dropped, fused MoE experts split back per
+    expert), so peak extra memory is one layer.
     """
     import deepspeed
 
     from slime.weights import to_checkpoint_format
+    from trainer.expert_parallel import autoep_layers, to_transformers_layout
 
     module = policy.module
+    ep_layers = autoep_layers(module)
     persistent = set()
     for mod_name, mod in module.named_modules():
         for b_name, buf in mod._buffers.items():
@@ -41,10 +47,13 @@ def full_named_tensors(policy: Any, zero3: bool, dtype: torch.dtype) -> Iterator
     entries: list[tuple[str, Tensor]] = list(module.named_parameters())
     entries += [(n, b) for n, b in module.named_buffers() if n in persistent]
     for _, group in layer_groups(entries):
-        params = [t for _, t in group if isinstance(t, nn.Parameter)]
-        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero3 else nullcontext()
+        params = [t for _, t in group if isinstance(t, nn.Parameter) and hasattr(t, "ds_id")]
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else nullcontext()
         with ctx:
-            full = {n: t.detach().to(device="cpu", dtype=dtype) for n, t in group}
+            full = {
+                n: t.detach().to(device="cpu", dtype=dtype)
+                for n, t in to_transformers_layout(ep_layers, group)
+            }
         yield from to_checkpoint_format(module, full).items()
 
 
@@ -69,16 +78,16 @@ def _drain(tensors: Iterator[Any]) -> None:
 
 
 def export_weights(
-    policy: Any, rank: int, zero3: bool, dtype: torch.dtype, version: int, out_dir: str, bucket_mb: int
+    policy: Any, rank: int, collective: bool, dtype: torch.dtype, version: int, out_dir: str, bucket_mb: int
 ) -> WeightManifest | None:
     """Write the full policy weights (checkpoint names, `dtype`) as versioned buckets
     (`slime.weights.write_weights`). Rank 0 writes and returns the manifest, the others None."""
     from slime.weights import write_weights
 
-    tensors = full_named_tensors(policy, zero3, dtype)
+    tensors = full_named_tensors(policy, collective, dtype)
     if rank == 0:
         return write_weights(tensors, version, out_dir, bucket_mb, dtype=dtype)
-    if zero3:
+    if collective:
         _drain(tensors)
     return None
 
@@ -89,7 +98,7 @@ def save_checkpoint(
     *,
     rank: int,
     world_size: int,
-    zero3: bool,
+    collective: bool,
     dtype: torch.dtype,
     model_dir: str,
     ckpt_dir: str,
@@ -110,11 +119,11 @@ def save_checkpoint(
         critic.save_checkpoint(
             os.path.join(ckpt_dir, ck.CRITIC_DIR), tag=ck.DS_TAG, client_state=client_state, save_latest=False
         )
-    tensors = full_named_tensors(policy, zero3, dtype)
+    tensors = full_named_tensors(policy, collective, dtype)
     if rank == 0:
         hf_dir = os.path.join(ckpt_dir, ck.HF_DIR)
         ck.write_hf_checkpoint(tensors, policy.module.config, model_dir, hf_dir, dtype=dtype)
-    elif zero3:
+    elif collective:
         _drain(tensors)
     if world_size > 1:
         dist.barrier()  # every rank's DeepSpeed files are on disk before the marker says complete

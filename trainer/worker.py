@@ -28,6 +28,7 @@ from trainer import objective as obj
 from trainer.batching import SeqRef, flatten_groups, make_micro_batches, minibatch_split, num_micro_batches
 from trainer.forward import Forward, to_device, values
 from trainer.process import Collectives
+from trainer.routing import Routing, model_router_coefs
 from trainer.step_metrics import StepMetrics
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,11 @@ class TrainerSpec:
             raise ValueError(
                 "algorithm.overlong_buffer > 0 needs max_response_len (the generated-token limit)"
             )
-        if self.trainer.expert_parallel_size != 1:
+        ep = self.trainer.expert_parallel_size
+        if ep < 1 or self.trainer.num_ranks % ep:
             raise ValueError(
-                "trainer.expert_parallel_size != 1 is not supported for transformers MoE models: "
-                "ZeRO (stage 2/3) shards the experts instead"
+                f"trainer.expert_parallel_size ({ep}) must be >= 1 and divide trainer.num_ranks "
+                f"({self.trainer.num_ranks})"
             )
 
 
@@ -89,6 +91,8 @@ class TrainerWorker:
     critic: Any  # DeepSpeed model of the critic, or None
     reference: Any  # frozen reference model (a module, or a ZeRO-3 DeepSpeed model), or None
     forward: Forward
+    routing: Routing | None  # MoE router hooks of the policy (trainer/routing.py); None when dense
+    router_coefs: tuple[float, float]  # (aux, z) router-loss coefficients in effect
     comm: Collectives
     device: torch.device
     bf16: bool
@@ -107,6 +111,8 @@ class TrainerWorker:
         self.world_size = world_size
         self.step = 0
         self.policy = self.critic = self.reference = None
+        self.routing = None
+        self.router_coefs = (0.0, 0.0)
         self.setup_s = 0.0
         self._process_env = contextlib.ExitStack()
 
@@ -147,7 +153,19 @@ class TrainerWorker:
         model = load_causal_lm(spec.model_dir, spec.model)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
-        self.policy = build_trainable(model, cfg.lr, cfg, self.bf16)
+        expert_parallel = None
+        if cfg.expert_parallel_size > 1:
+            from trainer.expert_parallel import autoep_section
+
+            expert_parallel = autoep_section(cfg, str(model.config.model_type))
+        self.router_coefs = model_router_coefs(model.config, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
+        self.policy = build_trainable(model, cfg.lr, cfg, self.bf16, expert_parallel)
+        replay = str(self.algo.routing_replay)
+        self.routing = Routing.install(self.policy.module, replay)
+        if self.routing is None and replay != "none":
+            raise ValueError(f"algorithm.routing_replay={replay}: {spec.model_dir} has no MoE router")
+        if self.routing is not None:
+            self.routing.loss_graph = any(c > 0 for c in self.router_coefs)
         self.device = self.policy.device
         self.comm = Collectives(self.rank, self.world_size, self.device)
         # Not under ZeRO-3: its per-parameter gradient hooks reduce a parameter once per forward that
@@ -169,6 +187,8 @@ class TrainerWorker:
             "rank": self.rank,
             "bf16": self.bf16,
             "zero_stage": cfg.zero_stage,
+            "expert_parallel_size": cfg.expert_parallel_size,
+            "moe_layers": self.routing.layers if self.routing is not None else [],
             "num_params": self.num_params,
             "reference": self.reference is not None,
             "critic": self.critic is not None,
@@ -178,6 +198,9 @@ class TrainerWorker:
     def close(self) -> None:
         """Release the DeepSpeed models and what setup() set in the process environment (the
         process group stays: it is per process)."""
+        if self.routing is not None:
+            self.routing.remove()
+            self.routing = None
         for model in (self.policy, self.critic, self.reference):
             if model is not None and hasattr(model, "destroy"):
                 model.destroy()
@@ -187,6 +210,12 @@ class TrainerWorker:
     @property
     def _zero3(self) -> bool:
         return self.cfg.zero_stage == 3
+
+    @property
+    def _collective_export(self) -> bool:
+        """Whether gathering full weights is a collective: ZeRO-3 partitions, expert parallelism shards
+        the experts."""
+        return self._zero3 or self.cfg.expert_parallel_size > 1
 
     # -- the step ---------------------------------------------------------------------------------
     def train_step(self, groups: list[Group], version: int) -> dict[str, float]:
@@ -250,7 +279,7 @@ class TrainerWorker:
             return
         for w in (w for mini in plan for w in mini):
             if need_prox:
-                w.prox = self.forward.logprobs(self.policy, w.mb).float()
+                w.prox = self.forward.logprobs(self.policy, w.mb, self.routing, measure=True).float()
             if self.reference is not None:
                 w.ref = self.forward.logprobs(self.reference, w.mb).float()
             if self.critic is not None:
@@ -295,10 +324,16 @@ class TrainerWorker:
         """Forward and backward of one micro-batch; returns its weighted policy loss. DeepSpeed
         averages gradients over ranks, so the weighted losses are scaled by the world size."""
         weight = norms.policy_weight(minibatch, w.mb, self.algo.loss_agg)
-        logits = self.forward.logits(self.policy, w.mb)  # [B, T, V]
+        # The first policy forward of this micro-batch in the step (no proximal pass) is measured.
+        logits = self.forward.logits(self.policy, w.mb, self.routing, measure=w.prox is None)  # [B, T, V]
         total, policy = obj.micro_step_loss(
             logits, w, self.algo, self.forward.temperature, norms.loss_norm, weight, m
         )
+        if self.routing is not None:
+            router_losses = self.routing.take_losses()
+            if router_losses is not None:
+                aux_coef, z_coef = self.router_coefs
+                total = total + aux_coef * router_losses[0] + z_coef * router_losses[1]
         self.policy.backward(total * (weight * self.world_size))
         if self.critic is not None:
             vl = obj.value_step_loss(values(self.critic, w.mb), w, self.algo, m)
@@ -316,6 +351,8 @@ class TrainerWorker:
         t0: float,
     ) -> dict[str, float]:
         metrics = m.reduce(self.comm)
+        if self.routing is not None:
+            metrics.update(self.routing.reduce_metrics(self.comm))
         train_s = self.comm.all_reduce([time.perf_counter() - t0], "max")[0]
         metrics.update(
             {
@@ -337,13 +374,31 @@ class TrainerWorker:
             metrics["critic/grad_norm"] = sum(critic_norms) / len(critic_norms)
         return metrics
 
+    def memory(self) -> dict[str, float]:
+        """This rank's memory: peak resident set of the process (MB, since it started) and the bytes
+        of the policy's parameters it holds (MB)."""
+        import resource
+
+        params = sum(p.numel() * p.element_size() for p in self.policy.module.parameters())
+        return {
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "param_mb": params / 2**20,
+        }
+
+    def expert_shards(self) -> tuple[int, int]:
+        """(expert parameters this rank holds, expert parameters of the model) under expert
+        parallelism; (0, 0) without it."""
+        from trainer.expert_parallel import expert_shards
+
+        return expert_shards(self.policy.module)
+
     # -- weights and checkpoints ------------------------------------------------------------------
     def full_named_tensors(self, dtype: torch.dtype) -> Any:
         """The policy's full weights under checkpoint names, one layer at a time (a collective under
         ZeRO-3: every rank exhausts it)."""
         from trainer.export import full_named_tensors
 
-        return full_named_tensors(self.policy, self._zero3, dtype)
+        return full_named_tensors(self.policy, self._collective_export, dtype)
 
     def export_weights(self, version: int, out_dir: str, bucket_mb: int) -> WeightManifest | None:
         """Write the full policy weights (checkpoint names, `model.dtype`) as versioned buckets.
@@ -351,7 +406,7 @@ class TrainerWorker:
         from trainer.export import export_weights
 
         return export_weights(
-            self.policy, self.rank, self._zero3, self.export_dtype, version, out_dir, bucket_mb
+            self.policy, self.rank, self._collective_export, self.export_dtype, version, out_dir, bucket_mb
         )
 
     def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
@@ -364,7 +419,7 @@ class TrainerWorker:
             self.critic,
             rank=self.rank,
             world_size=self.world_size,
-            zero3=self._zero3,
+            collective=self._collective_export,
             dtype=self.export_dtype,
             model_dir=self.spec.model_dir,
             ckpt_dir=ckpt_dir,
