@@ -152,3 +152,29 @@ def make_group(
     return Group(
         task=Task(id=task_id, prompt="p"), trajectories=list(trajectories), ticket=ticket, start_version=start
     )
+
+
+@pytest.fixture(scope="module")
+def in_process_trainer() -> Iterator[None]:
+    """For modules that build TrainerWorkers in the test process: they share one world-size-1 process
+    group. Afterwards the group, DeepSpeed's cached groups and comm backend and the thread count are
+    released, so the next module (or an expert-parallel one) starts clean."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    try:
+        import deepspeed.comm.comm as ds_comm
+        from deepspeed.utils import groups
+    except ImportError:
+        pass
+    else:
+        # torch's destroy_process_group bypasses DeepSpeed, whose group cache would then hand the next
+        # trainer a destroyed group ("Group ... is not registered").
+        groups._release_process_group_references(None)
+        ds_comm.cdb = None
+    torch.set_num_threads(threads)

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -31,21 +30,8 @@ WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " then", " ran", "
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _process_group() -> Iterator[None]:
-    """In-process workers share one world-size-1 process group; torn down after the module."""
-    threads = torch.get_num_threads()
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    try:
-        import deepspeed.comm.comm as ds_comm
-
-        ds_comm.cdb = None
-    except ImportError:
-        pass
-    torch.set_num_threads(threads)
+def _process_group(in_process_trainer) -> None:
+    """In-process workers share one process group, released after the module (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
