@@ -45,8 +45,8 @@ def _refresh_tied_heads(model: torch.nn.Module) -> list[str]:
     Why: with tie_word_embeddings the lm_head's weight *is* the embedding's parameter. vLLM's in-place
     reload loads it through the embedding only, so the lm_head counts as "not loaded" and keeps the state
     its quant method derived at start-up; on CPU that is a prepacked GEMM copy of the old embedding, and
-    logits keep coming from the old weights (measured: mean logprob error 0.44 vs 0.06). Re-deriving it from the (updated) shared tensor
-    fixes that. Only tied heads are touched: re-running the method on ordinary linear layers, whose
+    logits keep coming from the old weights (measured: mean logprob error 0.44 vs 0.06). Re-deriving it
+    from the (updated) shared tensor fixes that. Only tied heads are touched: re-running the method on ordinary linear layers, whose
     original weight the CPU path drops after packing, would be wrong.
     """
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
