@@ -9,7 +9,7 @@
   are data-parallel either way, at EP size 2 each holds half of every MoE layer's experts. Reported: the
   median `perf/train_tokens_per_s` of steps 2..N, each rank's parameter bytes and peak resident memory.
 - replay: `+experiment=glm5_tiny` synchronously (buffer.max_staleness=0, so the logprob mismatch is
-  numerical, not policy change) with routing_replay=rollout and =measure (routes returned and compared,
+  numerical, not policy change) with routing_replay=rollout and =none (routes returned and compared,
   not replayed), in the default precision
   (bf16 where native) and in fp32; means over the steps.
 - push: glm5_tiny on two ranks with EP size 2: `export_weights` (all-gather of the experts + bucketed
@@ -136,7 +136,7 @@ def part_replay(steps: int, work: str) -> list[dict[str, Any]]:
 
     out = []
     for precision in ("auto", "float32"):
-        for replay in ("rollout", "measure"):
+        for replay in ("rollout", "none"):
             overrides = [
                 "+experiment=glm5_tiny",
                 f"trainer.steps={steps}",

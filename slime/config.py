@@ -133,9 +133,6 @@ class RoutingReplay(enum.StrEnum):
     none = "none"  # the trainer's routers choose experts themselves
     rollout = "rollout"  # the trainer's forward uses the experts the rollout engine chose (R3)
     old = "old"  # the trainer's forward uses the experts of its own first (old-policy) forward
-    measure = (
-        "measure"  # the engine returns its routes; the trainer compares (moe/routing_mismatch), no replay
-    )
 
 
 class LoggerMode(enum.StrEnum):
@@ -292,6 +289,11 @@ class RolloutConfig:
     gpus_per_worker: float = opt(0.0, "Ray GPU resources per worker (GPU machines)")
     tensor_parallel_size: int = opt(1, "vLLM tensor parallel size (GPU machines)")
     max_restarts: int = opt(3, "restarts of one rollout worker (engine death, crash) before the run ends")
+    capture_routes: bool = opt(
+        True,
+        "MoE models: the engine returns each token's experts (moe/routing_mismatch, routing replay); on CPU "
+        "this turns vLLM's prefix caching off",
+    )
     seeded_sampling: bool = opt(
         False, "seed each ticket's episodes from (seed, ticket): a resumed run samples the same episodes"
     )
@@ -465,8 +467,8 @@ class AlgorithmConfig:
     num_minibatches: int = opt(1, "optimizer steps per pass (the policy version still moves by 1 per batch)")
     routing_replay: RoutingReplay = opt(
         RoutingReplay.none,
-        "MoE routing replay: rollout = the engine returns each token's experts and the trainer reuses them; "
-        "old = the trainer's old-policy pass's; measure = routes returned and compared, not replayed",
+        "MoE routing replay: rollout = the trainer's forward uses the experts the engine chose; old = those "
+        "of its own old-policy pass; none = its routers choose (moe/routing_mismatch is logged either way)",
     )
 
     def validate(self) -> None:
@@ -756,9 +758,9 @@ def _check_routing_replay(cfg: SlimeConfig) -> None:
         "set algorithm.routing_replay=none",
     )
     _require(
-        replay not in (RoutingReplay.rollout, RoutingReplay.measure) or cfg.rollout.engine == Engine.vllm,
-        f"algorithm.routing_replay={replay.value} needs the engine's routes, which only rollout.engine=vllm "
-        "captures: set rollout.engine=vllm or algorithm.routing_replay=none",
+        replay != RoutingReplay.rollout or (cfg.rollout.engine == Engine.vllm and cfg.rollout.capture_routes),
+        f"algorithm.routing_replay={replay.value} needs the engine's routes, which rollout.engine=vllm captures "
+        "with rollout.capture_routes=true: set those, or algorithm.routing_replay=none",
     )
     # A recomputed layer would run its router hook outside the forward that announced its tokens.
     _require(

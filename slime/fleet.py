@@ -15,15 +15,22 @@ resumes its loop; `rollout/restarts` counts these. A worker that dies more than
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from typing import Any
 
-from slime.config import SlimeConfig
+from slime.config import SlimeConfig, count_experts
 from slime.types import Group, Task, WeightManifest
 
 log = logging.getLogger("slime")
+
+
+def is_moe(model_dir: str) -> bool:
+    """Whether the resolved checkpoint in `model_dir` is a mixture-of-experts model."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return count_experts(json.load(f)) > 0
 
 
 class RolloutFleet:
@@ -51,7 +58,10 @@ class RolloutFleet:
                 cfg.env,
                 cfg.seed,
                 os.path.join(cfg.run_dir, "rollout", f"worker{i}"),
-                capture_routes=cfg.algorithm.routing_replay in ("rollout", "measure"),
+                # Every MoE run returns the engine's routes (moe/routing_mismatch, replay) where vLLM runs.
+                capture_routes=cfg.rollout.capture_routes
+                and cfg.rollout.engine == "vllm"
+                and is_moe(model_dir),
             )
             for i in range(cfg.rollout.num_workers)
         ]

@@ -115,19 +115,19 @@ def test_tiny_moe_expert_parallel_through_the_loop(tmp_path, ray_cluster):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_routing_replay_removes_the_routing_mismatch(dtype, tmp_path, ray_cluster):
-    """Step 0 of a synchronous glm5_tiny run (engine and trainer on identical weights): with routes only
-    measured, the trainer's routers pick other experts than the engine's wherever precision differs; with
+    """Step 0 of a synchronous glm5_tiny run (engine and trainer on identical weights): without replay
+    (the engine's routes still returned and compared), the trainer's routers pick other experts than the engine's wherever precision differs; with
     replay the experts used are the engine's and the logprob mismatch falls. In fp32 both already agree."""
     from slime.models import has_native_bf16
 
     if dtype == "bfloat16" and not has_native_bf16():
         pytest.skip("this CPU has no native bf16, the engine's reduced precision is fp32 here")
     rows = {}
-    for replay in ("measure", "rollout"):
+    for replay in ("none", "rollout"):
         overrides = ["+experiment=glm5_tiny", "trainer.steps=1", "buffer.max_staleness=0"]
         overrides += [f"algorithm.routing_replay={replay}", f"model.dtype={dtype}", f"trainer.dtype={dtype}"]
         (rows[replay],) = api.run(overrides, run_dir=str(tmp_path / replay))
-    measured, replayed = rows["measure"], rows["rollout"]
+    measured, replayed = rows["none"], rows["rollout"]
     assert measured["moe/routing_mismatch_used"] == measured["moe/routing_mismatch"]  # its own experts
     assert replayed["moe/routing_mismatch_used"] == 0.0
     if dtype == "float32":

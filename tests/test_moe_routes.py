@@ -98,7 +98,7 @@ def _compose(overrides: list[str]):
         (["model=tiny_dense", "algorithm.routing_replay=old"], "tiny-dense is dense"),
         (
             ["model=tiny_moe", "algorithm.routing_replay=rollout", "rollout.engine=transformers"],
-            "set rollout.engine=vllm",
+            "rollout.engine=vllm captures",
         ),
     ],
 )

@@ -499,9 +499,9 @@ EP2 = ["model=tiny_moe", "trainer.expert_parallel_size=2", "trainer.num_ranks=2"
         (["model=tiny_dense", "algorithm.routing_replay=rollout"], "algorithm.routing_replay", "is dense"),
         (["model=tiny_dense", "algorithm.routing_replay=old"], "algorithm.routing_replay", "is dense"),
         (
-            ["model=tiny_moe", "algorithm.routing_replay=measure", "rollout.engine=transformers"],
+            ["model=tiny_moe", "algorithm.routing_replay=rollout", "rollout.capture_routes=false"],
             "algorithm.routing_replay",
-            "rollout.engine=vllm",
+            "rollout.capture_routes=true",
         ),
         (
             ["model=tiny_moe", "algorithm.routing_replay=rollout", "rollout.engine=transformers"],

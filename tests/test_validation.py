@@ -316,8 +316,14 @@ def test_routing_replay_needs_moe_and_vllm_for_rollout_routes(tmp_path) -> None:
     assert _message(
         **moe, algorithm__routing_replay=RoutingReplay.rollout, rollout__engine="transformers"
     ) == (
-        "algorithm.routing_replay=rollout needs the engine's routes, which only rollout.engine=vllm captures: "
-        "set rollout.engine=vllm or algorithm.routing_replay=none"
+        "algorithm.routing_replay=rollout needs the engine's routes, which rollout.engine=vllm captures with "
+        "rollout.capture_routes=true: set those, or algorithm.routing_replay=none"
+    )
+    assert _message(
+        **moe, algorithm__routing_replay=RoutingReplay.rollout, rollout__capture_routes=False
+    ) == (
+        "algorithm.routing_replay=rollout needs the engine's routes, which rollout.engine=vllm captures with "
+        "rollout.capture_routes=true: set those, or algorithm.routing_replay=none"
     )
     dense = _checkpoint(tmp_path, {"hidden_size": 64})
     assert _message(**dense, algorithm__routing_replay=RoutingReplay.rollout) == (
