@@ -54,6 +54,7 @@ class ReplayBuffer:
         self._groups: list[Group] = []
         self._outstanding: dict[int, int] = {}  # ticket -> worker, admitted and not yet put
         self._reissue: list[int] = []  # tickets to hand out again, oldest first
+        self._handed_out: list[Group] = []  # the batch of the latest get_batch call
         self._cond = asyncio.Condition()
         self._dropped: collections.Counter[str] = collections.Counter()  # since last stats()
         self._failed_episodes = 0
@@ -186,6 +187,7 @@ class ReplayBuffer:
         """Wait until n fresh groups are ready; return the n oldest (by ticket) and seconds waited."""
         t0 = time.perf_counter()
         async with self._cond:
+            self._handed_out = []  # this call's batch, until the next call (see snapshot)
 
             def ready() -> bool:
                 self._drop_stale(version)
@@ -194,10 +196,11 @@ class ReplayBuffer:
             await self._cond.wait_for(ready)
             if self.failure is not None:
                 raise RuntimeError(self.failure)
-            if len(self._groups) < n:
+            if self.closed:  # a stopping run: never hand a batch to a caller that stopped waiting
                 raise RuntimeError("replay buffer closed before a full batch was ready")
             self._groups.sort(key=lambda g: g.ticket)
             batch, self._groups = self._groups[:n], self._groups[n:]
+            self._handed_out = batch
             self._zero_variance_since_batch = 0
             # Dropping stale groups refunded tickets: let workers start replacements.
             self._cond.notify_all()
@@ -223,15 +226,18 @@ class ReplayBuffer:
         return out
 
     # -- resume ---------------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, with_last_batch: bool = False) -> dict[str, Any]:
         """Everything a resumed run needs to continue the ticket sequence exactly: the counters, the
-        accepted groups not yet trained, and the tickets still in flight (to be generated again)."""
+        accepted groups not yet trained, and the tickets still in flight (to be generated again).
+        `with_last_batch`: the caller abandoned its latest get_batch (a stop), so the batch that call
+        took, if any, was never trained and is kept too."""
+        untrained = [*self._handed_out, *self._groups] if with_last_batch else self._groups
         return {
             "version": self.version,
             "issued": self.issued,
             "refunded": self.refunded,
             "reissue": sorted([*self._reissue, *self._outstanding]),
-            "groups": [g.to_dict() for g in self._groups],
+            "groups": [g.to_dict() for g in untrained],
         }
 
     def restore(self, state: dict[str, Any]) -> None:

@@ -109,6 +109,7 @@ class Controller:
         self._resume_state: dict[str, Any] = {}  # the checkpoint's controller state on resume
         self._logger: MetricsLogger | None = None
         self._stop = asyncio.Event()
+        self._batch_abandoned = False  # a stop interrupted get_batch: its batch was never trained
 
     def request_stop(self, signal_name: str) -> None:
         """Stop admitting work, end the loop at the next safe point and checkpoint (see `run`)."""
@@ -240,7 +241,11 @@ class Controller:
         if replay is not None:
             start = (step * b) % len(replay)
             return [replay[(start + i) % len(replay)] for i in range(b)], 0.0
-        return await self._supervised(self.buffer.get_batch.remote(b, self.version), interruptible=True)
+        try:
+            return await self._supervised(self.buffer.get_batch.remote(b, self.version), interruptible=True)
+        except _StopNow:
+            self._batch_abandoned = True  # the buffer keeps what that call took (snapshot)
+            raise
 
     async def _train(self, groups: list[Group]) -> tuple[dict[str, float], float]:
         """One optimizer step on `groups`; the policy version moves on by one."""
@@ -299,7 +304,7 @@ class Controller:
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-write
         await self._supervised(self.trainer.save_checkpoint(partial, steps_done, self.version))
         state = {
-            "buffer": await self.buffer.snapshot.remote(),
+            "buffer": await self.buffer.snapshot.remote(self._batch_abandoned),
             "wandb_run_id": self._logger.wandb_run_id if self._logger else None,
         }
         with open(os.path.join(partial, CONTROLLER_STATE), "w", encoding="utf-8") as f:

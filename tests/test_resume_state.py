@@ -90,3 +90,34 @@ def test_rng_states_round_trip(tmp_path):
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     assert load_rng_state(str(tmp_path), rank=0) is True
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+async def test_a_batch_taken_by_an_abandoned_get_batch_is_kept_in_the_snapshot():
+    """A stop interrupts the controller's get_batch; the buffer's call may still complete and take the
+    groups. They were never trained, so the snapshot must keep them (the resumed run hung without)."""
+    buf = _buffer()
+    for _ in range(2):
+        await _acquire(buf)
+    waiting = asyncio.ensure_future(buf.get_batch(2, 0))
+    await buf.put(_group(0))
+    await buf.put(_group(1))
+    await waiting  # the controller stopped listening, but the buffer handed the batch out
+    assert buf.snapshot()["groups"] == []
+    kept = buf.snapshot(with_last_batch=True)["groups"]
+    assert [g["ticket"] for g in kept] == [0, 1]
+
+
+async def test_a_closed_buffer_hands_out_no_batch():
+    buf = _buffer()
+    for _ in range(2):
+        await _acquire(buf)
+    await buf.put(_group(0))
+    await buf.put(_group(1))
+    await buf.close()
+    try:
+        await buf.get_batch(2, 0)
+    except RuntimeError as e:
+        assert "closed" in str(e)
+    else:
+        raise AssertionError("a closed buffer must not hand out a batch")
+    assert [g["ticket"] for g in buf.snapshot()["groups"]] == [0, 1]
