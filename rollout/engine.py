@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from rollout.engine_common import EngineSettings, ProgressTracker, check_update_mode, scoped_env, thread_env
+from rollout.vllm_version import check_vllm_version
 from slime.config import WeightUpdateMode
 from slime.types import GenerateOutput, RoutedExperts, SamplingParams, WeightManifest
 
@@ -168,6 +169,7 @@ class VLLMEngine:
         t0 = time.perf_counter()
         cfg = self.settings
         _warn_slow_bf16(self.dtype)
+        check_vllm_version()  # the weight-update and route-capture paths below rely on its internals
         from vllm import SamplingParams as VSamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.inputs import TokensPrompt
