@@ -1,17 +1,28 @@
-"""Weight sync cost, in one run: engine `update_weights` vs a plain memory copy of the same bytes.
+"""Weight push cost, part by part, against a copy of the same bytes into memory already allocated.
 
-    python -m benchmarks.weight_sync                 # SmolLM2-135M, bf16 engine, 512 MB buckets, 1 thread
-    python -m benchmarks.weight_sync --dtype float32 --reps 5 --bucket-mb 64 --num-threads 2
+    python -m benchmarks.weight_sync                        # SmolLM2-135M, float32, 1 thread, median of 5
+    python -m benchmarks.weight_sync --dtype bfloat16 --threads 2 --reps 7
 
-Measured (median of --reps):
-- write:   `write_weights` of the transformers state dict (cast to the engine dtype) to /dev/shm;
-- update:  `VLLMEngine.update_weights` of that manifest (pause, reload in the worker, tied-head refresh,
-           resume), with the worker's own load time alongside;
-- memcpy:  `torch.clone` of every tensor of the same (cast) state dict: the plain memory copy the
-           ratios are against (it allocates fresh memory, as vLLM's layerwise reload also does);
-           `copy_` into already-touched tensors is shown too, as the bandwidth floor;
-- ratios:  update / memcpy and (write + update) / memcpy.
-The engine is idle during the measurement (no requests in flight).
+A real DeepSpeed trainer rank (in this process, ZeRO-1, float32 master weights) pushes to a real vLLM
+engine on this node, over each way a push can go:
+- files:     today's safetensors path (`slime.weights.write_weights` + the engine reading the files);
+- shm:       weights.transport=shm (a slot in /dev/shm the engine maps; slime/transport.py);
+- broadcast: weights.transport=broadcast (a gloo group; bytes over loopback TCP here).
+Per push (median of --reps after two warm-up pushes, so both slots are touched):
+- gather:    the trainer's `full_named_tensors` alone, cast to the export dtype (as the files path
+             gathers; shm and broadcast gather without the cast and cast in the slot copy);
+- publish:   the trainer's `export_weights` (gather + copy into the slot, or serialise into files);
+- send:      broadcast only, the trainer's send (the engine receives at the same time);
+- pause:     the engine pausing its scheduler; then, inside the engine's worker:
+  receive (map the slot / receive the bytes / open the files), reload (vLLM's layerwise reload,
+  with the CPU GEMM repack inside it), refresh (the tied-lm_head / MoE-expert stale-weight guards);
+  repack counts every CPU GEMM repack (`dispatch_cpu_unquantized_gemm`) of reload and refresh;
+- push:      wall time from the start of the export to the engine serving the new version;
+- page faults: minor faults of the engine's process over the push, and of this process in publish.
+The baseline `copy` is `copy_` of every exported tensor into tensors allocated and touched beforehand,
+with the trainer's thread count, timed once before each push (so on a busy machine both see the same
+load); each transport's ratios are against its own median copy. The engine is idle (no requests in
+flight).
 """
 
 from __future__ import annotations
@@ -19,11 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from typing import Any
+
+PARTS = ("gather", "publish", "send", "pause", "receive", "reload", "repack", "refresh", "update", "push")
 
 
 def _resolve_smollm2(cache_dir: str) -> str:
@@ -40,61 +55,154 @@ def _resolve_smollm2(cache_dir: str) -> str:
     return resolve_model(OmegaConf.to_object(cfg), cache_dir)
 
 
-async def run(model_dir: str, dtype: str, reps: int, bucket_mb: int, num_threads: int) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForCausalLM
+def _worker_counters(worker: Any) -> tuple[float, int]:
+    """Runs in vLLM's worker: (seconds spent in CPU GEMM repacks, minor page faults of the process),
+    both cumulative. The first call wraps `dispatch_cpu_unquantized_gemm`, which vLLM's layers import
+    at call time."""
+    import resource
+    import time as _time
 
+    import vllm.model_executor.layers.utils as layer_utils
+
+    total = getattr(layer_utils, "_slime_repack_s", None)
+    if total is None:
+        total = layer_utils._slime_repack_s = [0.0]
+        dispatch = layer_utils.dispatch_cpu_unquantized_gemm
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = _time.perf_counter()
+            try:
+                return dispatch(*args, **kwargs)
+            finally:
+                total[0] += _time.perf_counter() - t0
+
+        layer_utils.dispatch_cpu_unquantized_gemm = timed
+    return total[0], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _trainer(model_dir: str, dtype: str, threads: int) -> Any:
+    from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from trainer.worker import TrainerSpec, TrainerWorker
+
+    tcfg = TrainerConfig(steps=1, micro_batch_size=4, dtype="float32", zero_stage=1, threads_per_rank=threads)
+    mcfg = ModelConfig(name="bench", source="pretrained", path=model_dir, dtype=dtype)
+    w = TrainerWorker(TrainerSpec(model_dir, mcfg, tcfg, AlgorithmConfig(name="grpo"), seed=0))
+    w.setup()
+    return w
+
+
+async def _push(
+    w: Any, engine: Any, how: str, version: int, out_dir: str, bucket_mb: int
+) -> dict[str, float]:
+    import cloudpickle
+
+    from slime.weights import write_weights
+
+    counters = cloudpickle.dumps(_worker_counters)
+    repack0, engine_faults0 = (await engine.collective_rpc(counters))[0]
+    t0 = time.perf_counter()
+    for _ in w.full_named_tensors(w.export_dtype):
+        pass
+    gather = time.perf_counter() - t0
+
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    if how == "files":
+        manifest = write_weights(
+            w.full_named_tensors(w.export_dtype), version, out_dir, bucket_mb, dtype=w.export_dtype
+        )
+    else:
+        manifest = w.export_weights(version, out_dir, bucket_mb)
+    publish = time.perf_counter() - t0
+    publish_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    if how == "broadcast":
+        sent: dict[str, float] = {}
+
+        def send() -> None:
+            t = time.perf_counter()
+            w.send_weights(manifest, ["engine"])
+            sent["s"] = time.perf_counter() - t
+
+        await asyncio.gather(asyncio.to_thread(send), engine.update_weights(manifest))
+    else:
+        await engine.update_weights(manifest)
+    push = time.perf_counter() - t0
+    u = engine.last_update
+    repack1, engine_faults1 = (await engine.collective_rpc(counters))[0]
+    return {
+        "gather": gather,
+        "publish": publish,
+        "send": sent["s"] if how == "broadcast" else 0.0,
+        "pause": u["pause_s"],
+        "receive": u["receive_s"],
+        "reload": u["reload_s"],
+        "repack": repack1 - repack0,
+        "refresh": u["refresh_s"],
+        "update": u["total_s"],
+        "push": push,
+        "faults": float(engine_faults1 - engine_faults0),
+        "publish_faults": float(publish_faults),
+    }
+
+
+class CopyBaseline:
+    """`copy_` of every exported tensor into tensors allocated and touched beforehand."""
+
+    def __init__(self, w: Any) -> None:
+        import torch
+
+        self.tensors = [t.clone() for _, t in w.full_named_tensors(w.export_dtype)]
+        self.targets = [torch.empty_like(t) for t in self.tensors]
+        self()  # touch every page once
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        for dst, src in zip(self.targets, self.tensors, strict=True):
+            dst.copy_(src)
+        return time.perf_counter() - t0
+
+
+async def run(model_dir: str, dtype: str, reps: int, threads: int, bucket_mb: int) -> dict[str, Any]:
     from rollout.engine import VLLMEngine
-    from slime.types import SamplingParams
-    from slime.weights import checkpoint_tensors, default_weights_dir, write_weights
+    from slime.transport import for_engine
 
-    tdtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = checkpoint_tensors(model)
-    cast = {k: v.to(tdtype) for k, v in state.items()}
-    nbytes = sum(t.numel() * t.element_size() for t in cast.values())
-
+    w = _trainer(model_dir, dtype, threads)
     work = tempfile.mkdtemp(prefix="slime-bench-weights-")
-    engine = VLLMEngine(model_dir, dtype=dtype, kv_cache_gib=1, work_dir=work, num_threads=num_threads)
+    engine = VLLMEngine(model_dir, dtype=dtype, kv_cache_gib=1, work_dir=work, num_threads=threads)
     await engine.start()
+    results: dict[str, Any] = {}
     try:
-        await engine.generate([1, 2, 3], SamplingParams(max_tokens=4))  # warm the engine up
-        out_dir = default_weights_dir(f"bench-{os.getpid()}")
-        write_s, update_s, load_s, copy_s, copy_into_s = [], [], [], [], []
-        targets = {k: torch.empty_like(v) for k, v in cast.items()}
-        for k, v in cast.items():  # touch the pages once, so copy_ below measures copying only
-            targets[k].copy_(v)
-        for rep in range(reps):
-            t0 = time.perf_counter()
-            manifest = write_weights(state.items(), rep + 1, out_dir, bucket_mb, dtype=tdtype)
-            write_s.append(time.perf_counter() - t0)
-            update_s.append(await engine.update_weights(manifest, mode="keep"))
-            load_s.append(engine.last_update["load_s"])
-            t0 = time.perf_counter()
-            copies = {k: v.clone() for k, v in cast.items()}
-            copy_s.append(time.perf_counter() - t0)
-            del copies
-            t0 = time.perf_counter()
-            for k, v in cast.items():
-                targets[k].copy_(v)
-            copy_into_s.append(time.perf_counter() - t0)
-        out = await engine.generate([1, 2, 3], SamplingParams(max_tokens=4))
-        assert out.versions == [reps] * len(out.token_ids)
+        copy = CopyBaseline(w)
+        results.update(bytes=copy.nbytes, tensors=len(copy.tensors), start_s=engine.start_s)
+        version = 0
+        for how in ("files", "shm", "broadcast"):
+            out_dir = os.path.join(work, how)
+            if how != "files":
+                channel = w.open_weights(how, out_dir, bucket_mb, "gloo", 600)
+                if how == "broadcast":
+                    channel = for_engine(channel, "engine", 1)
+                    await asyncio.gather(
+                        asyncio.to_thread(w.accept_weights, "engine", 1), engine.open_weights(channel)
+                    )
+                else:
+                    await engine.open_weights(channel)
+            rows = []
+            for rep in range(reps + 2):
+                version += 1
+                copy_s = copy()  # interleaved with the pushes: both see the same load on a busy machine
+                row = await _push(w, engine, how, version, out_dir, bucket_mb)
+                if rep >= 2:
+                    rows.append({**row, "copy": copy_s})
+            results[how] = {
+                k: statistics.median(r[k] for r in rows) for k in (*PARTS, "faults", "publish_faults", "copy")
+            }
+        w.weight_sender.close()
     finally:
         await engine.shutdown()
-    shutil.rmtree(out_dir, ignore_errors=True)
-    med = statistics.median
-    return {
-        "bytes": nbytes,
-        "tensors": manifest.num_tensors,
-        "files": len(manifest.files),
-        "start_s": engine.start_s or float("nan"),
-        "write_s": med(write_s),
-        "update_s": med(update_s),
-        "load_s": med(load_s),
-        "memcpy_s": med(copy_s),
-        "copy_into_s": med(copy_into_s),
-    }
+        w.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
 
 
 def main(argv: list[str]) -> None:
@@ -103,29 +211,30 @@ def main(argv: list[str]) -> None:
         "--model-dir", default="", help="checkpoint dir (default: SmolLM2-135M from the cache)"
     )
     parser.add_argument("--cache-dir", default=os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime"))
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--bucket-mb", type=int, default=512)
-    parser.add_argument("--num-threads", type=int, default=1, help="engine OpenMP threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="trainer torch threads and engine OpenMP threads"
+    )
+    parser.add_argument("--bucket-mb", type=int, default=256, help="trainer.weight_bucket_mb")
     args = parser.parse_args(argv)
     model_dir = args.model_dir or _resolve_smollm2(os.path.expanduser(args.cache_dir))
-    r = asyncio.run(run(model_dir, args.dtype, args.reps, args.bucket_mb, args.num_threads))
+    r = asyncio.run(run(model_dir, args.dtype, args.reps, args.threads, args.bucket_mb))
     mb = r["bytes"] / 1e6
     print(
-        f"\nmodel: {model_dir}  dtype: {args.dtype}  {r['tensors']} tensors, {mb:.1f} MB, "
-        f"{r['files']} bucket file(s); engine start {r['start_s']:.1f} s; median of {args.reps}"
+        f"\nmodel: {model_dir}  dtype: {args.dtype}  {r['tensors']} tensors, {mb:.1f} MB; "
+        f"threads {args.threads}; "
+        f"engine start {r['start_s']:.1f} s; median of {args.reps}"
     )
-    print(f"{'step':<34} {'seconds':>8} {'GB/s':>7} {'x memcpy':>9}")
-    rows = [
-        ("memcpy (torch clone, same bytes)", r["memcpy_s"]),
-        ("  copy_ into allocated tensors", r["copy_into_s"]),
-        ("write_weights -> /dev/shm", r["write_s"]),
-        ("update_weights (engine, total)", r["update_s"]),
-        ("  of which worker reload", r["load_s"]),
-        ("write + update", r["write_s"] + r["update_s"]),
-    ]
-    for name, secs in rows:
-        print(f"{name:<34} {secs:>8.3f} {r['bytes'] / secs / 1e9:>7.2f} {secs / r['memcpy_s']:>9.1f}")
+    hows = ("files", "shm", "broadcast")
+    print(f"{'part (ms; x copy)':<20}" + "".join(f"{h:>20}" for h in hows))
+    for part in ("copy", *PARTS):
+        cells = "".join(f"{r[h][part] * 1e3:>12.1f} {r[h][part] / r[h]['copy']:>6.1f}x" for h in hows)
+        print(f"{part:<20}{cells}")
+    gbps = "".join(f"{r['bytes'] / r[h]['copy'] / 1e9:>19.1f} " for h in hows)
+    print(f"{'copy GB/s':<20}{gbps}")
+    print(f"{'engine page faults':<20}" + "".join(f"{r[h]['faults']:>20.0f}" for h in hows))
+    print(f"{'publish page faults':<20}" + "".join(f"{r[h]['publish_faults']:>20.0f}" for h in hows))
 
 
 if __name__ == "__main__":

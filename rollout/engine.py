@@ -17,14 +17,25 @@ socket folders) and the engine process its thread budget from environment variab
 process starts. `start()` sets them only while it spawns that process and restores this process's
 own values afterwards, so two engines in one process (tests) each get their own and nothing leaks.
 
-Weights. `update_weights(manifest)` pauses the scheduler, asks the worker extension
-(`rollout.vllm_ext.SlimeWorkerExtension`) to reload the manifest's safetensors files in place through
+Weights. `open_weights(channel)` opens the workers' end of the weight transport once (slime/transport.py:
+a mapped shared-memory slot or a broadcast group). `update_weights(manifest)` pauses the scheduler,
+asks the worker extension (`rollout.vllm_ext.SlimeWorkerExtension`) to take the manifest's tensors
+(received first for broadcast; safetensors files for a "files" manifest) and load them in place through
 vLLM's layerwise reload (which redoes the CPU prepacking and the fused layouts), re-derives the tied
 lm_head's prepacked copy (vLLM-CPU bug: with tie_word_embeddings the head otherwise keeps the old
-embedding), sets the version, clears the prefix/KV cache and resumes. Clearing the cache matters for
-correctness: KV entries computed with old weights must not be reused by new requests. In `keep` mode
-this also means in-flight requests are preempted and re-prefilled (prompt + tokens so far) with the new
-weights, then continue; in `abort` mode they are aborted and `generate` resubmits them itself.
+embedding), sets the version and resumes. In `keep` mode in-flight requests then continue; in `abort`
+mode they are aborted and `generate` resubmits them itself (prompt + tokens so far, a new request).
+What happens to the KV cache is `kv_after_update` (`rollout.kv_after_update`):
+- `recompute` clears the prefix/KV cache while paused (vLLM's `clear_cache`): in-flight requests are
+  preempted and prefilled again (prompt + tokens so far) with the new weights, so the rest of each reply
+  is sampled from the new policy on its whole context (exactly on-policy);
+- `keep` leaves the cache alone: in-flight requests attend to keys and values the old weights computed
+  for their earlier tokens (as in-flight update systems do), and nothing is prefilled again.
+Either way a request never reuses KV computed under another version than the one it started under:
+every request carries a prefix-cache salt of its start version (`cache_salt`, hashed into its first
+block and so into every later one), and a request that would start during an update waits for it.
+The behaviour logprobs stay exact in both modes (they are of what was sampled); under `keep` the
+tokens after an update are tagged with the new version though their context's KV is partly older.
 
 Versions. Each token is tagged with `self.version` when it arrives. vLLM also labels every engine step
 with a weight version (set while paused); when a request finishes, its per-token spans from the engine
@@ -59,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -70,10 +82,17 @@ from typing import Any
 
 import numpy as np
 
-from rollout.engine_common import EngineSettings, ProgressTracker, check_update_mode, scoped_env, thread_env
+from rollout.engine_common import (
+    EngineSettings,
+    ProgressTracker,
+    check_kv_after_update,
+    check_update_mode,
+    scoped_env,
+    thread_env,
+)
 from rollout.vllm_version import check_vllm_version
-from slime.config import WeightUpdateMode
-from slime.types import GenerateOutput, RoutedExperts, SamplingParams, WeightManifest
+from slime.config import KvAfterUpdate, WeightUpdateMode
+from slime.types import GenerateOutput, RoutedExperts, SamplingParams, WeightChannel, WeightManifest
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +306,8 @@ class VLLMEngine:
         aborts the request in the engine.
         """
         llm = self._require()
+        updated = self._not_updating
+        assert updated is not None
         rid = request_id or uuid.uuid4().hex
         if rid in self._active:
             raise ValueError(f"request_id {rid!r} is already running")
@@ -305,13 +326,20 @@ class VLLMEngine:
                 if remaining <= 0:
                     finish_reason = "length"
                     break
+                if not updated.is_set():
+                    # A segment that would start while weights load starts under the new version (the
+                    # paused scheduler would queue it anyway): its prefix-cache salt, arrival tags and
+                    # the abort-mode resumption all need the version it will run under.
+                    await updated.wait()
                 if rid in self._user_aborted:
                     finish_reason = "abort"
                     break
                 vrid = rid if segment == 0 else f"{rid}#resume{segment}"
                 self._active[rid] = vrid
                 epoch = self._abort_epoch
-                prompt = self._vllm["TokensPrompt"](prompt_token_ids=list(prompt_ids) + tokens)
+                prompt = self._vllm["TokensPrompt"](
+                    prompt_token_ids=list(prompt_ids) + tokens, cache_salt=_cache_salt(self.version)
+                )
                 seg_start = len(tokens)
                 reason = None
                 spans = None
@@ -340,11 +368,9 @@ class VLLMEngine:
                         untaken.remove(vrid)
                 by_update = self._abort_epoch != epoch or self._abort_update_active
                 if reason == "abort" and rid not in self._user_aborted and by_update:
-                    # Aborted by an abort-mode weight update: continue from what we have once new
-                    # weights are in (requests added while paused would queue anyway; waiting keeps the
-                    # arrival tags right).
+                    # Aborted by an abort-mode weight update: continue from what we have once the new
+                    # weights are in (the next segment waits for them).
                     segment += 1
-                    await self._not_updating.wait()
                     continue
                 finish_reason = _normalise_reason(reason)
                 break
@@ -435,15 +461,23 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
 
-    async def update_weights(self, manifest: WeightManifest, mode: str = "keep") -> float:
+    async def update_weights(
+        self, manifest: WeightManifest, mode: str = "keep", kv_after_update: str = "keep"
+    ) -> float:
         """Load `manifest`'s weights between decoding steps; later tokens carry `manifest.version`.
 
-        mode "keep": in-flight requests continue on the new weights (their KV is recomputed);
-        mode "abort": in-flight requests are aborted and transparently resumed by `generate`.
+        mode "keep": in-flight requests continue on the new weights;
+        mode "abort": in-flight requests are aborted and transparently resumed by `generate` (under the
+        new version, so they are prefilled again whatever `kv_after_update` says).
+        kv_after_update "recompute": the KV and prefix caches are cleared, so in-flight requests are
+        preempted and prefilled again (prompt + tokens so far) with the new weights;
+        "keep": in-flight requests keep the keys and values computed so far with the old weights; new
+        requests never reuse them (the prefix cache is salted per version).
         Returns the wall-clock seconds generation was paused. If loading fails, generation resumes,
         the version stays, and the error is raised (the weights may then be partly updated).
         """
         mode = check_update_mode(mode)
+        kv = check_kv_after_update(kv_after_update)
         llm = self._require()
         assert self._update_lock is not None and self._not_updating is not None
         async with self._update_lock:
@@ -453,10 +487,11 @@ class VLLMEngine:
                 self._abort_epoch += 1
                 self._abort_update_active = True
             try:
-                await llm.pause_generation(mode=mode.value, clear_cache=True)
+                await llm.pause_generation(mode=mode.value, clear_cache=kv is KvAfterUpdate.recompute)
                 t_paused = time.perf_counter()
                 try:
-                    results = await llm.collective_rpc("slime_reload_weights", args=(list(manifest.files),))
+                    wire = dataclasses.asdict(manifest)  # vLLM's RPC takes plain values
+                    results = await llm.collective_rpc("slime_load_weights", args=(wire,))
                     self.version = manifest.version
                     await llm.update_weight_version(str(manifest.version))
                 finally:
@@ -472,10 +507,12 @@ class VLLMEngine:
                 "total_s": elapsed,
                 "pause_s": t_paused - t0,
                 "load_s": float(first.get("seconds", math.nan)),
+                **{k: float(first.get(k, math.nan)) for k in ("receive_s", "reload_s", "refresh_s")},
                 "num_tensors": int(first.get("num_tensors", 0)),
                 "refreshed": list(first.get("refreshed", [])),
                 "version": manifest.version,
                 "mode": mode.value,
+                "kv_after_update": kv.value,
             }
             if manifest.num_tensors and first.get("num_tensors") != manifest.num_tensors:
                 logger.warning(
@@ -486,9 +523,46 @@ class VLLMEngine:
                 )
             return elapsed
 
+    async def open_weights(self, channel: WeightChannel) -> None:
+        """Open every worker's end of the weight transport (slime/transport.py); later manifests of
+        that transport load through it. A broadcast channel waits until trainer rank 0 accepts it."""
+        await self._require().collective_rpc("slime_open_weights", args=(dataclasses.asdict(channel),))
+
     async def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a `SlimeWorkerExtension` method in every worker (debugging, tests)."""
         return await self._require().collective_rpc(method, args=args)
+
+    async def forward_tokens(self) -> int:
+        """Tokens the model has run forward passes on (prefills, re-prefills, decode steps) since the
+        first call, which starts the count. For tests and benchmarks: what a weight update costs the
+        requests in flight (their re-prefill) shows up here."""
+        import cloudpickle
+
+        return int((await self._require().collective_rpc(cloudpickle.dumps(_count_forward_tokens)))[0])
+
+
+def _cache_salt(version: int) -> str:
+    """The prefix-cache salt of requests that start under weight version `version`: vLLM mixes it into
+    the hash of a prompt's first block (so into every later block's), and KV computed under one
+    version is never reused by a request that starts under another."""
+    return f"slime-v{version}"
+
+
+def _count_forward_tokens(worker: Any) -> int:
+    """Runs in vLLM's worker (sent by `VLLMEngine.forward_tokens`): the tokens scheduled into forward
+    passes since the first call, which wraps the model runner's `execute_model` to count them."""
+    runner = worker.model_runner
+    counter = getattr(runner, "_slime_forward_tokens", None)
+    if counter is None:
+        counter = runner._slime_forward_tokens = [0]
+        execute = runner.execute_model
+
+        def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            counter[0] += scheduler_output.total_num_scheduled_tokens
+            return execute(scheduler_output, *args, **kwargs)
+
+        runner.execute_model = execute_model
+    return counter[0]
 
 
 def _native_routes_supported(platform: Any) -> bool:

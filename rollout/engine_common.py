@@ -1,6 +1,6 @@
 """What the two engines (rollout/engine.py, rollout/hf_engine.py) share: their settings, the thread
-budget of the process that runs the model, scoped environment variables, the update-mode check, and
-per-request progress counts.
+budget of the process that runs the model, scoped environment variables, the update-mode and
+kv-after-update checks, and per-request progress counts.
 
 `import rollout.engine_common` imports neither vLLM nor torch.
 """
@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from slime.config import WeightUpdateMode
+from slime.config import KvAfterUpdate, WeightUpdateMode
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,15 @@ def check_update_mode(mode: str) -> WeightUpdateMode:
     if mode not in choices:
         raise ValueError(f"weight update mode must be one of {choices}, got {mode!r}")
     return WeightUpdateMode(mode)
+
+
+def check_kv_after_update(kv: str) -> KvAfterUpdate:
+    """`kv` as the config's KvAfterUpdate (`rollout.kv_after_update`); ValueError naming the choices
+    otherwise."""
+    choices = tuple(k.value for k in KvAfterUpdate)
+    if kv not in choices:
+        raise ValueError(f"kv_after_update must be one of {choices}, got {kv!r}")
+    return KvAfterUpdate(kv)
 
 
 class ProgressTracker:

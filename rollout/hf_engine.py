@@ -7,15 +7,18 @@ How it works. One scheduler task owns the model. It takes up to `max_batch_size`
 that share sampling settings, left-pads them into one batch and runs `model.generate` in a thread.
 A stopping criterion runs between decoding steps, in that thread; it
 - records which policy version produced each step's tokens,
-- applies a pending weight update (so `keep` mode switches weights mid-generation, keeping the KV cache
-  computed with the old weights, exactly as vLLM keeps running requests), or ends every row for an
-  `abort`-mode update (those requests are resubmitted from prompt + tokens so far, as in `VLLMEngine`),
+- applies a pending weight update (so `keep` mode switches weights mid-generation), then, for an
+  `abort`-mode update or `kv_after_update="recompute"`, ends every row: those requests are resubmitted
+  from prompt + tokens so far and prefilled again with the new weights (as `VLLMEngine` does); with
+  `kv_after_update="keep"` the rows go on over the KV cache computed with the old weights,
 - ends rows that were aborted by the user or reached their own `max_tokens`.
 Logprobs are of softmax(logits / temperature) before top-p / top-k, the policy the trainer recomputes
 (the VLLMEngine's `processed_logprobs` agree with it when top_p = 1 and top_k is off). A request with
 a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
 
-Weights: `update_weights` reads the manifest (checkpoint names, see slime.weights) and loads them with
+Weights: `open_weights(channel)` opens the engine's end of the weight transport in this process
+(slime/transport.py); `update_weights` takes the manifest's tensors through it (or from its safetensors
+files; checkpoint names, see slime.weights) and loads them with
 `load_state_dict` when the names are the model's own; otherwise (transformers v5 layouts such as fused
 MoE experts) through transformers' checkpoint conversion, as `from_pretrained` does.
 """
@@ -30,9 +33,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from rollout.engine_common import EngineSettings, ProgressTracker, check_update_mode
-from slime.config import WeightUpdateMode
-from slime.types import GenerateOutput, SamplingParams, WeightManifest
+from rollout.engine_common import EngineSettings, ProgressTracker, check_kv_after_update, check_update_mode
+from slime.config import KvAfterUpdate, WeightUpdateMode
+from slime.types import GenerateOutput, SamplingParams, WeightChannel, WeightManifest
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class _Request:
 class _Pending:
     state: dict[str, Any]
     version: int
-    mode: WeightUpdateMode
+    end_rows: bool  # running rows end and are resubmitted (abort mode, or their KV is recomputed)
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     applied: bool = False
@@ -115,6 +118,7 @@ class TransformersEngine:
         self._pending: _Pending | None = None
         self._pending_lock = threading.Lock()
         self._scheduler: asyncio.Task | None = None
+        self._receiver: Any = None  # this engine's end of the weight transport (open_weights)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -424,23 +428,38 @@ class TransformersEngine:
         return p
 
     def _apply_pending_in_batch(self) -> bool:
-        """Called between decoding steps: apply a pending update; True if rows must end (abort mode)."""
+        """Called between decoding steps: apply a pending update; True if rows must end (to be resumed
+        by `generate`: abort mode, or KV recomputed with the new weights)."""
         p = self._apply_pending()
-        return p is not None and p.mode is WeightUpdateMode.abort
+        return p is not None and p.end_rows
 
-    async def update_weights(self, manifest: WeightManifest, mode: str = "keep") -> float:
-        """See `VLLMEngine.update_weights`: loads between decoding steps; returns seconds."""
+    async def open_weights(self, channel: WeightChannel) -> None:
+        """See `VLLMEngine.open_weights` (the receiver runs in this process; joining a broadcast group
+        waits for trainer rank 0 in a thread)."""
+        from slime.transport import open_receiver
+
+        if self._receiver is not None:
+            self._receiver.close()
+        self._receiver = await asyncio.to_thread(open_receiver, channel)
+
+    async def update_weights(
+        self, manifest: WeightManifest, mode: str = "keep", kv_after_update: str = "keep"
+    ) -> float:
+        """See `VLLMEngine.update_weights`: loads between decoding steps; returns seconds. The KV cache
+        is recomputed by ending the running rows, which `generate` resubmits (prompt + tokens so far)."""
         mode = check_update_mode(mode)
+        kv = check_kv_after_update(kv_after_update)
         if self._model is None or self._wake is None:
             raise RuntimeError("engine is not started (call `await engine.start()`)")
-        from slime.weights import read_weights
+        from slime.transport import manifest_tensors
 
         assert self._update_lock is not None and self._not_updating is not None
         async with self._update_lock:
             t0 = time.perf_counter()
-            state = await asyncio.to_thread(lambda: dict(read_weights(manifest)))
+            state = await asyncio.to_thread(lambda: dict(manifest_tensors(manifest, self._receiver)))
             loop = asyncio.get_running_loop()
-            p = _Pending(state, manifest.version, mode, loop.create_future(), loop)
+            end_rows = mode is WeightUpdateMode.abort or kv is KvAfterUpdate.recompute
+            p = _Pending(state, manifest.version, end_rows, loop.create_future(), loop)
             self._not_updating.clear()
             try:
                 with self._pending_lock:
@@ -455,6 +474,7 @@ class TransformersEngine:
                 "load_s": p.load_s,
                 "version": manifest.version,
                 "mode": mode.value,
+                "kv_after_update": kv.value,
                 "num_tensors": len(state),
             }
             return elapsed

@@ -2,8 +2,10 @@
 
 `VLLMEngine` passes `worker_extension_cls="rollout.vllm_ext.SlimeWorkerExtension"`; vLLM mixes this
 class into its worker class, so `self` is the vLLM worker (`self.model_runner`, `self.reload_weights`).
-Only picklable values cross the RPC boundary: file paths go in, small dicts come out (passing tensors
-through `collective_rpc` fails on CPU).
+Only plain values cross the RPC boundary (vLLM's msgpack): weight channels and manifests go in as
+dicts, small dicts come out (passing tensors through `collective_rpc` fails on CPU). The weights
+themselves arrive through the worker's own end of the transport (slime/transport.py): a mapped
+shared-memory slot, or a torch.distributed group it joined.
 
 This module must not import vLLM at import time beyond what the worker already has loaded; it is
 imported by the worker process when the engine starts.
@@ -20,23 +22,21 @@ order, token counts and first positions). The engine fetches a finished request'
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 
-def _iter_safetensors(files: list[str], counter: list[int]):
-    from safetensors import safe_open
-
-    for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                counter[0] += 1
-                yield name, f.get_tensor(name)
+def _counted(tensors: Iterable[tuple[str, torch.Tensor]], counter: list[int]):
+    for name, t in tensors:
+        counter[0] += 1
+        yield name, t
 
 
 def _refresh_tied_heads(model: torch.nn.Module) -> list[str]:
@@ -65,6 +65,51 @@ def _refresh_tied_heads(model: torch.nn.Module) -> list[str]:
             module.quant_method.process_weights_after_loading(module)
             refreshed.append(name)
     return refreshed
+
+
+@contextlib.contextmanager
+def _no_unused_embedding_prepack(model: torch.nn.Module) -> Iterator[None]:
+    """During a reload, skip the CPU GEMM prepack of input embeddings that no logits head uses.
+
+    Why: on CPU, vLLM's unquantized embedding method prepacks the embedding's weight for a GEMM
+    (`dispatch_cpu_unquantized_gemm`) in case the module serves as a head. An input embedding only
+    looks rows up, so that copy is never read; with tied weights the lm_head is its own module and
+    gets its own prepack (`_refresh_tied_heads`). On SmolLM2 that skips one 113 MB (fp32) repack
+    per push. Modules named or typed as a head, or sharing a quant method with one, keep theirs.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        ParallelLMHead,
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
+
+    heads = [
+        m
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, ParallelLMHead) or name.rsplit(".", 1)[-1] == "lm_head"
+    ]
+    head_ids = {id(m) for m in heads} | {id(getattr(m, "quant_method", None)) for m in heads}
+    patched = []
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if (
+            isinstance(module, VocabParallelEmbedding)
+            and isinstance(method, UnquantizedEmbeddingMethod)
+            and id(module) not in head_ids
+            and id(method) not in head_ids
+            and "process_weights_after_loading" not in vars(method)
+        ):
+            method.process_weights_after_loading = _keep_processed
+            patched.append(method)
+    try:
+        yield
+    finally:
+        for method in patched:
+            del method.process_weights_after_loading
+
+
+def _keep_processed(layer: torch.nn.Module) -> None:
+    """A layer's kernel-format processing left as it is (see `_no_unused_embedding_prepack`)."""
 
 
 def _refresh_cpu_moe(model: torch.nn.Module) -> list[str]:
@@ -248,21 +293,50 @@ def moe_routers(model: torch.nn.Module) -> list[tuple[int, Any]]:
 class SlimeWorkerExtension:
     """Mixed into vLLM's worker class; every method runs in each worker process."""
 
-    def slime_reload_weights(self, files: list[str]) -> dict[str, Any]:
-        """Load checkpoint-format tensors from safetensors `files` into the running model, in place.
+    def slime_open_weights(self, channel: dict[str, Any]) -> str:
+        """Open this worker's end of the weight transport (a `WeightChannel` as a dict); a broadcast
+        channel blocks until trainer rank 0 accepts it. Replaces the previous one."""
+        from slime.transport import open_receiver
+        from slime.types import WeightChannel
+
+        old = getattr(self, "_slime_receiver", None)
+        if old is not None:
+            old.close()
+        self._slime_receiver = open_receiver(WeightChannel(**channel), worker_rank=int(self.rank))
+        return str(channel["transport"])
+
+    def slime_load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Load one version (a `WeightManifest` as a dict) into the running model, in place: safetensors
+        files, or the flat buffer of this worker's transport (mapped, or received first).
 
         Uses vLLM's layerwise in-place reload (the same path as `reload_weights`), which restores each
         layer to checkpoint format, loads, and re-runs the kernel-format processing (CPU weight
-        prepacking, fused qkv / gate_up / expert layouts). Tensors not in `files` keep their values.
-        Returns {"seconds", "num_tensors", "refreshed"} for logging.
+        prepacking, fused qkv / gate_up / expert layouts); then the two stale-weight guards. Tensors
+        not in the manifest keep their values. Returns {"seconds", "receive_s", "reload_s", "refresh_s",
+        "num_tensors", "refreshed"} for logging.
         """
+        from slime.transport import manifest_tensors
+        from slime.types import WeightManifest
+
         t0 = time.perf_counter()
+        tensors = manifest_tensors(WeightManifest(**manifest), getattr(self, "_slime_receiver", None))
+        t_received = time.perf_counter()
         counter = [0]
-        # Worker.reload_weights sets the current vLLM config around the model runner's reload.
-        self.reload_weights(weights_iterator=_iter_safetensors(files, counter), is_checkpoint_format=True)
         model = self.model_runner.get_model()
+        # Worker.reload_weights sets the current vLLM config around the model runner's reload.
+        with _no_unused_embedding_prepack(model):
+            self.reload_weights(weights_iterator=_counted(tensors, counter), is_checkpoint_format=True)
+        t_loaded = time.perf_counter()
         refreshed = _refresh_tied_heads(model) + _refresh_cpu_moe(model)
-        return {"seconds": time.perf_counter() - t0, "num_tensors": counter[0], "refreshed": refreshed}
+        end = time.perf_counter()
+        return {
+            "seconds": end - t0,
+            "receive_s": t_received - t0,
+            "reload_s": t_loaded - t_received,
+            "refresh_s": end - t_loaded,
+            "num_tensors": counter[0],
+            "refreshed": refreshed,
+        }
 
     def slime_enable_route_capture(self) -> dict[str, Any]:
         """Install route capture on this worker's model (idempotent). Returns {"layers" (decoder-layer

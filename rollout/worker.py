@@ -9,14 +9,23 @@ per-epoch shuffled) dataset -> run `group_size` episodes concurrently -> put the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import os
 import random
 import time
 from typing import Any
 
 from rollout.engine_common import set_thread_budget
-from slime.config import EnvConfig, ModelConfig, RolloutConfig
-from slime.types import Group, SamplingParams, Task, Trajectory, WeightManifest
+from slime.config import (
+    EnvConfig,
+    ModelConfig,
+    RolloutConfig,
+    available_cores,
+    core_claims_dir,
+    engine_threads,
+)
+from slime.types import Group, SamplingParams, Task, Trajectory, WeightChannel, WeightManifest
 
 
 class TaskSchedule:
@@ -36,6 +45,62 @@ class TaskSchedule:
                 random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             self._perms = {epoch: order}
         return self.tasks[self._perms[epoch][i]]
+
+
+class GenerationClock:
+    """Wall seconds during which the worker had episodes in flight, its engine's weight loads left
+    out: the generation time G of `perf/overlap_efficiency` (slime/metrics.py). Concurrent episodes
+    count once. While anything is in flight it also keeps the worker's core claim: a file in
+    `claim_path` holding the engine's thread count, which trainer ranks with auto threads leave to the
+    engine (trainer/process.py CoreShare). Event-loop thread only."""
+
+    def __init__(self, claim_path: str | None, threads: int) -> None:
+        self.claim_path = claim_path
+        self.threads = threads
+        self._in_flight = 0
+        self._paused = 0
+        self._busy_s = 0.0
+        self._last = time.perf_counter()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self._in_flight and not self._paused:
+            self._busy_s += now - self._last
+        self._last = now
+
+    def enter(self) -> None:
+        self._tick()
+        self._in_flight += 1
+        if self._in_flight == 1 and self.claim_path is not None:
+            os.makedirs(os.path.dirname(self.claim_path), exist_ok=True)
+            with open(self.claim_path, "w", encoding="ascii") as f:
+                f.write(str(self.threads))
+
+    def exit(self) -> None:
+        self._tick()
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self.release()
+
+    def pause(self) -> None:
+        self._tick()
+        self._paused += 1
+
+    def resume(self) -> None:
+        self._tick()
+        self._paused -= 1
+
+    def take(self) -> float:
+        """Busy seconds since the previous call."""
+        self._tick()
+        busy, self._busy_s = self._busy_s, 0.0
+        return busy
+
+    def release(self) -> None:
+        """Withdraw the core claim (also when the worker stops with episodes in flight)."""
+        if self.claim_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.claim_path)
 
 
 class RolloutWorker:
@@ -64,11 +129,15 @@ class RolloutWorker:
         self._stopping = False
         self._tokens = 0
         self._episodes_done = 0
-        self._busy_s = 0.0
+        self.clock = GenerationClock(None, rollout_cfg.threads_per_worker)
 
     async def start(self) -> dict[str, Any]:
         """Build the engine, tokenizer, chat format, environment class and task schedule."""
+        if not self.cfg.threads_per_worker:  # auto, not resolved by a controller: a machine of its own
+            threads = engine_threads(self.cfg, 0, available_cores())
+            self.cfg = dataclasses.replace(self.cfg, threads_per_worker=threads)
         set_thread_budget(self.cfg.threads_per_worker)
+        self.clock = GenerationClock(_claim_path(self.index), self.cfg.threads_per_worker)
         from envs.dataset import load_tasks
         from envs.registry import load_env_class
         from rollout.chat import ChatFormat
@@ -101,7 +170,12 @@ class RolloutWorker:
             self.agent_server = await AgentServer.start(
                 self.engine, self.chat, self.cfg, model_name=self.model_cfg.name
             )
-        return {"worker": self.index, "start_s": time.perf_counter() - t0, "pid": os.getpid()}
+        return {
+            "worker": self.index,
+            "start_s": time.perf_counter() - t0,
+            "pid": os.getpid(),
+            "node_id": _ray_node_id(),  # weights.transport=auto compares it with trainer rank 0's
+        }
 
     def _sampling(self, ticket: int) -> SamplingParams:
         # Seeds derived from (seed, ticket): a ticket generated again (resume, worker restart) samples
@@ -115,9 +189,7 @@ class RolloutWorker:
         )
 
     async def run_group(self, task: Task, ticket: int, start_version: int) -> Group:
-        t0 = time.perf_counter()
         trajs = await self._episodes(task, self.cfg.group_size, self._sampling(ticket))
-        self._busy_s += time.perf_counter() - t0
         self._tokens += sum(t.num_generated for t in trajs)
         self._episodes_done += len(trajs)
         return Group(
@@ -128,13 +200,23 @@ class RolloutWorker:
         from rollout.agent.episode import run_agent_group
         from rollout.episode import run_group
 
-        if self.agent_server is not None:  # the agent chooses its own sampling per request
-            return await run_agent_group(
-                self.engine, self.agent_server, self.chat, task, n, self.agent_fn, self.cfg
+        self.clock.enter()
+        try:
+            if self.agent_server is not None:  # the agent chooses its own sampling per request
+                return await run_agent_group(
+                    self.engine, self.agent_server, self.chat, task, n, self.agent_fn, self.cfg
+                )
+            return await run_group(
+                self.engine,
+                lambda: self.env_cls(**self.env_cfg.kwargs),
+                task,
+                n,
+                self.chat,
+                self.cfg,
+                sampling,
             )
-        return await run_group(
-            self.engine, lambda: self.env_cls(**self.env_cfg.kwargs), task, n, self.chat, self.cfg, sampling
-        )
+        finally:
+            self.clock.exit()
 
     async def evaluate(self, tasks: list[Task], n: int, temperature: float, top_p: float) -> list[Group]:
         """`n` episodes of each held-out task on the current weights, beside the training episodes
@@ -164,21 +246,51 @@ class RolloutWorker:
         """Run until stopped; an exception here is a worker failure the controller surfaces."""
         await asyncio.gather(*(self._loop(buffer) for _ in range(self.cfg.max_concurrent_groups)))
 
+    async def open_weights(self, channel: WeightChannel) -> None:
+        """Open the engine's end of the weight transport (slime/transport.py)."""
+        await self.engine.open_weights(channel)
+
     async def update_weights(self, manifest: WeightManifest) -> float:
-        return await self.engine.update_weights(manifest, mode=self.cfg.weight_update_mode)
+        self.clock.pause()  # the push's pause is not generation time
+        try:
+            return await self.engine.update_weights(
+                manifest, mode=self.cfg.weight_update_mode, kv_after_update=self.cfg.kv_after_update
+            )
+        finally:
+            self.clock.resume()
 
     async def stats(self) -> dict[str, float]:
         """Counters since the previous call."""
-        out = {"tokens": float(self._tokens), "episodes": float(self._episodes_done), "busy_s": self._busy_s}
-        self._tokens, self._episodes_done, self._busy_s = 0, 0, 0.0
+        out = {
+            "tokens": float(self._tokens),
+            "episodes": float(self._episodes_done),
+            "gen_s": self.clock.take(),
+        }
+        self._tokens, self._episodes_done = 0, 0
         return out
 
     async def stop(self) -> None:
         self._stopping = True
+        self.clock.release()
         if getattr(self, "agent_server", None) is not None:
             await self.agent_server.stop()
         if self.engine is not None:
             await self.engine.shutdown()
+
+
+def _claim_path(index: int) -> str | None:
+    """Where worker `index` of this Ray job claims its engine's cores (None outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return os.path.join(core_claims_dir(ray.get_runtime_context().get_job_id()), f"worker{index}")
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def make_engine(

@@ -6,6 +6,9 @@ One checkpoint is one directory (the controller uses `<run_dir>/checkpoints/step
     <ckpt>/critic/ds/...          the critic's DeepSpeed state (PPO only)
     <ckpt>/hf/                    a transformers checkpoint: config.json, *.safetensors, tokenizer
                                   files, generation_config.json; loadable by transformers and vLLM
+                                  (with LoRA: the merged weights)
+    <ckpt>/adapter/               with LoRA (model.lora.r > 0): the adapter in peft's format,
+                                  adapter_config.json + adapter_model.safetensors
     <ckpt>/slime_state.json       {"step", "version", ...}; written last, so its presence means the
                                   checkpoint is complete
 
@@ -30,6 +33,7 @@ STATE_FILE = "slime_state.json"
 HF_DIR = "hf"
 DS_TAG = "ds"
 CRITIC_DIR = "critic"
+ADAPTER_DIR = "adapter"
 
 # Files of a model directory that are weights or the model config; everything else in it (tokenizer
 # files, chat template, generation config) is copied into the export unchanged.

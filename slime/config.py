@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import functools
 import json
+import os
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -72,9 +73,26 @@ class WeightUpdateMode(enum.StrEnum):
     abort = "abort"
 
 
+class KvAfterUpdate(enum.StrEnum):
+    keep = "keep"
+    recompute = "recompute"
+
+
 class OnStop(enum.StrEnum):
     finish = "finish"
     abandon = "abandon"
+
+
+class Transport(enum.StrEnum):
+    auto = "auto"
+    shm = "shm"
+    broadcast = "broadcast"
+
+
+class CommBackend(enum.StrEnum):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
 
 
 class AlgorithmName(enum.StrEnum):
@@ -160,6 +178,48 @@ def _require_non_negative(section: object, prefix: str, *names: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ sections
+LORA_ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft LoRA) on the policy: only the adapters train; weight pushes and the
+    checkpoint's transformers export carry the merged weights W + alpha / r * B @ A (docs/lora.md)."""
+
+    r: int = opt(0, "adapter rank (0 = off: every weight trains)")
+    alpha: float = opt(32.0, "adapter scale numerator: the update is alpha / r * B @ A")
+    dropout: float = opt(
+        0.0, "dropout on the adapters' input; must be 0 (recomputed logprobs must be deterministic)"
+    )
+    target_modules: list[str] = opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "linear layers to adapt, by module-name suffix, or [all-linear] (every linear layer but the LM head)",
+    )
+
+    def validate(self) -> None:
+        _require_non_negative(self, "model.lora", "r")
+        if not self.r:
+            return
+        _require_positive(self, "model.lora", "alpha")
+        # The trainer scores old/proximal logprobs and the loss with separate forwards: a random adapter
+        # mask would make the importance ratio of unchanged weights differ from 1 (docs/lora.md).
+        _require(
+            self.dropout == 0.0,
+            f"model.lora.dropout must be 0, got {self.dropout}: the trainer recomputes logprobs and needs "
+            "them deterministic (set model.lora.dropout=0; regularise with trainer.weight_decay instead)",
+        )
+        modules = list(self.target_modules)
+        _require(
+            bool(modules) and all(isinstance(m, str) and m.strip() for m in modules),
+            f"model.lora.target_modules must list module names, got {modules}",
+        )
+        _require(
+            LORA_ALL_LINEAR not in modules or len(modules) == 1,
+            f"model.lora.target_modules=[{LORA_ALL_LINEAR}] already adapts every linear layer: "
+            f"drop the other names from {modules}",
+        )
+
+
 @dataclass
 class ModelConfig:
     """Which policy to train; resolved to a local transformers checkpoint by `slime.models`."""
@@ -172,8 +232,10 @@ class ModelConfig:
     tokenizer: str = opt("smollm2", '"smollm2" (the embedded one) or a tokenizer path / hub id')
     dtype: Dtype = opt(Dtype.auto, "engine weights and weight-push dtype (auto: bfloat16 where native)")
     trust_remote_code: bool = opt(False, "passed to transformers and vLLM")
+    lora: LoraConfig = opt(LoraConfig, "low-rank adapters (r > 0) instead of training every weight")
 
     def validate(self) -> None:
+        self.lora.validate()
         _require(
             self.source != ModelSource.pretrained or bool(self.path),
             "model.path is required when model.source=pretrained",
@@ -279,12 +341,19 @@ class RolloutConfig:
         WeightUpdateMode.keep,
         "in-flight requests at a weight update: keep decoding on the new weights, or abort and resume",
     )
+    kv_after_update: KvAfterUpdate = opt(
+        KvAfterUpdate.keep,
+        "in-flight requests' KV cache at a weight update: keep the old keys/values (no re-prefill; the "
+        "prefix cache is salted per version), or recompute them with the new weights (exactly on-policy)",
+    )
     max_model_len: int = opt(2048, "engine context length")
     kv_cache_gib: float = opt(1.0, "vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     enforce_eager: bool = opt(True, "skip torch.compile (faster start, ~20% slower decode on CPU)")
     num_cpus_per_worker: float = opt(1.0, "Ray CPU resources per worker")
     threads_per_worker: int = opt(
-        1, "torch/OMP threads inside a worker (oversubscribed cores are 5-50x slower)"
+        0,
+        "torch/OMP threads of a worker's engine (0 = auto: cores / num_workers when buffer.max_staleness=0, "
+        "else half the cores; oversubscribed cores are 5-50x slower)",
     )
     gpus_per_worker: float = opt(0.0, "Ray GPU resources per worker (GPU machines)")
     tensor_parallel_size: int = opt(1, "vLLM tensor parallel size (GPU machines)")
@@ -311,12 +380,12 @@ class RolloutConfig:
             "max_total_tokens",
             "max_model_len",
             "kv_cache_gib",
-            "threads_per_worker",
             "tensor_parallel_size",
         )
         _require_non_negative(
             self,
             "rollout",
+            "threads_per_worker",
             "step_timeout_s",
             "agent_timeout_s",
             "num_cpus_per_worker",
@@ -372,6 +441,10 @@ class TrainerConfig:
     share_prefix: bool = opt(
         True, "run the prompt prefix a micro-batch's rows share once (ZeRO 0-2; skipped under ZeRO-3)"
     )
+    pack: bool = opt(
+        True,
+        "run a micro-batch's sequences packed into one row, no padding (sdpa models; others train padded)",
+    )
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(0, "keep only the newest K complete checkpoints (0 = keep all)")
     on_stop: OnStop = opt(
@@ -380,7 +453,11 @@ class TrainerConfig:
     stop_timeout_s: float = opt(60.0, "a stop on a signal exits within this many seconds, done or not")
     weight_bucket_mb: int = opt(256, "size of one weight-push bucket in MB")
     num_cpus_per_rank: float = opt(1.0, "Ray CPU resources per rank")
-    threads_per_rank: int = opt(1, "torch/OMP threads inside a rank (oversubscribed cores are 5-50x slower)")
+    threads_per_rank: int = opt(
+        0,
+        "torch/OMP threads of a rank (0 = auto: the cores that busy rollout engines do not claim, / num_ranks, "
+        "rechecked every forward)",
+    )
     gpus_per_rank: float = opt(0.0, "Ray GPU resources per rank (0 = CPU training with gloo)")
     expert_parallel_size: int = opt(
         1,
@@ -398,7 +475,6 @@ class TrainerConfig:
             "batch_groups",
             "micro_batch_size",
             "lr",
-            "threads_per_rank",
             "weight_bucket_mb",
             "stop_timeout_s",
             "expert_parallel_size",
@@ -411,6 +487,7 @@ class TrainerConfig:
             "grad_clip",
             "save_every",
             "keep_checkpoints",
+            "threads_per_rank",
             "num_cpus_per_rank",
             "gpus_per_rank",
         )
@@ -574,6 +651,25 @@ class EvalConfig:
 
 
 @dataclass
+class WeightsConfig:
+    """Weight pushes from trainer rank 0 to the engines (slime/transport.py)."""
+
+    transport: Transport = opt(
+        Transport.auto,
+        "shm: shared-memory slots engines on trainer rank 0's node map; broadcast: torch.distributed "
+        "groups, for engines on any node; auto: shm when every engine is on that node, else broadcast",
+    )
+    backend: CommBackend = opt(
+        CommBackend.auto, "broadcast backend; auto: nccl when trainer ranks and engines have GPUs, else gloo"
+    )
+    dir: str = opt("", "rank 0's weight slots go in DIR/slime-weights-<pid> (empty: /dev/shm, else run_dir)")
+    timeout_s: float = opt(600.0, "seconds to set up an engine's broadcast group or to move one version")
+
+    def validate(self) -> None:
+        _require_positive(self, "weights", "timeout_s")
+
+
+@dataclass
 class SlimeConfig:
     """The whole run."""
 
@@ -586,6 +682,7 @@ class SlimeConfig:
     logger: LoggerConfig = opt(LoggerConfig, "metrics sinks")
     ray: RayConfig = opt(RayConfig, "Ray cluster")
     eval: EvalConfig = opt(EvalConfig, "evaluation during training")
+    weights: WeightsConfig = opt(WeightsConfig, "weight pushes to the engines")
     seed: int = opt(0, "seeds task generation, sampling and initialisation")
     run_dir: str = opt(".", "where outputs go (the CLI sets it to Hydra's run dir)")
     cache_dir: str = opt(
@@ -604,6 +701,7 @@ SECTIONS: tuple[str, ...] = (
     "logger",
     "ray",
     "eval",
+    "weights",
 )
 
 
@@ -770,6 +868,58 @@ def _check_routing_replay(cfg: SlimeConfig) -> None:
     )
 
 
+def _check_lora(cfg: SlimeConfig) -> None:
+    if not cfg.model.lora.r:
+        return
+    # peft adapts an MoE model's fused expert tensors with its own parameter wrapper, which the merged
+    # export (trainer/lora.py) does not fold back; a model only known at start-up is checked there.
+    experts = model_num_experts(cfg.model)
+    _require(
+        not experts,
+        f"model.lora.r={cfg.model.lora.r} supports dense models; {cfg.model.name} is a mixture-of-experts "
+        f"model ({experts} experts): set model.lora.r=0 to train it in full",
+    )
+
+
+# ---------------------------------------------------------------------------------- thread budgets
+# On a CPU machine the engines and the trainer ranks share the cores. `threads_per_worker` and
+# `threads_per_rank` at 0 (auto) follow the mode: a synchronous run (max_staleness 0) never generates
+# while it trains, so each phase gets the whole machine; an asynchronous one generates beside training,
+# so the engines hold half the cores while they have work and a trainer rank takes every core they
+# do not claim, rechecked before each forward (busy engines leave a claim file in `core_claims_dir`).
+# docs/benchmarks.md has the measurements behind the split.
+
+
+def available_cores(ray_num_cpus: int = 0) -> int:
+    """Cores this process may run on (its CPU affinity), capped at `ray_num_cpus` when that is set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, ray_num_cpus) if ray_num_cpus > 0 else cores
+
+
+def engine_threads(rollout: RolloutConfig, max_staleness: int, cores: int) -> int:
+    """`rollout.threads_per_worker`, with 0 (auto) resolved for a machine of `cores` cores: all of
+    them shared by the workers when synchronous, half of them when asynchronous; at least one each."""
+    if rollout.threads_per_worker:
+        return rollout.threads_per_worker
+    share = cores if max_staleness == 0 else cores // 2
+    return max(1, share // rollout.num_workers)
+
+
+def trainer_threads(threads_per_rank: int, num_ranks: int, cores: int, claimed: int) -> int:
+    """A rank's threads: `threads_per_rank`, or for 0 (auto) the `cores` that busy engines do not
+    claim (`claimed` threads in all), shared by the `num_ranks` ranks; at least one."""
+    if threads_per_rank:
+        return threads_per_rank
+    return max(1, (cores - claimed) // num_ranks)
+
+
+def core_claims_dir(scope: str) -> str:
+    """The folder where busy rollout engines of the Ray job `scope` claim their threads: one file per
+    worker holding its thread count, present only while the worker has episodes in flight."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+    return os.path.join(base, f"slime-cores-{scope}")
+
+
 # ---------------------------------------------------------------------------------------- validate
 def validate(cfg: SlimeConfig) -> None:
     """Every check, before Ray or any actor starts: the choices, each section's `validate()`, then the
@@ -804,6 +954,13 @@ def validate(cfg: SlimeConfig) -> None:
     )
     _check_expert_parallel(cfg)
     _check_routing_replay(cfg)
+    _require(
+        cfg.weights.backend != CommBackend.nccl
+        or (cfg.trainer.gpus_per_rank > 0 and cfg.rollout.gpus_per_worker > 0),
+        "weights.backend=nccl needs GPUs on both ends (trainer.gpus_per_rank and rollout.gpus_per_worker "
+        "> 0); set weights.backend=auto or gloo",
+    )
+    _check_lora(cfg)
     # Actors that ask for more CPUs than a local cluster has wait forever to be scheduled.
     if not cfg.ray.address and cfg.ray.num_cpus:
         workers = 0 if cfg.buffer.replay_path else cfg.rollout.num_workers

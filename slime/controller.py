@@ -11,9 +11,11 @@
     Controller (this module, driver process)
         |  train_step(batch, version)  -> TrainerRanks (trainer/ranks.py -> trainer/worker.py per rank)
         |  version += 1
-        |  export_weights(version) -> bucketed safetensors manifest (trainer/export.py, slime/weights.py)
-        |  update_weights(manifest) on every live worker (engines pause between decoding steps, reload,
-        |      resume: in-flight episodes keep going, later tokens carry the new version)
+        |  export_weights(version) -> rank 0 copies the weights into a shared-memory slot, returns the
+        |      manifest (trainer/export.py, slime/transport.py; weights.transport shm or broadcast)
+        |  update_weights(manifest) on every live worker (engines pause between decoding steps, map or
+        |      receive the slot, reload, resume: in-flight episodes keep going, later tokens carry the
+        |      new version)
         |  set_version(version) on the buffer -> widens the admission window by B
         v  step_row -> metrics.jsonl + wandb (slime/metrics.py); checkpoint every save_every steps
 
@@ -47,7 +49,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from slime.config import SlimeConfig
+from slime.config import SlimeConfig, available_cores, core_claims_dir, engine_threads
 from slime.fleet import RolloutFleet
 
 if TYPE_CHECKING:
@@ -89,6 +91,14 @@ def _ray_env(threads: int) -> dict[str, str]:
         if key in os.environ:
             env[key] = os.environ[key]
     return env
+
+
+def _with_engine_threads(cfg: SlimeConfig) -> SlimeConfig:
+    """`cfg` with rollout.threads_per_worker resolved (0 = auto follows the mode: slime/config.py)."""
+    threads = engine_threads(cfg.rollout, cfg.buffer.max_staleness, available_cores(cfg.ray.num_cpus))
+    if threads != cfg.rollout.threads_per_worker:
+        log.info("rollout.threads_per_worker=auto: %d thread(s) per engine", threads)
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, threads_per_worker=threads))
 
 
 class Controller:
@@ -164,12 +174,15 @@ class Controller:
             )
         )
         if not cfg.buffer.replay_path:
+            cfg = self.cfg = _with_engine_threads(cfg)
             self.fleet = RolloutFleet(cfg, self.model_dir, _ray_env(cfg.rollout.threads_per_worker))
         t0 = time.perf_counter()
         _, starts = await asyncio.gather(
             self.trainer.setup(), self.fleet.start() if self.fleet else _nothing()
         )
         log.info("started the trainer and rollout workers in %.1fs: %s", time.perf_counter() - t0, starts)
+        if self.fleet is not None:
+            await self._open_weights([s["node_id"] for s in starts])
         if cfg.resume:
             self.start_step, self.version = await self.trainer.load_checkpoint(cfg.resume)
             self.steps_done = self.start_step
@@ -193,6 +206,8 @@ class Controller:
             self.trainer.shutdown()
             ray.kill(self.buffer)
             shutil.rmtree(self._weights_dir(), ignore_errors=True)  # /dev/shm is RAM: leave nothing behind
+            # Core claims of workers that died without withdrawing them.
+            shutil.rmtree(core_claims_dir(ray.get_runtime_context().get_job_id()), ignore_errors=True)
 
     # -- supervision -----------------------------------------------------------------------------
     async def _supervised(self, awaitable: Any, interruptible: bool = False) -> Any:
@@ -233,8 +248,21 @@ class Controller:
         }
 
     def _weights_dir(self) -> str:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else self.cfg.run_dir
+        base = self.cfg.weights.dir or ("/dev/shm" if os.path.isdir("/dev/shm") else self.cfg.run_dir)
         return os.path.join(base, f"slime-weights-{os.getpid()}")
+
+    async def _open_weights(self, engine_nodes: list[str | None]) -> None:
+        """Choose the weight transport (weights.transport, by Ray node ids) and open both ends."""
+        from slime.transport import choose_backend, choose_transport
+
+        cfg = self.cfg
+        kind = choose_transport(cfg.weights.transport, await self.trainer.node_id(), engine_nodes)
+        backend = choose_backend(cfg.weights.backend, cfg.trainer.gpus_per_rank, cfg.rollout.gpus_per_worker)
+        channel = await self.trainer.open_weights(
+            kind, self._weights_dir(), cfg.trainer.weight_bucket_mb, backend, cfg.weights.timeout_s
+        )
+        await self._supervised(self.fleet.connect_weights(channel, self.trainer))
+        log.info("weights: %s transport (%s)", kind, backend if kind == "broadcast" else self._weights_dir())
 
     async def _next_batch(self, replay: list[Group] | None, step: int) -> tuple[list[Group], float]:
         b = self.cfg.trainer.batch_groups
@@ -261,8 +289,9 @@ class Controller:
         await self.buffer.set_version.remote(self.version)
         return sync_s, sync_info
 
-    async def _rollout_tokens(self) -> int:
-        return await self.fleet.tokens() if self.fleet else 0
+    async def _rollout_stats(self) -> tuple[int, float]:
+        """Tokens generated and the busiest worker's generation seconds since the previous step."""
+        return await self.fleet.stats() if self.fleet else (0, 0.0)
 
     async def _buffer_stats(self, replaying: bool) -> dict[str, Any]:
         return {} if replaying else await self.buffer.stats.remote()
@@ -384,7 +413,15 @@ class Controller:
         trainer_metrics, train_s = await self._train(groups)
         sync_s, sync_info = await self._publish()
         now = time.perf_counter()
-        times = StepTimes(step_s=now - self._t_last, train_s=train_s, sync_s=sync_s, wait_s=wait_s)
+        tokens, gen_s = await self._rollout_stats()
+        times = StepTimes(
+            step_s=now - self._t_last,
+            train_s=train_s,
+            sync_s=sync_s,
+            wait_s=wait_s,
+            gen_s=gen_s,
+            load_s=sync_info.get("time/engine_load_s", 0.0),
+        )
         self._t_last = now
         row = step_row(
             step,
@@ -394,7 +431,7 @@ class Controller:
             await self._buffer_stats(replay is not None),
             sync_info,
             times,
-            await self._rollout_tokens(),
+            tokens,
             restarts=sum(self.fleet.restarts) if self.fleet else 0,
         )
         logger.log(row)

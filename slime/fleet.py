@@ -2,14 +2,16 @@
 
     start()            every worker builds its engine (in parallel)
     run(buffer)        one episode loop per worker, each watched by a supervisor task
+    connect_weights()  open every worker's end of the weight transport (slime/transport.py)
     update_weights(m)  push manifest m to every live worker; remembered for restarts
     failure            a future that raises once a worker died more often than allowed
 
 When a worker or its engine dies (killed, out of memory, a crash inside vLLM) or its loop raises,
 its supervisor hands the worker's tickets in flight back to the buffer (they are generated again,
-never trained twice), has Ray restart the actor, starts its engine, loads the latest weights and
-resumes its loop; `rollout/restarts` counts these. A worker that dies more than
-`rollout.max_restarts` times ends the run with its last error.
+never trained twice), has Ray restart the actor, starts its engine, opens its end of the weight
+transport again (broadcast: a new group of its own), loads the latest weights and resumes its loop;
+`rollout/restarts` counts these. A worker that dies more than `rollout.max_restarts` times ends the
+run with its last error.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Protocol
 
-from slime.config import SlimeConfig, count_experts
-from slime.types import Group, Task, WeightManifest
+from slime.config import SlimeConfig, Transport, count_experts
+from slime.transport import for_engine
+from slime.types import Group, Task, WeightChannel, WeightManifest
 
 log = logging.getLogger("slime")
 
@@ -31,6 +34,14 @@ def is_moe(model_dir: str) -> bool:
     """Whether the resolved checkpoint in `model_dir` is a mixture-of-experts model."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         return count_experts(json.load(f)) > 0
+
+
+class WeightSource(Protocol):
+    """Trainer rank 0's end of a broadcast, as the fleet drives it (trainer.ranks.TrainerRanks)."""
+
+    async def accept_weights(self, key: str, ranks: int) -> None: ...
+
+    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> None: ...
 
 
 class RolloutFleet:
@@ -67,7 +78,13 @@ class RolloutFleet:
         ]
         self.restarts = [0] * len(self.workers)
         self._live = [True] * len(self.workers)  # False while a worker restarts: no pushes, no stats
+        # The remembered manifest stays loadable: the trainer keeps the two newest versions, and a push
+        # replaces this one before the trainer publishes the next (slime/transport.py).
         self._manifest: WeightManifest | None = None
+        self._channel: WeightChannel | None = None
+        self._source: WeightSource | None = None
+        self._engine_ranks = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
+        self._keys = [""] * len(self.workers)  # broadcast: each worker's current group
         self._push_lock = asyncio.Lock()  # a restart's weight load never interleaves with a push
         self._supervisors: list[asyncio.Task] = []
         self._closing = False
@@ -118,8 +135,9 @@ class RolloutFleet:
             ray.kill(worker, no_restart=False)  # its loop raised but the actor is up: restart it too
         await self._call_when_back(worker.start)
         async with self._push_lock:
+            await self._connect(index)
             if self._manifest is not None:
-                await worker.update_weights.remote(self._manifest)
+                await self._deliver(self._manifest, [index])
             self._live[index] = True
         log.warning(
             "rollout worker %d back in %.1fs at version %s; %d tickets in flight generated again",
@@ -142,12 +160,44 @@ class RolloutFleet:
                 if attempt + 1 == attempts:
                     raise
 
+    async def connect_weights(self, channel: WeightChannel, source: WeightSource) -> None:
+        """Open every worker's end of the weight transport whose trainer end returned `channel`;
+        restarted workers open theirs again."""
+        self._channel, self._source = channel, source
+        await asyncio.gather(*(self._connect(i) for i in range(len(self.workers))))
+
+    async def _connect(self, index: int) -> None:
+        channel, worker = self._channel, self.workers[index]
+        if channel is None:
+            return
+        if channel.transport != Transport.broadcast:
+            await worker.open_weights.remote(channel)
+            return
+        assert self._source is not None
+        key = f"worker{index}-start{self.restarts[index]}"  # a restarted engine joins a new group
+        await asyncio.gather(
+            self._source.accept_weights(key, self._engine_ranks),
+            worker.open_weights.remote(for_engine(channel, key, self._engine_ranks)),
+        )
+        self._keys[index] = key
+
+    async def _deliver(self, manifest: WeightManifest, indices: list[int]) -> list[float]:
+        """Load `manifest` on workers `indices` (broadcast: trainer rank 0 sends while they receive)."""
+        loads = [self.workers[i].update_weights.remote(manifest) for i in indices]
+        if manifest.transport != Transport.broadcast:
+            return list(await asyncio.gather(*loads))
+        assert self._source is not None, "broadcast manifest before connect_weights"
+        _, *seconds = await asyncio.gather(
+            self._source.send_weights(manifest, [self._keys[i] for i in indices]), *loads
+        )
+        return seconds
+
     async def update_weights(self, manifest: WeightManifest) -> float:
         """Load `manifest` on every live worker; returns the slowest engine's load time."""
         async with self._push_lock:
             self._manifest = manifest
-            live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
-            return max(await asyncio.gather(*(w.update_weights.remote(manifest) for w in live)), default=0.0)
+            live = [i for i, ok in enumerate(self._live) if ok]
+            return max(await self._deliver(manifest, live), default=0.0)
 
     async def evaluate(self, tasks: list[Task], n: int, temperature: float, top_p: float) -> list[Group]:
         """Held-out episodes on the live workers, tasks dealt round-robin; returns their groups."""
@@ -162,10 +212,12 @@ class RolloutFleet:
         )
         return [g for shard in results for g in shard]
 
-    async def tokens(self) -> int:
-        """Tokens the live workers generated since the previous call."""
+    async def stats(self) -> tuple[int, float]:
+        """Since the previous call: tokens the live workers generated, and the generation seconds of
+        the busiest one (wall time with episodes in flight, weight loads left out)."""
         live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
-        return int(sum(r["tokens"] for r in await asyncio.gather(*(w.stats.remote() for w in live))))
+        rows = await asyncio.gather(*(w.stats.remote() for w in live))
+        return int(sum(r["tokens"] for r in rows)), max((r["gen_s"] for r in rows), default=0.0)
 
     async def stop(self) -> None:
         import ray

@@ -104,6 +104,23 @@ class StepTimes:
     train_s: float  # the trainer's optimizer step
     sync_s: float  # export + every engine's weight load
     wait_s: float  # waiting for the buffer to hand over a full batch
+    gen_s: float = 0.0  # the busiest rollout worker's time with episodes in flight, weight loads left out
+    load_s: float = 0.0  # the slowest engine's weight load (part of sync_s; the engines pause for it)
+
+
+def overlap_efficiency(times: StepTimes) -> float:
+    """How close a step came to perfect overlap of generation and training (1 = perfect).
+
+    With generation time G, training time T and weight push P per batch, fully overlapped rollout
+    and training deliver one batch every max(G, T) + P. Inside a run the engines keep generating
+    while the trainer exports (only the engines' weight load L pauses them), so the bound used here
+    is the longer of the two critical paths, max(G + L, T + P), which is max(G, T) + P when the whole
+    push pauses generation; divided by the measured step time. A synchronous run, G + T + P per
+    batch, scores max(G + L, T + P) over that.
+    """
+    if times.step_s <= 0:
+        return 0.0
+    return max(times.gen_s + times.load_s, times.train_s + times.sync_s) / times.step_s
 
 
 def step_row(
@@ -133,6 +150,8 @@ def step_row(
             "time/train_s": times.train_s,
             "time/sync_s": times.sync_s,
             "time/wait_s": times.wait_s,
+            "time/gen_s": times.gen_s,
+            "perf/overlap_efficiency": overlap_efficiency(times),
             "perf/trainer_idle_frac": max(0.0, 1.0 - times.train_s / times.step_s),
             "perf/rollout_tokens_per_s": rollout_tokens / times.step_s,
             "perf/samples_per_s": trainer.get("train/sequences", 0.0) / times.step_s,
@@ -264,6 +283,7 @@ class MetricsLogger:
             f"reward {m.get('reward/mean', 0):.3f}±{m.get('reward/std', 0):.2f} "
             f"stale {m.get('staleness/mean', 0):.2f}/{m.get('staleness/max', 0):.0f} "
             f"gen {m.get('perf/rollout_tokens_per_s', 0):.0f} tok/s train {m.get('perf/train_tokens_per_s', 0):.0f} tok/s "
+            f"mfu {m.get('perf/mfu', 0):.0%} "
             f"step {m.get('time/step_s', 0):.1f}s idle {m.get('perf/trainer_idle_frac', 0):.0%} [{elapsed:.0f}s]"
         )
         print(line, file=sys.stderr, flush=True)

@@ -299,9 +299,39 @@ class GenerateOutput:
 
 @dataclass
 class WeightManifest:
-    """A versioned set of weight buckets on storage the engines can read (safetensors files)."""
+    """One version of the policy's weights, as the engines find it (checkpoint names, slime/weights.py).
+
+    transport "files": safetensors `files` (slime.weights.write_weights, checkpoint exports);
+    "shm" / "broadcast": a flat buffer laid out as `tensors` (slime/transport.py), in the slot file
+    `slot` of the engine's weights dir (shm) or sent over the engine's group in chunks of
+    `bucket_bytes` (broadcast).
+    """
 
     version: int
     files: list[str]  # one safetensors file per bucket, transformers parameter names
     num_bytes: int
     num_tensors: int
+    transport: str = "files"
+    slot: str = ""  # shm: the slot file's name, relative to the weights dir
+    # The flat buffer's layout: (name, dtype, shape, byte offset) per tensor, in load order.
+    tensors: list[tuple[str, str, Sequence[int], int]] = field(default_factory=list)
+    bucket_bytes: int = 0
+
+
+@dataclass
+class WeightChannel:
+    """How one engine receives pushed weights (slime/transport.py `open_receiver`); sent when it starts.
+
+    shm: the weights dir holding trainer rank 0's slot files (the same path on the same node).
+    broadcast: trainer rank 0's TCPStore at host:port, the engine's group `key` of `world` ranks
+    (rank 0 the trainer, then the engine's workers) and its backend (gloo or nccl).
+    """
+
+    transport: str
+    weights_dir: str = ""
+    host: str = ""
+    port: int = 0
+    key: str = ""
+    world: int = 2
+    backend: str = "gloo"
+    timeout_s: float = 600.0

@@ -279,10 +279,11 @@ async def test_update_perturbed_weights_tied_lm_head(
     manifest = write_weights(checkpoint_tensors(pert).items(), v + 1, str(tmp_path), bucket_mb=4)
     assert "lm_head.weight" not in {n for n, _ in read_weights(manifest)}
     ps = prompts(tokenizer, 4)
-    # Update in keep mode while a request is in flight.
+    # Update in keep mode while a request is in flight, its KV cache recomputed (tests/test_kv_after_update.py
+    # has kv_after_update=keep).
     task = asyncio.create_task(engine.generate(ps[3], SamplingParams(max_tokens=120), request_id="keep-pert"))
     await progress(engine, "keep-pert")
-    await engine.update_weights(manifest, mode="keep")
+    await engine.update_weights(manifest, mode="keep", kv_after_update="recompute")
     assert engine.last_update["refreshed"] == ["lm_head"]
     out = await task
     k = out.versions.index(v + 1)
@@ -290,7 +291,7 @@ async def test_update_perturbed_weights_tied_lm_head(
     old_ref = hf_logprobs(hf_dense, ps[3], out.token_ids[:k])
     new_ref = hf_logprobs(pert, ps[3], out.token_ids)[k:]
     # Tokens before the update came from the old weights; after it, from the new weights on the *whole*
-    # sequence: keep mode recomputes the in-flight request's KV cache with the new weights.
+    # sequence: kv_after_update=recompute prefills the in-flight request again with the new weights.
     assert max(abs(a - b) for a, b in zip(out.logprobs[:k], old_ref, strict=True)) < TOL_MAX
     assert max(abs(a - b) for a, b in zip(out.logprobs[k:], new_ref, strict=True)) < TOL_MAX
     outs = await asyncio.gather(*[engine.generate(p, SamplingParams(max_tokens=16)) for p in ps])

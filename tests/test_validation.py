@@ -228,11 +228,11 @@ def test_count_experts() -> None:
 POSITIVE = [
     *(f"rollout.{k}" for k in ("num_workers", "group_size", "max_concurrent_groups", "max_turns")),
     *(f"rollout.{k}" for k in ("temperature", "max_tokens_per_turn", "max_total_tokens", "max_model_len")),
-    *(f"rollout.{k}" for k in ("kv_cache_gib", "threads_per_worker", "tensor_parallel_size")),
+    *(f"rollout.{k}" for k in ("kv_cache_gib", "tensor_parallel_size")),
     *(f"trainer.{k}" for k in ("steps", "num_ranks", "batch_groups", "micro_batch_size", "lr")),
     *(
         f"trainer.{k}"
-        for k in ("threads_per_rank", "weight_bucket_mb", "stop_timeout_s", "expert_parallel_size")
+        for k in ("weight_bucket_mb", "stop_timeout_s", "expert_parallel_size")
     ),
     "algorithm.ppo_epochs",
     "algorithm.num_minibatches",
@@ -245,6 +245,8 @@ NON_NEGATIVE = [
         for k in ("step_timeout_s", "agent_timeout_s", "num_cpus_per_worker", "gpus_per_worker")
     ),
     "rollout.max_restarts",
+    "rollout.threads_per_worker",  # 0 = auto
+    "trainer.threads_per_rank",
     *(
         f"trainer.{k}"
         for k in ("weight_decay", "warmup_steps", "grad_clip", "save_every", "keep_checkpoints")

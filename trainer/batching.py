@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from slime.types import Group, Trajectory
+from trainer.packing import balance_tokens
 
 
 @dataclass
@@ -239,12 +240,15 @@ def make_micro_batches(
     max_len: int | None = None,
     filler: SeqRef | None = None,
     trim: bool = True,
+    by_tokens: bool = False,
 ) -> list[MicroBatch]:
     """Exactly `num_micro` micro-batches covering `seqs`, each padded to its own longest sequence
     (and, with `trim`, without leading loss-free prediction columns: see `trim_leading`).
 
     Sorting by length first puts sequences of similar length together, so padding stays small.
-    With `trim`, `shared_prefix` is set too (see `common_prefix`).
+    `by_tokens` (for packed forwards, which compute no padding) balances the micro-batches' token
+    counts instead (`trainer.packing.balance_tokens`; rows in input order), for the same number of
+    sequences at most per micro-batch. With `trim`, `shared_prefix` is set too (see `common_prefix`).
     Chunks are as even as possible; a chunk left empty (fewer sequences than micro-batches) becomes a
     dummy micro-batch built from `filler` (default: the first sequence), so that every data-parallel
     rank runs the same number of forward/backward passes. With no sequences at all and no filler,
@@ -252,8 +256,13 @@ def make_micro_batches(
     """
     ordered = sorted(seqs, key=lambda s: len(s.traj.token_ids)) if sort_by_length else list(seqs)
     fill = filler if filler is not None else (ordered[0] if ordered else None)
+    if by_tokens:
+        bins = balance_tokens([len(s.traj.token_ids) for s in seqs], num_micro)
+        chunks = [[seqs[i] for i in b] for b in bins]
+    else:
+        chunks = split_even(ordered, num_micro)
     out: list[MicroBatch] = []
-    for chunk in split_even(ordered, num_micro):
+    for chunk in chunks:
         if chunk:
             mb = collate(chunk, pad_id, max_len)
         elif fill is not None:

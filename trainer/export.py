@@ -12,12 +12,15 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from slime.types import WeightManifest
+
+if TYPE_CHECKING:
+    from slime.transport import WeightSender
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
@@ -30,15 +33,20 @@ def full_named_tensors(policy: Any, collective: bool, dtype: torch.dtype) -> Ite
     layer, expert-parallel layers are gathered back into transformers' layout
     (`trainer.expert_parallel.to_transformers_layout`), and each group is converted to the checkpoint
     layout (`slime.weights.to_checkpoint_format`: tied weights dropped, fused MoE experts split back per
-    expert), so peak extra memory is one layer.
+    expert), so peak extra memory is one layer. A LoRA policy's layers are merged first
+    (`trainer.lora.merge`: W + scale * B @ A under the transformers names, out of place), so the
+    tensors are always the plain model's, never peft's `base_layer`/`lora_A` names.
     """
     import deepspeed
 
     from slime.weights import to_checkpoint_format
     from trainer.expert_parallel import autoep_layers, to_transformers_layout
+    from trainer.lora import adapted_scales, merge, unwrap
 
     module = policy.module
     ep_layers = autoep_layers(module)
+    lora_scales = adapted_scales(module)  # {} without LoRA
+    gather_dtype = torch.float32 if lora_scales else dtype  # merged in float32, then cast
     persistent = set()
     for mod_name, mod in module.named_modules():
         for b_name, buf in mod._buffers.items():
@@ -51,10 +59,12 @@ def full_named_tensors(policy: Any, collective: bool, dtype: torch.dtype) -> Ite
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else nullcontext()
         with ctx:
             full = {
-                n: t.detach().to(device="cpu", dtype=dtype)
+                n: t.detach().to(device="cpu", dtype=gather_dtype)
                 for n, t in to_transformers_layout(ep_layers, group)
             }
-        yield from to_checkpoint_format(module, full).items()
+        if lora_scales:
+            full = merge(full, lora_scales, dtype)
+        yield from to_checkpoint_format(unwrap(module), full).items()
 
 
 def layer_groups(entries: list[tuple[str, Tensor]]) -> list[tuple[str, list[tuple[str, Tensor]]]]:
@@ -78,12 +88,24 @@ def _drain(tensors: Iterator[Any]) -> None:
 
 
 def export_weights(
-    policy: Any, rank: int, collective: bool, dtype: torch.dtype, version: int, out_dir: str, bucket_mb: int
+    policy: Any,
+    rank: int,
+    collective: bool,
+    dtype: torch.dtype,
+    version: int,
+    out_dir: str,
+    bucket_mb: int,
+    sender: WeightSender | None = None,
 ) -> WeightManifest | None:
-    """Write the full policy weights (checkpoint names, `dtype`) as versioned buckets
-    (`slime.weights.write_weights`). Rank 0 writes and returns the manifest, the others None."""
+    """Write the full policy weights (checkpoint names, `dtype`): into rank 0's `sender`'s next slot
+    (slime/transport.py) when it has one, else as versioned safetensors buckets under `out_dir`
+    (`slime.weights.write_weights`). Rank 0 returns the manifest, the others None."""
     from slime.weights import write_weights
 
+    if sender is not None:
+        # Gathered as they are: the copy into the slot casts, one pass instead of a cast copy first.
+        tensors = full_named_tensors(policy, collective, next(policy.module.parameters()).dtype)
+        return sender.publish(tensors, version, dtype)
     tensors = full_named_tensors(policy, collective, dtype)
     if rank == 0:
         return write_weights(tensors, version, out_dir, bucket_mb, dtype=dtype)
@@ -106,11 +128,13 @@ def save_checkpoint(
     marker: dict[str, Any],
 ) -> str:
     """DeepSpeed state (policy, and critic when there is one) on every rank, then on rank 0 a
-    transformers export in `<ckpt_dir>/hf` (tokenizer files copied from `model_dir`) and last the
+    transformers export in `<ckpt_dir>/hf` (tokenizer files copied from `model_dir`; a LoRA policy's
+    weights merged), a LoRA policy's adapter in peft's format in `<ckpt_dir>/adapter`, and last the
     completion marker `slime_state.json` with `marker` (step, version, ...). Returns ckpt_dir."""
     import torch.distributed as dist
 
     from slime import checkpoint as ck
+    from trainer import lora
 
     os.makedirs(ckpt_dir, exist_ok=True)
     save_rng_state(ckpt_dir, rank)
@@ -122,9 +146,13 @@ def save_checkpoint(
     tensors = full_named_tensors(policy, collective, dtype)
     if rank == 0:
         hf_dir = os.path.join(ckpt_dir, ck.HF_DIR)
-        ck.write_hf_checkpoint(tensors, policy.module.config, model_dir, hf_dir, dtype=dtype)
+        ck.write_hf_checkpoint(tensors, lora.unwrap(policy.module).config, model_dir, hf_dir, dtype=dtype)
     elif collective:
         _drain(tensors)
+    if lora.is_lora(policy.module):
+        adapter = lora.adapter_tensors(policy.module)  # gathers under ZeRO-3: every rank calls it
+        if rank == 0:
+            lora.save_adapter(policy.module, adapter, os.path.join(ckpt_dir, ck.ADAPTER_DIR))
     if world_size > 1:
         dist.barrier()  # every rank's DeepSpeed files are on disk before the marker says complete
     if rank == 0:

@@ -1,7 +1,9 @@
-"""The trainer's forward passes: policy logits (with the shared-prefix path), logprobs, critic values.
+"""The trainer's forward passes: policy logits (with the shared-prefix and packed paths), logprobs,
+critic values.
 
 Shapes follow trainer.batching: a micro-batch has B rows of L tokens and T = L-1-start kept
-prediction columns; column t describes token start+t+1.
+prediction columns; column t describes token start+t+1. Packed forwards (trainer.packing) return the
+K real kept columns as [1, K, ...] with the `Packed` layout that puts them back into [B, T].
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from trainer.batching import MicroBatch
+from trainer.flops import ModelFlops, forward_flops
+from trainer.packing import Packed, pack, placeholder_mask, uses_segment_attention
 
 if TYPE_CHECKING:
     from trainer.routing import Routing
@@ -23,58 +27,85 @@ if TYPE_CHECKING:
 class Forward:
     """Forward passes of the policy (or the frozen reference) over micro-batches.
 
-    `share_prefix`: run the rows' common leading tokens once (see `logits`); the caller turns it off
-    under ZeRO-3. `temperature`: logprobs are of softmax(logits / temperature), the policy the engine
-    sampled from. `shared_prefix_forwards` counts the forwards that took the shared-prefix path, so
-    callers and tests can tell that it ran (it falls back to the plain forward silently otherwise).
+    `share_prefix`: run the rows' common leading tokens once (see `kept_logits`); the caller turns it
+    off under ZeRO-3. `pack`: run the rows without padding, as one packed row, on models that use
+    trainer.packing's segment attention (others run padded). `temperature`: logprobs are of
+    softmax(logits / temperature), the policy the engine sampled from. `shared_prefix_forwards` and
+    `packed_forwards` count the forwards that took those paths, so callers and tests can tell that
+    they ran (the forward falls back to the plain one silently otherwise). With `flops`, `flops_done`
+    adds up the model FLOPs of every forward (3x under grad mode: forward and backward;
+    trainer.flops), dummy micro-batches excluded.
     """
 
     share_prefix: bool
     temperature: float = 1.0
+    pack: bool = False
+    flops: ModelFlops | None = None
     shared_prefix_forwards: int = 0
+    packed_forwards: int = 0
+    flops_done: float = 0.0
 
-    def logits(
+    def kept_logits(
         self, model: Any, mb: MicroBatch, routing: Routing | None = None, measure: bool = False
-    ) -> Tensor:
-        """Logits of the micro-batch's kept prediction columns: [B, T, V] (a view).
+    ) -> tuple[Tensor, Packed | None]:
+        """Logits of the micro-batch's kept prediction columns: ([B, T, V] (a view), None) padded,
+        or ([1, K, V], layout) packed (`layout.to_rows` puts per-token values back into [B, T]).
 
-        `logits_to_keep` makes the model apply its head to the last L-start positions only, so the
-        vocabulary-sized work skips the trimmed prompt columns; the last position predicts past the
-        end and is dropped. With `share_prefix`, the P = `mb.shared_prefix` leading tokens that every
-        row shares run once as a [1, P] forward whose cache (kept in the autograd graph, so the
-        prefix still gets its gradient) is repeated for the B rows' [B, L-P] suffix forward: on
-        agentic prompts (a long system prompt and tool list) that is most of the tokens.
+        `logits_to_keep` makes the model apply its head to the kept positions only, so the
+        vocabulary-sized work skips the trimmed prompt columns (padded: the last L-start positions,
+        whose last one predicts past the end and is dropped; packed: exactly the real kept ones).
+        With `share_prefix`, the P = `mb.shared_prefix` leading tokens that every row shares run
+        once as a [1, P] forward whose cache (kept in the autograd graph, so the prefix still gets
+        its gradient) the rows' suffixes attend to: packed, the suffixes run as one row after it;
+        padded, the cache is repeated for the B rows' [B, L-P] suffix forward. On agentic prompts
+        (a long system prompt and tool list) that prefix is most of the tokens.
 
         `routing` (MoE policies): each model call is announced to the router hooks (routing replay,
         router losses and statistics; trainer/routing.py); `measure` makes it count for the step's
         router statistics. Under grad mode the router losses keep their graph (`Routing.take_losses`).
         """
         b, length = mb.input_ids.shape
-        p = mb.shared_prefix if self.share_prefix else 0
+        p = mb.shared_prefix if self.share_prefix and b >= 2 else 0
         if routing is not None:
             p = routing.shared_prefix(mb, p)  # replayed routes must be shared too
+        packed = self.pack and b >= 2 and uses_segment_attention(model)
         want_loss = torch.is_grad_enabled()
+        if self.flops is not None and not mb.dummy:
+            passes = 3 if want_loss else 1
+            self.flops_done += passes * forward_flops(self.flops, mb.lengths.tolist(), mb.start, p)
 
-        def announce(rows: slice, cols: slice, shared: bool = False) -> Any:
+        def announce(view: Any, rows: slice, cols: slice, shared: bool = False) -> Any:
             if routing is None:
                 return contextlib.nullcontext()
-            return routing.call(mb, rows, cols, measure=measure, want_loss=want_loss, shared=shared)
+            return routing.call(view, rows, cols, measure=measure, want_loss=want_loss, shared=shared)
 
-        if p < 1 or b < 2:
-            with announce(slice(None), slice(None)):
+        cache = None
+        if p >= 1:
+            with announce(mb, slice(0, 1), slice(0, p), shared=True):
+                head = model(input_ids=mb.input_ids[:1, :p], use_cache=True, logits_to_keep=1)
+            cache = head.past_key_values
+            self.shared_prefix_forwards += 1
+        if packed:
+            pk = pack(mb.input_ids, mb.lengths, first=p, start=mb.start)
+            view = PackedRoutes.of(mb, pk) if routing is not None else None
+            with announce(view, slice(None), slice(None)):
+                logits = packed_logits(model, pk, cache)
+            if view is not None:
+                view.write_back(mb, pk)
+            self.packed_forwards += 1
+            return logits, pk
+        if cache is None:
+            with announce(mb, slice(None), slice(None)):
                 out = model(
                     input_ids=mb.input_ids,
                     attention_mask=mb.attention_mask,
                     use_cache=False,
                     logits_to_keep=mb.logits_to_keep,
                 )
-            return out.logits[:, :-1]
-        with announce(slice(0, 1), slice(0, p), shared=True):
-            head = model(input_ids=mb.input_ids[:1, :p], use_cache=True, logits_to_keep=1)
-        cache = head.past_key_values
+            return out.logits[:, :-1], None
         cache.batch_repeat_interleave(b)  # [1, H, P, D] -> [B, H, P, D] per layer, differentiable
         positions = torch.arange(p, length, device=mb.input_ids.device).expand(b, -1)  # [B, L-P]
-        with announce(slice(None), slice(p, None)):
+        with announce(mb, slice(None), slice(p, None)):
             out = model(
                 input_ids=mb.input_ids[:, p:],
                 attention_mask=mb.attention_mask,  # [B, L]: the cached prefix plus the suffix
@@ -83,18 +114,98 @@ class Forward:
                 use_cache=True,
                 logits_to_keep=mb.logits_to_keep,  # <= L-P because P <= start
             )
-        self.shared_prefix_forwards += 1
-        return out.logits[:, :-1]
+        return out.logits[:, :-1], None
+
+    def logits(
+        self, model: Any, mb: MicroBatch, routing: Routing | None = None, measure: bool = False
+    ) -> Tensor:
+        """Logits of the micro-batch's kept prediction columns: [B, T, V] (see `kept_logits`); a
+        packed forward's are put back into rows, zero on columns no row keeps (padding)."""
+        logits, layout = self.kept_logits(model, mb, routing, measure)
+        return logits if layout is None else layout.to_rows(logits)
 
     def logprobs(
         self, model: Any, mb: MicroBatch, routing: Routing | None = None, measure: bool = False
     ) -> Tensor:
-        """[B, T] float32 logprobs of the micro-batch's target tokens under softmax(logits / T)."""
+        """[B, T] float32 logprobs of the micro-batch's target tokens under softmax(logits / T)
+        (0 on padding when packed)."""
         from trainer.losses import token_logprobs_from_logits
 
-        return token_logprobs_from_logits(
-            self.logits(model, mb, routing, measure), mb.targets, self.temperature
+        logits, layout = self.kept_logits(model, mb, routing, measure)
+        if layout is None:
+            return token_logprobs_from_logits(logits, mb.targets, self.temperature)
+        return layout.to_rows(token_logprobs_from_logits(logits, layout.kept(mb.targets), self.temperature))
+
+
+def packed_logits(model: Any, pk: Packed, prefix_cache: Any = None) -> Tensor:
+    """[1, K, V] logits of a packed row's kept positions, on a model with segment attention; with
+    `prefix_cache` (a [1, P] forward's cache; `pk` packed from column P) every sequence also attends
+    to the prefix."""
+    out = model(
+        input_ids=pk.input_ids,
+        position_ids=pk.position_ids,
+        attention_mask=placeholder_mask(pk.input_ids.device),
+        cu_seq_lens_q=pk.cu_seqlens,
+        past_key_values=prefix_cache,
+        use_cache=prefix_cache is not None,
+        logits_to_keep=pk.keep,
+    )
+    return out.logits
+
+
+def packing_leak(model: Any) -> str | None:
+    """Check on two short random sequences that a packed forward keeps attention within each one:
+    None when the second sequence's packed logits equal its own forward's, else what differed.
+    A model whose layers do not route attention through transformers' attention interface (remote
+    code with its own attention) would otherwise mix the sequences silently."""
+    vocab = int(model.config.vocab_size)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (2, 7), generator=gen).to(device)
+    lengths = torch.tensor([7, 5])
+    with torch.no_grad():
+        packed = packed_logits(model, pack(ids, lengths, first=0, start=0))[0, 6:]  # the second row
+        alone = model(input_ids=ids[1:, :5], use_cache=False).logits[0, :4]
+    if packed.shape == alone.shape and torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-3):
+        return None
+    diff = (packed.float() - alone.float()).abs().max() if packed.shape == alone.shape else float("nan")
+    return f"a packed sequence's logits differ from its own forward's by up to {float(diff):.3g}"
+
+
+@dataclass
+class PackedRoutes:
+    """The packed tokens as trainer.routing addresses a micro-batch: one row of N real tokens, with
+    their engine routes and old-policy routes gathered from the padded micro-batch."""
+
+    input_ids: Tensor  # [1, N]
+    attention_mask: Tensor  # [1, N], all 1
+    routes: Tensor | None  # [1, N, M, K]
+    routes_valid: Tensor | None  # [1, N]
+    route_layers: tuple[int, ...]
+    old_routes: Tensor | None  # [1, N, M, K]; routing_replay=old's first pass fills it
+
+    @staticmethod
+    def of(mb: MicroBatch, pk: Packed) -> PackedRoutes:
+        def take(x: Tensor | None) -> Tensor | None:
+            return None if x is None else pk.tokens(x)
+
+        return PackedRoutes(
+            input_ids=pk.input_ids,
+            attention_mask=torch.ones_like(pk.input_ids),
+            routes=take(mb.routes),
+            routes_valid=take(mb.routes_valid),
+            route_layers=mb.route_layers,
+            old_routes=take(mb.old_routes),
         )
+
+    def write_back(self, mb: MicroBatch, pk: Packed) -> None:
+        """Put the old-policy routes the routing hooks recorded for the packed tokens into `mb`."""
+        if self.old_routes is None:
+            return
+        if mb.old_routes is None:
+            b, length = mb.input_ids.shape
+            mb.old_routes = self.old_routes.new_zeros((b, length, *self.old_routes.shape[2:]))
+        pk.put_tokens(self.old_routes, mb.old_routes)
 
 
 class ValueModel(nn.Module):

@@ -53,6 +53,7 @@ from trainer.losses import (
     policy_loss,
     token_logprobs_from_logits,
 )
+from trainer.packing import Packed
 from trainer.process import Collectives
 from trainer.step_metrics import StepMetrics
 
@@ -275,8 +276,10 @@ def micro_step_loss(
     loss_norm: float,
     weight: float,
     m: StepMetrics,
+    layout: Packed | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The policy objective of one micro-batch from its logits [B, T, V].
+    """The policy objective of one micro-batch from its logits [B, T, V], or [1, K, V] of a packed
+    forward with its `layout` (trainer.packing: per-token values go back into [B, T]).
 
     Returns (total, policy): `total` is what to backpropagate before weighting (policy loss, minus
     the entropy bonus, plus the KL loss with kl_mode=loss), `policy` the policy loss alone (detached),
@@ -286,7 +289,9 @@ def micro_step_loss(
     """
     mb = w.mb
     n_tok = float(mb.num_loss_tokens)
-    lp = token_logprobs_from_logits(logits, mb.targets, temperature)  # [B, T] float32
+    rows = (lambda x: x) if layout is None else layout.to_rows
+    targets = mb.targets if layout is None else layout.kept(mb.targets)
+    lp = rows(token_logprobs_from_logits(logits, targets, temperature))  # [B, T] float32
     if w.prox is None:
         # Single update per batch: the proximal policy is the current one (same weights).
         w.prox = lp.detach()
@@ -294,11 +299,11 @@ def micro_step_loss(
     loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm)
     total = loss
     if algo.entropy_coef > 0:
-        ent = entropy_from_logits(logits, temperature)  # [B, T], with grad for the bonus
+        ent = rows(entropy_from_logits(logits, temperature))  # [B, T], with grad for the bonus
         total = total - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.loss_agg, loss_norm)
     else:
         with torch.no_grad():
-            ent = entropy_from_logits(logits.detach(), temperature)
+            ent = rows(entropy_from_logits(logits.detach(), temperature))
     if w.ref is not None:
         kl_tok = kl_estimate(lp, w.ref, algo.kl_estimator)  # [B, T]
         if algo.kl_mode == "loss":

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
-from slime.types import Group, WeightManifest
+from slime.types import Group, WeightChannel, WeightManifest
 from trainer.batching import shard_groups
 from trainer.process import rank_env
 from trainer.worker import TrainerSpec
@@ -92,6 +92,25 @@ class TrainerRanks:
         if manifest is None:
             raise RuntimeError("trainer rank 0 returned no weight manifest")
         return manifest
+
+    async def node_id(self) -> str | None:
+        """Rank 0's Ray node id: the node weights.transport=auto compares the engines' with."""
+        return await self._one(0, "node_id", self.actors[0].node_id.remote())
+
+    async def open_weights(
+        self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
+    ) -> WeightChannel:
+        """Open rank 0's end of the weight transport; `export_weights` then publishes through it."""
+        ref = self.actors[0].open_weights.remote(transport, weights_dir, bucket_mb, backend, timeout_s)
+        return await self._one(0, "open_weights", ref)
+
+    async def accept_weights(self, key: str, ranks: int) -> None:
+        """Link one engine's group to rank 0 (the engine joins at the same time)."""
+        await self._one(0, "accept_weights", self.actors[0].accept_weights.remote(key, ranks))
+
+    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> None:
+        """Broadcast a published version to the engines `keys` (they receive at the same time)."""
+        await self._one(0, "send_weights", self.actors[0].send_weights.remote(manifest, keys))
 
     async def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
         """DeepSpeed state of every rank plus the transformers export; returns ckpt_dir."""

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from slime.types import Group, WeightManifest
+from slime.transport import WeightSender
+from slime.types import Group, WeightChannel, WeightManifest
 from trainer import objective as obj
 from trainer.batching import SeqRef, flatten_groups, make_micro_batches, minibatch_split, num_micro_batches
+from trainer.flops import ModelFlops
 from trainer.forward import Forward, to_device, values
 from trainer.process import Collectives
 from trainer.routing import Routing, model_router_coefs
@@ -77,7 +79,7 @@ class TrainerWorker:
     Construction is cheap (no DeepSpeed, no process group); `setup()` joins the process group and
     builds the models. The DeepSpeed models are `policy`, `critic` (advantage=gae) and `reference`
     (algorithm.kl_coef > 0: a frozen copy, replicated for ZeRO 0-2 and a partitioned optimizer-less
-    ZeRO-3 model for stage 3).
+    ZeRO-3 model for stage 3; with LoRA the policy with its adapters disabled, trainer/lora.py).
     """
 
     spec: TrainerSpec
@@ -100,6 +102,9 @@ class TrainerWorker:
     pad_id: int
     max_positions: int | None  # the model's context; longer sequences are cut (with a warning)
     num_params: int
+    num_trainable: int  # parameters the optimizer updates (the adapters only with LoRA)
+    model_flops: ModelFlops  # what the policy's tokens cost (trainer/flops.py), for perf/mfu
+    peak_flops: float  # matmul FLOP/s of this rank's device, dtype and threads, measured at setup
     setup_s: float
     _process_env: contextlib.ExitStack  # what setup() set in this process for the rank's lifetime
 
@@ -115,6 +120,7 @@ class TrainerWorker:
         self.router_coefs = (0.0, 0.0)
         self.setup_s = 0.0
         self._process_env = contextlib.ExitStack()
+        self.weight_sender: WeightSender | None = None  # rank 0's end of the weight transport
 
     # -- lifecycle --------------------------------------------------------------------------------
     def node_address(self) -> tuple[str, int]:
@@ -129,12 +135,14 @@ class TrainerWorker:
         Returns facts for the log: precision, parameters, seconds."""
         from slime.models import load_tokenizer, resolve_dtype
         from trainer.build import build_frozen, build_trainable, load_causal_lm, no_dropout, resolve_precision
+        from trainer.flops import measure_peak_flops, model_flops
         from trainer.forward import ValueModel
+        from trainer.packing import use_segment_attention
         from trainer.process import free_port, join_process_group, local_rank_env, set_thread_budget
 
         t0 = time.perf_counter()
         spec, cfg = self.spec, self.cfg
-        set_thread_budget(cfg.threads_per_rank)
+        cores = set_thread_budget(cfg.threads_per_rank, cfg.num_ranks)
         if master_addr is None or master_port is None:
             if self.world_size > 1:
                 raise ValueError("setup() of a rank in a group of several needs master_addr and master_port")
@@ -152,6 +160,8 @@ class TrainerWorker:
         torch.manual_seed(spec.seed)
         model = load_causal_lm(spec.model_dir, spec.model)
         self.num_params = sum(p.numel() for p in model.parameters())
+        self.model_flops = model_flops(model)
+        pack = cfg.pack and self._packable(model)
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         expert_parallel = None
         if cfg.expert_parallel_size > 1:
@@ -159,7 +169,14 @@ class TrainerWorker:
 
             expert_parallel = autoep_section(cfg, str(model.config.model_type))
         self.router_coefs = model_router_coefs(model.config, cfg.moe.aux_loss_coef, cfg.moe.z_loss_coef)
+        if spec.model.lora.r:
+            from trainer.lora import wrap
+
+            model = wrap(model, spec.model.lora)  # only the adapters stay trainable (trainer/lora.py)
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.policy = build_trainable(model, cfg.lr, cfg, self.bf16, expert_parallel)
+        if cores is not None:  # auto threads: take the cores idle engines leave, before every forward
+            self.policy.module.register_forward_pre_hook(cores.before_forward)
         replay = str(self.algo.routing_replay)
         self.routing = Routing.install(self.policy.module, replay)
         if self.routing is None and replay != "none":
@@ -171,11 +188,21 @@ class TrainerWorker:
         # Not under ZeRO-3: its per-parameter gradient hooks reduce a parameter once per forward that
         # used it, and the two forwards of one micro-step broke that (an assertion in stage3.py on MoE).
         self.forward = Forward(
-            share_prefix=cfg.share_prefix and not self._zero3, temperature=spec.temperature
+            share_prefix=cfg.share_prefix and not self._zero3,
+            temperature=spec.temperature,
+            pack=pack,
+            flops=self.model_flops,
         )
+        self.peak_flops = measure_peak_flops(torch.bfloat16 if self.bf16 else torch.float32, self.device)
 
-        if self.algo.kl_coef > 0:
+        if self.algo.kl_coef > 0 and spec.model.lora.r:
+            from trainer.lora import AdaptersOff
+
+            self.reference = AdaptersOff(self.policy)  # the frozen base: no second copy of the model
+        elif self.algo.kl_coef > 0:
             reference = load_causal_lm(spec.model_dir, spec.model)
+            if pack:
+                use_segment_attention(reference)
             self.reference = build_frozen(reference, cfg, self.bf16, self.device)
         if self.algo.advantage == "gae":
             torch.manual_seed(spec.seed)
@@ -190,10 +217,33 @@ class TrainerWorker:
             "expert_parallel_size": cfg.expert_parallel_size,
             "moe_layers": self.routing.layers if self.routing is not None else [],
             "num_params": self.num_params,
+            "trainable_params": self.num_trainable,
+            "pack": pack,
+            "peak_tflops": self.peak_flops / 1e12,
             "reference": self.reference is not None,
             "critic": self.critic is not None,
             "setup_s": self.setup_s,
         }
+
+    def _packable(self, model: Any) -> bool:
+        """Whether the policy can run packed forwards (trainer.pack): its attention is sdpa (switched
+        to trainer.packing's segment attention here) and a packed forward keeps attention within each
+        sequence (`packing_leak`). Otherwise it trains padded, with a warning saying why."""
+        from trainer.forward import packing_leak
+        from trainer.packing import use_segment_attention
+
+        if not use_segment_attention(model):
+            log.warning(
+                "trainer.pack: %s attention has no packed path (sdpa has); training padded",
+                model.config._attn_implementation,
+            )
+            return False
+        leak = packing_leak(model)
+        if leak is not None:
+            log.warning("trainer.pack: %s; training padded", leak)
+            model.set_attn_implementation("sdpa")
+            return False
+        return True
 
     def close(self) -> None:
         """Release the DeepSpeed models and what setup() set in the process environment (the
@@ -206,6 +256,9 @@ class TrainerWorker:
                 model.destroy()
         self.policy = self.critic = self.reference = None
         self._process_env.close()
+        if self.weight_sender is not None:
+            self.weight_sender.close()
+            self.weight_sender = None
 
     @property
     def _zero3(self) -> bool:
@@ -227,6 +280,7 @@ class TrainerWorker:
         if not groups:
             raise ValueError(f"trainer rank {self.rank} got no groups (batch_groups must be >= num_ranks)")
         t0 = time.perf_counter()
+        self.forward.flops_done = 0.0
         lr = self._set_lr()
         m = StepMetrics()
         refs = flatten_groups(groups)
@@ -266,7 +320,9 @@ class TrainerWorker:
         counts = [int(c) for c in self.comm.all_reduce(local, "max")]
         plan = []
         for mini, n in zip(minis, counts, strict=True):
-            mbs = make_micro_batches(mini, n, self.pad_id, max_len=self.max_positions, filler=refs[0])
+            mbs = make_micro_batches(
+                mini, n, self.pad_id, max_len=self.max_positions, filler=refs[0], by_tokens=self.forward.pack
+            )
             plan.append([obj.Scored(mb=to_device(mb, self.device)) for mb in mbs])
         return plan
 
@@ -325,9 +381,10 @@ class TrainerWorker:
         averages gradients over ranks, so the weighted losses are scaled by the world size."""
         weight = norms.policy_weight(minibatch, w.mb, self.algo.loss_agg)
         # The first policy forward of this micro-batch in the step (no proximal pass) is measured.
-        logits = self.forward.logits(self.policy, w.mb, self.routing, measure=w.prox is None)  # [B, T, V]
+        # [B, T, V], or [1, K, V] packed with its layout
+        logits, layout = self.forward.kept_logits(self.policy, w.mb, self.routing, measure=w.prox is None)
         total, policy = obj.micro_step_loss(
-            logits, w, self.algo, self.forward.temperature, norms.loss_norm, weight, m
+            logits, w, self.algo, self.forward.temperature, norms.loss_norm, weight, m, layout
         )
         if self.routing is not None:
             router_losses = self.routing.take_losses()
@@ -354,6 +411,7 @@ class TrainerWorker:
         if self.routing is not None:
             metrics.update(self.routing.reduce_metrics(self.comm))
         train_s = self.comm.all_reduce([time.perf_counter() - t0], "max")[0]
+        flops, peak = self.comm.all_reduce([self.forward.flops_done, self.peak_flops])
         metrics.update(
             {
                 "adv/mean": counts.adv.mean,
@@ -362,7 +420,11 @@ class TrainerWorker:
                 "grad_norm": sum(grad_norms) / len(grad_norms),
                 "lr": lr,
                 "time/train_s": train_s,
+                # Real tokens (prompts included, padding never) per second of the step.
                 "perf/train_tokens_per_s": counts.tokens / max(train_s, 1e-9),
+                # Model FLOPs of the step's policy and reference passes over the ranks' measured
+                # peak (trainer/flops.py); the critic's passes are not counted.
+                "perf/mfu": flops / max(train_s * peak, 1e-9),
                 "train/tokens": counts.tokens,
                 "train/loss_tokens": counts.adv.count,
                 "train/sequences": counts.sequences,
@@ -406,8 +468,43 @@ class TrainerWorker:
         from trainer.export import export_weights
 
         return export_weights(
-            self.policy, self.rank, self._collective_export, self.export_dtype, version, out_dir, bucket_mb
+            self.policy,
+            self.rank,
+            self._collective_export,
+            self.export_dtype,
+            version,
+            out_dir,
+            bucket_mb,
+            self.weight_sender,
         )
+
+    def node_id(self) -> str | None:
+        """This rank's Ray node id (None outside Ray): where weights.transport=auto looks for engines."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+    def open_weights(
+        self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
+    ) -> WeightChannel:
+        """Rank 0: open the trainer's end of the weight transport (shm or broadcast); later
+        `export_weights` calls publish through it. Returns what engines need to open their end."""
+        from slime.transport import open_sender
+
+        if self.weight_sender is not None:
+            self.weight_sender.close()
+        self.weight_sender = open_sender(transport, weights_dir, bucket_mb, backend, timeout_s)
+        return self.weight_sender.channel
+
+    def accept_weights(self, key: str, ranks: int) -> None:
+        """Rank 0: link the engine that opens the channel with `key` (blocks until it joins)."""
+        assert self.weight_sender is not None, "open_weights first"
+        self.weight_sender.accept(key, ranks)
+
+    def send_weights(self, manifest: WeightManifest, keys: list[str]) -> None:
+        """Rank 0: deliver a published version to the engines `keys` (they receive at the same time)."""
+        assert self.weight_sender is not None, "open_weights first"
+        self.weight_sender.send(manifest, keys)
 
     def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
         """DeepSpeed state on every rank, then (rank 0) a transformers export in `<ckpt_dir>/hf` and
