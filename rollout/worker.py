@@ -279,12 +279,13 @@ class RolloutWorker:
 
 
 def _claim_path(index: int) -> str | None:
-    """Where worker `index` of this Ray job claims its engine's cores (None outside Ray)."""
+    """Where worker `index` of this Ray job claims its engine's cores on its node (None outside Ray)."""
     import ray
 
     if not ray.is_initialized():
         return None
-    return os.path.join(core_claims_dir(ray.get_runtime_context().get_job_id()), f"worker{index}")
+    ctx = ray.get_runtime_context()
+    return os.path.join(core_claims_dir(ctx.get_node_id(), ctx.get_job_id()), f"worker{index}")
 
 
 def _ray_node_id() -> str | None:

@@ -913,11 +913,13 @@ def trainer_threads(threads_per_rank: int, num_ranks: int, cores: int, claimed: 
     return max(1, (cores - claimed) // num_ranks)
 
 
-def core_claims_dir(scope: str) -> str:
-    """The folder where busy rollout engines of the Ray job `scope` claim their threads: one file per
-    worker holding its thread count, present only while the worker has episodes in flight."""
+def core_claims_dir(node_id: str, job_id: str) -> str:
+    """The folder where busy rollout engines of Ray job `job_id` on node `node_id` claim their
+    threads: one file per worker holding its thread count, present only while the worker has
+    episodes in flight. Job ids restart at 1 in every Ray cluster, so the node id (unique per
+    cluster and node) keeps two runs on one machine apart."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    return os.path.join(base, f"slime-cores-{scope}")
+    return os.path.join(base, f"slime-cores-{node_id[:16]}-{job_id}")
 
 
 # ---------------------------------------------------------------------------------------- validate

@@ -207,7 +207,8 @@ class Controller:
             ray.kill(self.buffer)
             shutil.rmtree(self._weights_dir(), ignore_errors=True)  # /dev/shm is RAM: leave nothing behind
             # Core claims of workers that died without withdrawing them.
-            shutil.rmtree(core_claims_dir(ray.get_runtime_context().get_job_id()), ignore_errors=True)
+            ctx = ray.get_runtime_context()
+            shutil.rmtree(core_claims_dir(ctx.get_node_id(), ctx.get_job_id()), ignore_errors=True)
 
     # -- supervision -----------------------------------------------------------------------------
     async def _supervised(self, awaitable: Any, interruptible: bool = False) -> Any:

@@ -230,10 +230,7 @@ POSITIVE = [
     *(f"rollout.{k}" for k in ("temperature", "max_tokens_per_turn", "max_total_tokens", "max_model_len")),
     *(f"rollout.{k}" for k in ("kv_cache_gib", "tensor_parallel_size")),
     *(f"trainer.{k}" for k in ("steps", "num_ranks", "batch_groups", "micro_batch_size", "lr")),
-    *(
-        f"trainer.{k}"
-        for k in ("weight_bucket_mb", "stop_timeout_s", "expert_parallel_size")
-    ),
+    *(f"trainer.{k}" for k in ("weight_bucket_mb", "stop_timeout_s", "expert_parallel_size")),
     "algorithm.ppo_epochs",
     "algorithm.num_minibatches",
     "algorithm.critic_lr",

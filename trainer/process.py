@@ -108,12 +108,15 @@ def _ray_cpus() -> int:
 
 
 def _claims_dir() -> str | None:
-    """The core claims folder of this process's Ray job (None outside Ray)."""
+    """The core claims folder of this process's Ray job on its node (None outside Ray)."""
     try:
         import ray
     except ImportError:
         return None
-    return core_claims_dir(ray.get_runtime_context().get_job_id()) if ray.is_initialized() else None
+    if not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    return core_claims_dir(ctx.get_node_id(), ctx.get_job_id())
 
 
 def free_port() -> int:
