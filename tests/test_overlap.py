@@ -141,7 +141,11 @@ def test_core_share_follows_the_claims(tmp_path, restore_threads) -> None:
     assert torch.get_num_threads() == 2
 
 
-def test_fixed_thread_budget_has_no_share(restore_threads) -> None:
+def test_fixed_thread_budget_has_no_share(restore_threads, monkeypatch) -> None:
+    import ray
+
+    # Outside Ray, also when the suite's shared Ray cluster is up in this process.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert set_thread_budget(1) is None and torch.get_num_threads() == 1
     share = set_thread_budget(0)  # auto outside Ray: the whole machine, nothing to watch
     assert share is not None and share.claims_dir is None
