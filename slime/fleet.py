@@ -10,7 +10,9 @@ When a worker or its engine dies (killed, out of memory, a crash inside vLLM) or
 its supervisor hands the worker's tickets in flight back to the buffer (they are generated again,
 never trained twice), has Ray restart the actor, starts its engine, opens its end of the weight
 transport again (broadcast: a new group of its own), loads the latest weights and resumes its loop;
-`rollout/restarts` counts these. A worker that dies more than `rollout.max_restarts` times ends the
+`rollout/restarts` counts these. A worker that dies during a push is skipped by that push, and one
+that is up but failed to load it (its engine died, its broadcast broke) is restarted the same way, so
+the others' versions never wait on it. A worker that fails more than `rollout.max_restarts` times ends the
 run with its last error.
 """
 
@@ -41,7 +43,7 @@ class WeightSource(Protocol):
 
     async def accept_weights(self, key: str, ranks: int) -> None: ...
 
-    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> None: ...
+    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]: ...
 
 
 class RolloutFleet:
@@ -86,6 +88,7 @@ class RolloutFleet:
         self._engine_ranks = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
         self._keys = [""] * len(self.workers)  # broadcast: each worker's current group
         self._push_lock = asyncio.Lock()  # a restart's weight load never interleaves with a push
+        self._load_errors: dict[int, str] = {}  # why update_weights had a worker restarted
         self._supervisors: list[asyncio.Task] = []
         self._closing = False
         self.failure: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -101,28 +104,32 @@ class RolloutFleet:
         ]
 
     async def _supervise(self, index: int, buffer: Any) -> None:
+        from ray.exceptions import RayActorError
+
         worker = self.workers[index]
+        restart, died = False, False
         while True:
             try:
+                if restart:
+                    await self._restart(index, buffer, died)  # a restart that fails is one more failure
                 await worker.run.remote(buffer)
                 return  # the buffer closed: the run is over
-            except Exception as e:  # the actor died, or its loop raised
+            except Exception as e:  # the actor died, its loop raised, or its restart failed
                 if self._closing:
                     return
+                reason = self._load_errors.pop(index, None) or str(e)
                 self.restarts[index] += 1
                 if self.restarts[index] > self.max_restarts:
                     if not self.failure.done():
                         self.failure.set_exception(
                             RuntimeError(
                                 f"rollout worker {index} failed {self.restarts[index]} times "
-                                f"(rollout.max_restarts={self.max_restarts}); last error: {e}"
+                                f"(rollout.max_restarts={self.max_restarts}); last error: {reason}"
                             )
                         )
                     return
-                from ray.exceptions import RayActorError
-
-                log.warning("rollout worker %d failed (%s); restarting it", index, str(e).splitlines()[0])
-                await self._restart(index, buffer, died=isinstance(e, RayActorError))
+                log.warning("rollout worker %d failed (%s); restarting it", index, reason.splitlines()[0])
+                restart, died = True, isinstance(e, RayActorError)
 
     async def _restart(self, index: int, buffer: Any, died: bool) -> None:
         import ray
@@ -137,7 +144,9 @@ class RolloutFleet:
         async with self._push_lock:
             await self._connect(index)
             if self._manifest is not None:
-                await self._deliver(self._manifest, [index])
+                _, failed = await self._deliver(self._manifest, [index])
+                if failed:
+                    raise failed[index]
             self._live[index] = True
         log.warning(
             "rollout worker %d back in %.1fs at version %s; %d tickets in flight generated again",
@@ -181,23 +190,52 @@ class RolloutFleet:
         )
         self._keys[index] = key
 
-    async def _deliver(self, manifest: WeightManifest, indices: list[int]) -> list[float]:
-        """Load `manifest` on workers `indices` (broadcast: trainer rank 0 sends while they receive)."""
-        loads = [self.workers[i].update_weights.remote(manifest) for i in indices]
-        if manifest.transport != Transport.broadcast:
-            return list(await asyncio.gather(*loads))
-        assert self._source is not None, "broadcast manifest before connect_weights"
-        _, *seconds = await asyncio.gather(
-            self._source.send_weights(manifest, [self._keys[i] for i in indices]), *loads
+    async def _deliver(
+        self, manifest: WeightManifest, indices: list[int]
+    ) -> tuple[list[float], dict[int, BaseException]]:
+        """Load `manifest` on workers `indices` (broadcast: trainer rank 0 sends while they receive).
+        Returns the load seconds of those that loaded it and the error of each that did not (died
+        meanwhile, or its load or its share of the broadcast failed); one failure never stops the
+        others' loads."""
+        loads = asyncio.gather(
+            *(self.workers[i].update_weights.remote(manifest) for i in indices), return_exceptions=True
         )
-        return seconds
+        unreached: dict[str, str] = {}
+        if manifest.transport == Transport.broadcast:
+            assert self._source is not None, "broadcast manifest before connect_weights"
+            unreached, results = await asyncio.gather(
+                self._source.send_weights(manifest, [self._keys[i] for i in indices]), loads
+            )
+        else:
+            results = await loads
+        seconds: list[float] = []
+        failed: dict[int, BaseException] = {}
+        for i, result in zip(indices, results, strict=True):
+            if isinstance(result, BaseException):
+                failed[i] = result
+            elif self._keys[i] in unreached:
+                failed[i] = RuntimeError(f"weight broadcast failed: {unreached[self._keys[i]]}")
+            else:
+                seconds.append(result)
+        return seconds, failed
 
     async def update_weights(self, manifest: WeightManifest) -> float:
-        """Load `manifest` on every live worker; returns the slowest engine's load time."""
+        """Load `manifest` on every live worker; returns the slowest engine's load time. A worker
+        that fails to load it is restarted (and then loads the manifest remembered here)."""
+        import ray
+        from ray.exceptions import RayActorError
+
         async with self._push_lock:
             self._manifest = manifest
             live = [i for i, ok in enumerate(self._live) if ok]
-            return max(await self._deliver(manifest, live), default=0.0)
+            seconds, failed = await self._deliver(manifest, live)
+            for i, error in failed.items():
+                log.warning("rollout worker %d did not load version %d: %s", i, manifest.version, error)
+                self._live[i] = False
+                if not isinstance(error, RayActorError):  # up, but its engine is not at this version
+                    self._load_errors[i] = f"loading weight version {manifest.version}: {error}"
+                    ray.kill(self.workers[i], no_restart=False)  # its supervisor restarts it
+            return max(seconds, default=0.0)
 
     async def evaluate(self, tasks: list[Task], n: int, temperature: float, top_p: float) -> list[Group]:
         """Held-out episodes on the live workers, tasks dealt round-robin; returns their groups."""
@@ -215,8 +253,14 @@ class RolloutFleet:
     async def stats(self) -> tuple[int, float]:
         """Since the previous call: tokens the live workers generated, and the generation seconds of
         the busiest one (wall time with episodes in flight, weight loads left out)."""
+        from ray.exceptions import RayActorError
+
         live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
-        rows = await asyncio.gather(*(w.stats.remote() for w in live))
+        rows = await asyncio.gather(*(w.stats.remote() for w in live), return_exceptions=True)
+        # A worker that died since it was last seen live has no stats; its supervisor restarts it.
+        rows = [r for r in rows if not isinstance(r, RayActorError)]
+        if errors := [r for r in rows if isinstance(r, BaseException)]:
+            raise errors[0]
         return int(sum(r["tokens"] for r in rows)), max((r["gen_s"] for r in rows), default=0.0)
 
     async def stop(self) -> None:

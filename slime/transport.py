@@ -243,8 +243,10 @@ class WeightSender(Protocol):
         blocks until it has joined."""
         ...
 
-    def send(self, manifest: WeightManifest, keys: Sequence[str]) -> None:
-        """Deliver a published version to the engines `keys` while they receive it."""
+    def send(self, manifest: WeightManifest, keys: Sequence[str]) -> dict[str, str]:
+        """Deliver a published version to the engines `keys` while they receive it. Returns the
+        engines it could not reach, key -> error (their links are dropped: a restarted engine is
+        accepted again under a new key); the others get the whole version regardless."""
         ...
 
     def close(self) -> None: ...
@@ -271,8 +273,9 @@ class ShmSender:
     def accept(self, key: str, ranks: int) -> None:
         """Nothing to set up: the engine maps the slot files when it loads a version."""
 
-    def send(self, manifest: WeightManifest, keys: Sequence[str]) -> None:
+    def send(self, manifest: WeightManifest, keys: Sequence[str]) -> dict[str, str]:
         """Nothing to send: the slot the manifest names is already written."""
+        return {}
 
     def close(self) -> None:
         self.slots.close()
@@ -318,7 +321,7 @@ class BroadcastSender:
         self.groups.pop(key, None)
         self.groups[key] = _new_group(self.channel, key, 0, ranks + 1)
 
-    def send(self, manifest: WeightManifest, keys: Sequence[str]) -> None:
+    def send(self, manifest: WeightManifest, keys: Sequence[str]) -> dict[str, str]:
         import torch
 
         slot = self._slot_of.get(manifest.version)
@@ -330,8 +333,12 @@ class BroadcastSender:
         missing = [k for k in keys if k not in self.groups]
         if missing:
             raise RuntimeError(f"no weight group for engine(s) {missing}: accept() them first")
+        failed: dict[str, str] = {}  # an engine that dies mid-version must not cut the others off
         buf = self.slots.buffers[slot][: layout_bytes(manifest.tensors)]
         for start in range(0, buf.numel(), manifest.bucket_bytes):
+            live = [k for k in keys if k not in failed]
+            if not live:
+                break
             chunk = buf[start : start + manifest.bucket_bytes]
             if self.backend == "nccl":
                 if self._staging is None or self._staging.numel() < chunk.numel():
@@ -339,9 +346,20 @@ class BroadcastSender:
                 staged = self._staging[: chunk.numel()]
                 staged.copy_(chunk)
                 chunk = staged
-            works = [self.groups[k].broadcast(chunk, 0, self.timeout) for k in keys]
-            for work in works:
-                work.wait()
+            works = []
+            for k in live:
+                try:
+                    works.append((k, self.groups[k].broadcast(chunk, 0, self.timeout)))
+                except RuntimeError as e:  # gloo/NCCL report a lost peer as RuntimeError
+                    failed[k] = str(e)
+            for k, work in works:
+                try:
+                    work.wait()
+                except RuntimeError as e:
+                    failed[k] = str(e)
+        for k in failed:
+            self.groups.pop(k, None)  # a group with a lost peer is unusable
+        return failed
 
     def close(self) -> None:
         self.groups.clear()

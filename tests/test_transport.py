@@ -2,7 +2,8 @@
 
 - The auto choice and the backend choice (pure functions).
 - Slots: a version round-trips bit-exactly through a slot and through a gloo broadcast; versions
-  alternate between the two slots, so the previous one stays readable.
+  alternate between the two slots, so the previous one stays readable. An engine whose process dies
+  with its group open is reported by `send`, and the other engine still gets the whole version.
 - The key test: a real DeepSpeed trainer (in-process) pushes to the session's vLLM engine with
   weights.transport=broadcast, the engine opened with a weights dir of its OWN and the trainer's dir
   deleted before the send, so no file can carry the weights; the engine's logprobs then equal the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import shutil
 import threading
@@ -156,6 +158,49 @@ def test_gloo_broadcast_round_trips_exactly(tmp_path: Path) -> None:
         old = dataclasses.replace(manifest, version=0)
         with pytest.raises(RuntimeError, match="no longer held"):
             sender.send(old, ["engine0"])
+    finally:
+        sender.close()
+
+
+_JOIN_THEN_DIE = """
+import json, os, sys
+from slime.transport import open_receiver
+from slime.types import WeightChannel
+receiver = open_receiver(WeightChannel(**json.loads(sys.argv[1])))
+os._exit(3)  # a process that dies with its group open: its socket closes under the sender
+"""
+
+
+def test_a_lost_engine_does_not_cut_the_others_off(tmp_path: Path) -> None:
+    """Two engines, one of which dies after joining its group: `send` still delivers the whole
+    version to the other (several buckets), reports the lost one by key and drops its group."""
+    import subprocess
+    import sys
+
+    sender = BroadcastSender(str(tmp_path), bucket_mb=1, backend="gloo", timeout_s=60)
+    try:
+        lost = for_engine(sender.channel, "lost", 1)
+        child = subprocess.Popen([sys.executable, "-c", _JOIN_THEN_DIE, json.dumps(dataclasses.asdict(lost))])
+        sender.accept("lost", 1)
+        assert child.wait(timeout=60) == 3
+        box: dict = {}
+        joining = threading.Thread(
+            target=lambda: box.update(receiver=open_receiver(for_engine(sender.channel, "up", 1)))
+        )
+        joining.start()
+        sender.accept("up", 1)
+        joining.join()
+        big = [(f"w{i}", torch.full((1 << 18,), float(i))) for i in range(3)]  # 3 MiB: 3 buckets
+        manifest = sender.publish(iter(big), 1)
+        receiving = threading.Thread(target=lambda: box.update(got=dict(box["receiver"].receive(manifest))))
+        receiving.start()
+        unreached = sender.send(manifest, ["lost", "up"])
+        receiving.join()
+        assert list(unreached) == ["lost"] and unreached["lost"]
+        for name, t in big:
+            assert torch.equal(box["got"][name], t), name
+        with pytest.raises(RuntimeError, match="no weight group"):
+            sender.send(manifest, ["lost"])
     finally:
         sender.close()
 

@@ -108,9 +108,10 @@ class TrainerRanks:
         """Link one engine's group to rank 0 (the engine joins at the same time)."""
         await self._one(0, "accept_weights", self.actors[0].accept_weights.remote(key, ranks))
 
-    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> None:
-        """Broadcast a published version to the engines `keys` (they receive at the same time)."""
-        await self._one(0, "send_weights", self.actors[0].send_weights.remote(manifest, keys))
+    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]:
+        """Broadcast a published version to the engines `keys` (they receive at the same time);
+        returns the engines it could not reach, key -> error."""
+        return await self._one(0, "send_weights", self.actors[0].send_weights.remote(manifest, keys))
 
     async def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
         """DeepSpeed state of every rank plus the transformers export; returns ckpt_dir."""

@@ -501,10 +501,11 @@ class TrainerWorker:
         assert self.weight_sender is not None, "open_weights first"
         self.weight_sender.accept(key, ranks)
 
-    def send_weights(self, manifest: WeightManifest, keys: list[str]) -> None:
-        """Rank 0: deliver a published version to the engines `keys` (they receive at the same time)."""
+    def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]:
+        """Rank 0: deliver a published version to the engines `keys` (they receive at the same time).
+        Returns the engines it could not reach, key -> error."""
         assert self.weight_sender is not None, "open_weights first"
-        self.weight_sender.send(manifest, keys)
+        return self.weight_sender.send(manifest, keys)
 
     def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
         """DeepSpeed state on every rank, then (rank 0) a transformers export in `<ckpt_dir>/hf` and
