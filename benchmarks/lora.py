@@ -11,9 +11,10 @@ trainable parameters, AdamW state (both moments, bytes), median step seconds and
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+
+from benchmarks.common import resolve_model_dir, trainer_parser, trainer_worker
 
 
 def optimizer_state_bytes(policy) -> int:
@@ -32,32 +33,18 @@ def optimizer_state_bytes(policy) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=None, help="transformers checkpoint (default: SmolLM2-135M)")
+    ap = trainer_parser(__doc__, micro_batch=8, reps=3)
     ap.add_argument("--rank", type=int, default=16, help="model.lora.r of the LoRA worker")
-    ap.add_argument("--seqs", type=int, default=16, help="sequences per step (groups of 4)")
-    ap.add_argument("--micro-batch", type=int, default=8, help="trainer.micro_batch_size")
     ap.add_argument("--reply-tokens", type=int, default=64, help="generated tokens per sequence")
-    ap.add_argument("--reps", type=int, default=3, help="steps per setting (median reported)")
-    ap.add_argument("--threads", type=int, default=1, help="trainer.threads_per_rank")
-    ap.add_argument("--cache-dir", default=os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime"))
     args = ap.parse_args()
 
     from benchmarks.shared_prefix import build_groups
-    from benchmarks.weight_sync import _resolve_smollm2
-    from slime.config import AlgorithmConfig, LoraConfig, ModelConfig, TrainerConfig
-    from trainer.worker import TrainerSpec, TrainerWorker
 
-    model_dir = args.model_dir or _resolve_smollm2(os.path.expanduser(args.cache_dir))
+    model_dir = resolve_model_dir(args)
     groups = build_groups(model_dir, args.seqs, 4, args.reply_tokens, seed=0)
-    tcfg = TrainerConfig(
-        steps=1, lr=1e-5, micro_batch_size=args.micro_batch, dtype="float32", threads_per_rank=args.threads
-    )
-    acfg = AlgorithmConfig(name="grpo")
     workers = {}
     for label, rank in (("full", 0), (f"lora r={args.rank}", args.rank)):
-        model = ModelConfig(name="bench", lora=LoraConfig(r=rank))
-        workers[label] = TrainerWorker(TrainerSpec(model_dir, model, tcfg, acfg, 0))
+        workers[label] = trainer_worker(model_dir, args, lr=1e-5, lora_rank=rank)
         workers[label].setup()
     times: dict[str, list[float]] = {label: [] for label in workers}
     try:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.common import config_model_dir
+
 
 def _model_dir(num_experts: int, cache_dir: str) -> str:
     from slime.config import ModelConfig
@@ -159,19 +161,6 @@ def part_replay(steps: int, work: str) -> list[dict[str, Any]]:
     return out
 
 
-def _glm5_dir(cache_dir: str) -> str:
-    from omegaconf import OmegaConf
-
-    from slime.config import ModelConfig
-    from slime.models import resolve_model
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(os.path.join(root, "configs/model/glm5_tiny.yaml"))
-    )
-    return resolve_model(OmegaConf.to_object(cfg), cache_dir)
-
-
 async def push(cache_dir: str, reps: int, work: str) -> dict[str, Any]:
     """EP-2 gather + write, engine reload, vs copy_ of the same bytes (medians of `reps`)."""
     import torch
@@ -182,7 +171,7 @@ async def push(cache_dir: str, reps: int, work: str) -> dict[str, Any]:
     from trainer.ranks import TrainerRanks
     from trainer.worker import TrainerSpec
 
-    model_dir = _glm5_dir(cache_dir)
+    model_dir = config_model_dir("glm5_tiny", cache_dir)
     tcfg = TrainerConfig(
         steps=1,
         num_ranks=2,

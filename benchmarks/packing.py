@@ -18,12 +18,13 @@ sequence).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
 import statistics
 import time
+
+from benchmarks.common import resolve_model_dir, trainer_parser, trainer_worker
 
 
 def attention_figures(threads: int) -> tuple[float, float]:
@@ -75,19 +76,13 @@ def build_groups(model_dir: str, seqs: int, min_reply: int, max_reply: int, seed
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=None, help="transformers checkpoint (default: SmolLM2-135M)")
-    ap.add_argument("--seqs", type=int, default=16, help="sequences per step (groups of 4)")
-    ap.add_argument("--micro-batch", type=int, default=4, help="trainer.micro_batch_size")
+    ap = trainer_parser(__doc__, micro_batch=4, reps=2)
     ap.add_argument("--min-reply", type=int, default=8, help="shortest reply (tokens)")
     ap.add_argument("--max-reply", type=int, default=256, help="longest reply (tokens)")
-    ap.add_argument("--reps", type=int, default=2, help="steps per setting (median reported)")
-    ap.add_argument("--threads", type=int, default=1, help="trainer.threads_per_rank")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="trainer.dtype")
     ap.add_argument(
         "--no-attention", dest="attention", action="store_false", help="skip the attention figures"
     )
-    ap.add_argument("--cache-dir", default=os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime"))
     args = ap.parse_args()
 
     if args.attention:
@@ -97,20 +92,12 @@ def main() -> None:
             f"segment attention {segments * 1e3:.0f} ms ({dense / segments:.1f}x)"
         )
 
-    from benchmarks.weight_sync import _resolve_smollm2
-    from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
     from trainer.batching import flatten_groups, make_micro_batches, num_micro_batches
-    from trainer.worker import TrainerSpec, TrainerWorker
 
-    model_dir = args.model_dir or _resolve_smollm2(os.path.expanduser(args.cache_dir))
+    model_dir = resolve_model_dir(args)
     groups = build_groups(model_dir, args.seqs, args.min_reply, args.max_reply, seed=0)
     lengths = sorted(len(t.token_ids) for g in groups for t in g.trajectories)
-    tcfg = TrainerConfig(
-        steps=1, lr=0.0, micro_batch_size=args.micro_batch, dtype=args.dtype, threads_per_rank=args.threads
-    )
-    worker = TrainerWorker(
-        TrainerSpec(model_dir, ModelConfig(name="bench"), tcfg, AlgorithmConfig(name="grpo"), 0)
-    )
+    worker = trainer_worker(model_dir, args, lr=0.0, dtype=args.dtype)
     info = worker.setup()
     settings = [(False, False), (False, True), (True, False), (True, True)]
     runs: dict[tuple[bool, bool], list[dict[str, float]]] = {s: [] for s in settings}

@@ -25,7 +25,7 @@ new tokens each, with no update, and with one update of the same weights (a new 
 the first request has generated half its tokens, under `rollout.kv_after_update` keep and recompute.
 Reported: the batch's wall time, the update's total and the worker's reload time, and the tokens the
 model computed beyond one prefill per prompt and one decode step per later token
-(`VLLMEngine.forward_tokens`): the re-prefill that recompute pays.
+(`benchmarks.engine_probe.forward_tokens`): the re-prefill that recompute pays.
 """
 
 from __future__ import annotations
@@ -41,20 +41,10 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.common import config_model_dir
+
 GiB = 1 << 30
 MODELS = {"smollm2": "smollm2_135m", "tiny": "tiny_dense"}
-
-
-def resolve(model: str, cache_dir: str) -> str:
-    from omegaconf import OmegaConf
-
-    from slime.config import ModelConfig
-    from slime.models import resolve_model
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, f"configs/model/{MODELS[model]}.yaml")
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
-    return resolve_model(OmegaConf.to_object(cfg), cache_dir)
 
 
 def calculator_setup(model_dir: str, groups: int, seed: int) -> tuple[Any, list, Any, Any]:
@@ -188,10 +178,11 @@ async def update_batch(
     engine: Any, prompts: list[list[int]], tokens: int, manifest: Any, kv: str | None
 ) -> dict[str, float]:
     """One batch with an update (kv "keep" | "recompute") when request 0 is halfway, or none (kv None)."""
+    from benchmarks.engine_probe import forward_tokens
     from slime.types import SamplingParams
 
     sampling = SamplingParams(max_tokens=tokens, temperature=1.0)
-    before = await engine.forward_tokens()
+    before = await forward_tokens(engine)
     t0 = time.perf_counter()
     tasks = [
         asyncio.create_task(engine.generate(p, sampling, request_id=f"u{i}")) for i, p in enumerate(prompts)
@@ -204,7 +195,7 @@ async def update_batch(
         update = engine.last_update
     outs = await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
-    computed = await engine.forward_tokens() - before
+    computed = await forward_tokens(engine) - before
     plain = sum(len(p) + len(o.token_ids) - 1 for p, o in zip(prompts, outs, strict=True))
     return {
         "wall_s": wall,
@@ -363,7 +354,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    model_dir = args.model_dir or resolve(args.model, os.path.expanduser(args.cache_dir))
+    model_dir = args.model_dir or config_model_dir(MODELS[args.model], args.cache_dir)
     work = tempfile.mkdtemp(prefix="slime-bench-rvv-")
     try:
         rows, upd = asyncio.run(measure(args, model_dir, work))

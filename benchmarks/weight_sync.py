@@ -38,21 +38,9 @@ import tempfile
 import time
 from typing import Any
 
+from benchmarks.common import config_model_dir
+
 PARTS = ("gather", "publish", "send", "pause", "receive", "reload", "repack", "refresh", "update", "push")
-
-
-def _resolve_smollm2(cache_dir: str) -> str:
-    from omegaconf import OmegaConf
-
-    from slime.config import ModelConfig
-    from slime.models import resolve_model
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(ModelConfig),
-        OmegaConf.load(os.path.join(root, "configs/model/smollm2_135m.yaml")),
-    )
-    return resolve_model(OmegaConf.to_object(cfg), cache_dir)
 
 
 def _worker_counters(worker: Any) -> tuple[float, int]:
@@ -218,7 +206,7 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--bucket-mb", type=int, default=256, help="trainer.weight_bucket_mb")
     args = parser.parse_args(argv)
-    model_dir = args.model_dir or _resolve_smollm2(os.path.expanduser(args.cache_dir))
+    model_dir = args.model_dir or config_model_dir("smollm2_135m", args.cache_dir)
     r = asyncio.run(run(model_dir, args.dtype, args.reps, args.threads, args.bucket_mb))
     mb = r["bytes"] / 1e6
     print(

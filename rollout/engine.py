@@ -532,37 +532,12 @@ class VLLMEngine:
         """Call a `SlimeWorkerExtension` method in every worker (debugging, tests)."""
         return await self._require().collective_rpc(method, args=args)
 
-    async def forward_tokens(self) -> int:
-        """Tokens the model has run forward passes on (prefills, re-prefills, decode steps) since the
-        first call, which starts the count. For tests and benchmarks: what a weight update costs the
-        requests in flight (their re-prefill) shows up here."""
-        import cloudpickle
-
-        return int((await self._require().collective_rpc(cloudpickle.dumps(_count_forward_tokens)))[0])
-
 
 def _cache_salt(version: int) -> str:
     """The prefix-cache salt of requests that start under weight version `version`: vLLM mixes it into
     the hash of a prompt's first block (so into every later block's), and KV computed under one
     version is never reused by a request that starts under another."""
     return f"slime-v{version}"
-
-
-def _count_forward_tokens(worker: Any) -> int:
-    """Runs in vLLM's worker (sent by `VLLMEngine.forward_tokens`): the tokens scheduled into forward
-    passes since the first call, which wraps the model runner's `execute_model` to count them."""
-    runner = worker.model_runner
-    counter = getattr(runner, "_slime_forward_tokens", None)
-    if counter is None:
-        counter = runner._slime_forward_tokens = [0]
-        execute = runner.execute_model
-
-        def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-            counter[0] += scheduler_output.total_num_scheduled_tokens
-            return execute(scheduler_output, *args, **kwargs)
-
-        runner.execute_model = execute_model
-    return counter[0]
 
 
 def _native_routes_supported(platform: Any) -> bool:

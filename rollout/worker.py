@@ -17,14 +17,8 @@ import time
 from typing import Any
 
 from rollout.engine_common import set_thread_budget
-from slime.config import (
-    EnvConfig,
-    ModelConfig,
-    RolloutConfig,
-    available_cores,
-    core_claims_dir,
-    engine_threads,
-)
+from slime.config import EnvConfig, ModelConfig, RolloutConfig
+from slime.threads import available_cores, core_claims_dir, engine_threads
 from slime.types import Group, SamplingParams, Task, Trajectory, WeightChannel, WeightManifest
 
 
@@ -97,10 +91,19 @@ class GenerationClock:
         return busy
 
     def release(self) -> None:
-        """Withdraw the core claim (also when the worker stops with episodes in flight)."""
+        """Withdraw the core claim."""
         if self.claim_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.claim_path)
+
+    def close(self) -> None:
+        """Withdraw the claim (also with episodes in flight) and remove the node's claims folder once
+        it is empty: on a node other than the driver's nothing else would (the controller clears its
+        own node's folder)."""
+        self.release()
+        if self.claim_path is not None:
+            with contextlib.suppress(OSError):  # not empty: another worker still claims, and cleans up
+                os.rmdir(os.path.dirname(self.claim_path))
 
 
 class RolloutWorker:
@@ -271,7 +274,7 @@ class RolloutWorker:
 
     async def stop(self) -> None:
         self._stopping = True
-        self.clock.release()
+        self.clock.close()
         if getattr(self, "agent_server", None) is not None:
             await self.agent_server.stop()
         if self.engine is not None:

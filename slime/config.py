@@ -8,8 +8,9 @@
   strings, and `cfg.algorithm.name == "grpo"` keeps working.
 - `opt(default, help)` declares a field with its one-line description; `python -m slime.config_docs`
   writes docs/config.md from these dataclasses.
-- Each section's `validate()` holds its own checks; `validate(cfg)` runs them all plus the checks that
-  span sections. They raise ValueError naming the keys to change, before Ray or any actor starts.
+- Each section's `validate()` holds its own checks; `slime.validation.validate(cfg)` runs them all plus
+  the checks that span sections. They raise ValueError naming the keys to change, before Ray or any
+  actor starts.
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import copy
 import dataclasses
 import enum
 import functools
-import json
-import os
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -34,7 +32,7 @@ def opt(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
 
     `default` may be a value, MISSING (required), a list/dict (copied per instance) or a dataclass
     type (a fresh instance per config). `choices` lists the allowed values of a non-enum field
-    (`validate` checks them); an enum-typed field's choices are its members.
+    (`slime.validation.validate` checks them); an enum-typed field's choices are its members.
     """
     meta = {"help": help, "choices": choices}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
@@ -624,9 +622,17 @@ class RayConfig:
 
     address: str = opt("", '"" starts a local cluster; "auto" joins a running one')
     num_cpus: int = opt(0, "CPUs for a local cluster (0 = all)")
+    worker_niceness: int = opt(
+        0, "nice (0-19) of a local cluster's engines and trainer ranks (Ray's default: 15)"
+    )
 
     def validate(self) -> None:
         _require_non_negative(self, "ray", "num_cpus")
+        # Raising priority (a negative nice) needs privileges a user rarely has: Ray would fail later.
+        _require(
+            0 <= self.worker_niceness <= 19,
+            f"ray.worker_niceness must be in 0..19, got {self.worker_niceness}",
+        )
 
 
 @dataclass
@@ -732,248 +738,6 @@ def field_choices(f: dataclasses.Field, hint: Any) -> tuple[Any, ...]:
 CHOICES: dict[str, tuple[Any, ...]] = {
     key: allowed for key, f, hint in iter_fields(SlimeConfig) if (allowed := field_choices(f, hint))
 }
-
-
-def _check_choices(cfg: SlimeConfig) -> None:
-    """Hydra checks choices when it composes; this covers configs built in Python."""
-    for key, allowed in CHOICES.items():
-        obj: Any = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        _require(obj in allowed, f"{key}={obj!s} is not one of {', '.join(map(str, allowed))}")
-
-
-# ----------------------------------------------------------------------------------- mixture of experts
-_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-
-
-def count_experts(hf_config: Mapping[str, Any]) -> int:
-    """Routed experts per MoE layer in a transformers config dict; 0 for a dense model."""
-    for cfg in (hf_config, hf_config.get("text_config") or {}):
-        for key in _EXPERT_COUNT_KEYS:
-            n = cfg.get(key)
-            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-                return n
-    return 0
-
-
-def model_num_experts(model: ModelConfig) -> int | None:
-    """Experts per MoE layer of the configured model, 0 when dense, None when it cannot be known
-    before the model is resolved (a hub id, or source=random without an expert count in hf_config)."""
-    if model.source == ModelSource.smollm2_gguf:
-        return 0  # SmolLM2 is a dense Llama
-    if model.source == ModelSource.random:
-        # The architecture's config class fills in what hf_config leaves out (e.g. Qwen3-MoE's
-        # default expert count); importing transformers costs seconds, so only callers that need it ask.
-        try:
-            import transformers
-
-            config = getattr(transformers, model.architecture).config_class(**model.hf_config)
-        except Exception:
-            return count_experts(model.hf_config) or None
-        return count_experts(config.to_dict())
-    config_json = Path(model.path).expanduser() / "config.json"
-    if config_json.is_file():
-        return count_experts(json.loads(config_json.read_text(encoding="utf-8")))
-    return None
-
-
-# transformers model_type -> DeepSpeed AutoEP preset (trainer.expert_parallel_size > 1). GLM-4.5/GLM-5's
-# MoE block is DeepSeek-V3's (sigmoid scores, correction bias, grouped top-k, one shared expert).
-AUTOEP_PRESETS: dict[str, str] = {
-    "qwen3_moe": "qwen3_moe",
-    "qwen2_moe": "qwen3_moe",
-    "mixtral": "mixtral",
-    "deepseek_v3": "deepseek_v3",
-    "glm4_moe": "deepseek_v3",
-}
-
-
-def model_type_of(model: ModelConfig) -> str | None:
-    """The transformers `model_type` of the configured model; None when it cannot be known before the
-    model is resolved (a hub id)."""
-    if model.source == ModelSource.smollm2_gguf:
-        return "llama"
-    if model.source == ModelSource.random:
-        try:
-            import transformers
-
-            return str(getattr(transformers, model.architecture).config_class.model_type)
-        except Exception:
-            return None
-    config_json = Path(model.path).expanduser() / "config.json"
-    if config_json.is_file():
-        return json.loads(config_json.read_text(encoding="utf-8")).get("model_type")
-    return None
-
-
-def _check_expert_parallel(cfg: SlimeConfig) -> None:
-    ep = cfg.trainer.expert_parallel_size
-    if ep == 1:
-        return
-    experts = model_num_experts(cfg.model)
-    _require(
-        experts != 0,
-        f"trainer.expert_parallel_size={ep} needs a mixture-of-experts model; {cfg.model.name} is dense: "
-        "set trainer.expert_parallel_size=1",
-    )
-    _require(
-        cfg.trainer.num_ranks % ep == 0,
-        f"trainer.expert_parallel_size ({ep}) must divide trainer.num_ranks ({cfg.trainer.num_ranks})",
-    )
-    _require(
-        experts is None or experts % ep == 0,
-        f"trainer.expert_parallel_size ({ep}) must divide the model's number of experts ({experts})",
-    )
-    # The trainer runs DeepSpeed AutoEP with ZeRO 1 and 2 (tested). ZeRO-0 steps the torch optimizer
-    # without DeepSpeed's expert-aware gradient norm; ZeRO-3 without expert parallelism already
-    # partitions every expert over all ranks (docs/moe.md).
-    _require(
-        cfg.trainer.zero_stage in (1, 2),
-        f"trainer.expert_parallel_size={ep} needs trainer.zero_stage 1 or 2, got {cfg.trainer.zero_stage}; "
-        "for ZeRO-3 set trainer.expert_parallel_size=1 (ZeRO-3 partitions the experts over all ranks)",
-    )
-    kind = model_type_of(cfg.model)
-    _require(
-        kind is None or kind in AUTOEP_PRESETS,
-        f"trainer.expert_parallel_size={ep}: DeepSpeed AutoEP has no preset for model_type {kind!r} "
-        f"(supported: {', '.join(sorted(AUTOEP_PRESETS))}); set trainer.expert_parallel_size=1",
-    )
-    _require(
-        not cfg.trainer.gradient_checkpointing,
-        f"trainer.expert_parallel_size={ep} is not combined with trainer.gradient_checkpointing=true here "
-        "(untested): set one of them back",
-    )
-
-
-def _check_routing_replay(cfg: SlimeConfig) -> None:
-    replay = cfg.algorithm.routing_replay
-    if replay == RoutingReplay.none:
-        return
-    _require(
-        model_num_experts(cfg.model) != 0,
-        f"algorithm.routing_replay={replay.value} needs a mixture-of-experts model; {cfg.model.name} is dense: "
-        "set algorithm.routing_replay=none",
-    )
-    _require(
-        replay != RoutingReplay.rollout or (cfg.rollout.engine == Engine.vllm and cfg.rollout.capture_routes),
-        f"algorithm.routing_replay={replay.value} needs the engine's routes, which rollout.engine=vllm captures "
-        "with rollout.capture_routes=true: set those, or algorithm.routing_replay=none",
-    )
-    # A recomputed layer would run its router hook outside the forward that announced its tokens.
-    _require(
-        not cfg.trainer.gradient_checkpointing,
-        f"algorithm.routing_replay={replay.value} cannot be combined with trainer.gradient_checkpointing=true: "
-        "set one of them back",
-    )
-
-
-def _check_lora(cfg: SlimeConfig) -> None:
-    if not cfg.model.lora.r:
-        return
-    # peft adapts an MoE model's fused expert tensors with its own parameter wrapper, which the merged
-    # export (trainer/lora.py) does not fold back; a model only known at start-up is checked there.
-    experts = model_num_experts(cfg.model)
-    _require(
-        not experts,
-        f"model.lora.r={cfg.model.lora.r} supports dense models; {cfg.model.name} is a mixture-of-experts "
-        f"model ({experts} experts): set model.lora.r=0 to train it in full",
-    )
-
-
-# ---------------------------------------------------------------------------------- thread budgets
-# On a CPU machine the engines and the trainer ranks share the cores. `threads_per_worker` and
-# `threads_per_rank` at 0 (auto) follow the mode: a synchronous run (max_staleness 0) never generates
-# while it trains, so each phase gets the whole machine; an asynchronous one generates beside training,
-# so the engines hold half the cores while they have work and a trainer rank takes every core they
-# do not claim, rechecked before each forward (busy engines leave a claim file in `core_claims_dir`).
-# docs/benchmarks.md has the measurements behind the split.
-
-
-def available_cores(ray_num_cpus: int = 0) -> int:
-    """Cores this process may run on (its CPU affinity), capped at `ray_num_cpus` when that is set."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, ray_num_cpus) if ray_num_cpus > 0 else cores
-
-
-def engine_threads(rollout: RolloutConfig, max_staleness: int, cores: int) -> int:
-    """`rollout.threads_per_worker`, with 0 (auto) resolved for a machine of `cores` cores: all of
-    them shared by the workers when synchronous, half of them when asynchronous; at least one each."""
-    if rollout.threads_per_worker:
-        return rollout.threads_per_worker
-    share = cores if max_staleness == 0 else cores // 2
-    return max(1, share // rollout.num_workers)
-
-
-def trainer_threads(threads_per_rank: int, num_ranks: int, cores: int, claimed: int) -> int:
-    """A rank's threads: `threads_per_rank`, or for 0 (auto) the `cores` that busy engines do not
-    claim (`claimed` threads in all), shared by the `num_ranks` ranks; at least one."""
-    if threads_per_rank:
-        return threads_per_rank
-    return max(1, (cores - claimed) // num_ranks)
-
-
-def core_claims_dir(node_id: str, job_id: str) -> str:
-    """The folder where busy rollout engines of Ray job `job_id` on node `node_id` claim their
-    threads: one file per worker holding its thread count, present only while the worker has
-    episodes in flight. Job ids restart at 1 in every Ray cluster, so the node id (unique per
-    cluster and node) keeps two runs on one machine apart."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    return os.path.join(base, f"slime-cores-{node_id[:16]}-{job_id}")
-
-
-# ---------------------------------------------------------------------------------------- validate
-def validate(cfg: SlimeConfig) -> None:
-    """Every check, before Ray or any actor starts: the choices, each section's `validate()`, then the
-    combinations across sections that could never make progress. Raises ValueError naming the keys."""
-    _check_choices(cfg)
-    for name in SECTIONS:
-        getattr(cfg, name).validate()
-
-    # A batch of batch_groups groups must fit in the buffer, or get_batch waits forever.
-    _require(
-        cfg.buffer.max_groups >= cfg.trainer.batch_groups,
-        f"buffer.max_groups ({cfg.buffer.max_groups}) must be >= trainer.batch_groups "
-        f"({cfg.trainer.batch_groups}): the buffer could never hold a full batch",
-    )
-    group_size = cfg.rollout.group_size
-    if cfg.algorithm.advantage in (Advantage.grpo, Advantage.dr_grpo, Advantage.rloo):
-        _require(
-            group_size >= 2,
-            f"algorithm.advantage={cfg.algorithm.advantage} needs rollout.group_size >= 2, got {group_size}",
-        )
-    # A group of one never has reward variance, so dynamic sampling would drop every group.
-    _require(
-        not cfg.algorithm.dynamic_sampling or group_size >= 2,
-        f"algorithm.dynamic_sampling=true needs rollout.group_size >= 2, got {group_size}",
-    )
-    per_rank = cfg.trainer.batch_groups * group_size // cfg.trainer.num_ranks
-    _require(
-        cfg.algorithm.num_minibatches <= per_rank,
-        f"algorithm.num_minibatches ({cfg.algorithm.num_minibatches}) exceeds the sequences one rank gets "
-        f"per batch (trainer.batch_groups * rollout.group_size / trainer.num_ranks = {per_rank}): "
-        "some optimizer steps would have no data",
-    )
-    _check_expert_parallel(cfg)
-    _check_routing_replay(cfg)
-    _require(
-        cfg.weights.backend != CommBackend.nccl
-        or (cfg.trainer.gpus_per_rank > 0 and cfg.rollout.gpus_per_worker > 0),
-        "weights.backend=nccl needs GPUs on both ends (trainer.gpus_per_rank and rollout.gpus_per_worker "
-        "> 0); set weights.backend=auto or gloo",
-    )
-    _check_lora(cfg)
-    # Actors that ask for more CPUs than a local cluster has wait forever to be scheduled.
-    if not cfg.ray.address and cfg.ray.num_cpus:
-        workers = 0 if cfg.buffer.replay_path else cfg.rollout.num_workers
-        need = (
-            workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_ranks * cfg.trainer.num_cpus_per_rank
-        )
-        _require(
-            need <= cfg.ray.num_cpus,
-            f"ray.num_cpus={cfg.ray.num_cpus} cannot place the actors: rollout.num_workers * "
-            f"rollout.num_cpus_per_worker + trainer.num_ranks * trainer.num_cpus_per_rank = {need:g}",
-        )
 
 
 def register_configs() -> None:

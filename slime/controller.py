@@ -49,10 +49,12 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from slime.config import SlimeConfig, available_cores, core_claims_dir, engine_threads
+from slime.config import SlimeConfig
 from slime.fleet import RolloutFleet
+from slime.threads import available_cores, core_claims_dir, engine_threads
 
 if TYPE_CHECKING:
+    from slime.config import RayConfig
     from slime.evaluator import Evaluator
 from slime.metrics import MetricsLogger, StepTimes, step_row, truncate_from_step
 from slime.types import Group
@@ -61,8 +63,8 @@ log = logging.getLogger("slime")
 
 CKPT_PREFIX = "step_"
 CONTROLLER_STATE = "controller_state.json"  # buffer tickets and groups, wandb run id
-PARTIAL_SUFFIX = ".partial"
-TRAINED_LOG = "trained.jsonl"  # under <run_dir>/buffer/: the tickets and tasks of every step's batch  # a checkpoint being written; renamed to its final name once complete
+PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to its final name once complete
+TRAINED_LOG = "trained.jsonl"  # under <run_dir>/buffer/: the tickets and tasks of every step's batch
 
 
 class Stopped(Exception):
@@ -101,6 +103,20 @@ def _with_engine_threads(cfg: SlimeConfig) -> SlimeConfig:
     return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, threads_per_worker=threads))
 
 
+def ray_init_options(cfg: RayConfig, log_to_driver: bool = True) -> dict[str, Any]:
+    """`ray.init` keyword arguments for the `ray` section: join `address`, or start a local cluster
+    with `num_cpus` whose worker processes run at `worker_niceness` (Ray's own default, 15, makes
+    slime's engines and trainer ranks, which are the whole job, yield to every other process)."""
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": log_to_driver}
+    if cfg.address:
+        options["address"] = cfg.address  # the cluster's own settings hold there
+        return options
+    if cfg.num_cpus:
+        options["num_cpus"] = cfg.num_cpus
+    options["_system_config"] = {"worker_niceness": cfg.worker_niceness}
+    return options
+
+
 class Controller:
     """Wires workers, buffer and trainer, then runs `trainer.steps` optimizer steps."""
 
@@ -130,14 +146,8 @@ class Controller:
     def start_ray(self) -> None:
         import ray
 
-        if ray.is_initialized():
-            return
-        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-        if self.cfg.ray.address:
-            kwargs["address"] = self.cfg.ray.address
-        elif self.cfg.ray.num_cpus:
-            kwargs["num_cpus"] = self.cfg.ray.num_cpus
-        ray.init(**kwargs)
+        if not ray.is_initialized():
+            ray.init(**ray_init_options(self.cfg.ray))
 
     async def setup(self) -> None:
         import ray

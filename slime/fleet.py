@@ -25,7 +25,8 @@ import os
 import time
 from typing import Any, Protocol
 
-from slime.config import SlimeConfig, Transport, count_experts
+from slime.config import SlimeConfig, Transport
+from slime.model_facts import count_experts
 from slime.transport import for_engine
 from slime.types import Group, Task, WeightChannel, WeightManifest
 

@@ -18,7 +18,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from slime.config import Dtype, SlimeConfig, register_configs, validate
+from slime.config import Dtype, SlimeConfig, register_configs
+from slime.validation import validate
 
 log = logging.getLogger("slime")
 

@@ -267,8 +267,7 @@ class ShmSender:
         version: int,
         dtype: torch.dtype | None = None,
     ) -> WeightManifest:
-        slot, entries = self.slots.write(named_tensors, dtype)
-        return _manifest(version, entries, Transport.shm, slot=self.slots.names[slot])
+        return _publish(self.slots, named_tensors, version, dtype, Transport.shm)[1]
 
     def accept(self, key: str, ranks: int) -> None:
         """Nothing to set up: the engine maps the slot files when it loads a version."""
@@ -312,10 +311,12 @@ class BroadcastSender:
         version: int,
         dtype: torch.dtype | None = None,
     ) -> WeightManifest:
-        slot, entries = self.slots.write(named_tensors, dtype)
+        slot, manifest = _publish(
+            self.slots, named_tensors, version, dtype, Transport.broadcast, self.bucket_bytes
+        )
         self._slot_of = {v: s for v, s in self._slot_of.items() if s != slot}
         self._slot_of[version] = slot
-        return _manifest(version, entries, Transport.broadcast, bucket_bytes=self.bucket_bytes)
+        return manifest
 
     def accept(self, key: str, ranks: int) -> None:
         self.groups.pop(key, None)
@@ -378,19 +379,29 @@ def open_sender(
     raise ValueError(f"open_sender needs shm or broadcast, got {transport!r} (resolve auto first)")
 
 
-def _manifest(
-    version: int, entries: list[TensorEntry], kind: Transport, slot: str = "", bucket_bytes: int = 0
-) -> WeightManifest:
-    return WeightManifest(
+def _publish(
+    slots: WeightSlots,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    version: int,
+    dtype: torch.dtype | None,
+    kind: Transport,
+    bucket_bytes: int = 0,
+) -> tuple[int, WeightManifest]:
+    """Both senders' `publish`: write one version into the next of `slots`; returns the slot index
+    and the version's manifest. An shm manifest names the slot file (engines map it); a broadcast
+    one carries `bucket_bytes` instead (the slot stays with the sender)."""
+    slot, entries = slots.write(named_tensors, dtype)
+    manifest = WeightManifest(
         version=version,
         files=[],
         num_bytes=sum(_nbytes(d, s) for _, d, s, _ in entries),
         num_tensors=len(entries),
         transport=kind.value,
-        slot=slot,
+        slot=slots.names[slot] if kind is Transport.shm else "",
         tensors=entries,
         bucket_bytes=bucket_bytes,
     )
+    return slot, manifest
 
 
 # ------------------------------------------------------------------------------------ engine end

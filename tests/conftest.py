@@ -16,6 +16,9 @@ Builders (plain functions; test modules import them with `from conftest import .
 - `make_trajectory(prompt, response, ...)`: a trajectory with a loss mask on the response only,
   behaviour logprobs, per-token versions and a reward.
 - `make_group(trajectories, ...)`: a group of trajectories for one task.
+- In-process trainers: `tiny_model_cfg`, `trainer_cfg`, `algo_cfg` (config sections), `new_worker`,
+  `make_groups` (groups of real-token trajectories), `token_logprobs`, `safetensors_dir`, and
+  `restore_weights` (the session engine back on a checkpoint's own weights).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
 from slime.types import Group, Status, Task, Trajectory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,11 +106,14 @@ async def engine(tiny_dense_dir: str, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """One local Ray cluster for the whole session (2 CPUs, no dashboard)."""
+    """One local Ray cluster for the whole session (2 CPUs, no dashboard), started as a run starts one."""
     import ray
 
+    from slime.config import RayConfig
+    from slime.controller import ray_init_options
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(**ray_init_options(RayConfig(num_cpus=2), log_to_driver=False))
     yield
     ray.shutdown()
 
@@ -178,3 +185,93 @@ def in_process_trainer() -> Iterator[None]:
         groups._release_process_group_references(None)
         ds_comm.cdb = None
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process trainers (test_trainer.py, test_lora.py, test_transport.py)
+# --------------------------------------------------------------------------------------------------
+
+WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " then", " ran", " far", " away", " home"]
+
+
+def tiny_model_cfg(**kw) -> ModelConfig:
+    """The `model` section of the tiny random test models, float32 (logprobs compared tightly)."""
+    return ModelConfig(**{"name": "tiny", "source": "random", "dtype": "float32", **kw})
+
+
+def trainer_cfg(**kw) -> TrainerConfig:
+    """A float32 ZeRO-1 `trainer` section, one thread, micro-batches of 4; `kw` overrides."""
+    base = dict(steps=1, lr=1e-3, micro_batch_size=4, dtype="float32", zero_stage=1, threads_per_rank=1)
+    return TrainerConfig(**{**base, **kw})
+
+
+def algo_cfg(**kw) -> AlgorithmConfig:
+    """A GRPO `algorithm` section (seq-mean loss, TIS off-policy correction); `kw` overrides."""
+    base = dict(name="grpo", advantage="grpo", loss_agg="seq_mean", off_policy="tis")
+    return AlgorithmConfig(**{**base, **kw})
+
+
+def new_worker(
+    model_dir: str, tcfg: TrainerConfig, acfg: AlgorithmConfig, model_cfg: ModelConfig | None = None
+):
+    """A set-up in-process `TrainerWorker` (seed 0) on `model_dir`; `model_cfg` defaults to
+    `tiny_model_cfg()`. Modules that build one use the `in_process_trainer` fixture."""
+    from trainer.worker import TrainerSpec, TrainerWorker
+
+    w = TrainerWorker(TrainerSpec(model_dir, model_cfg or tiny_model_cfg(), tcfg, acfg, seed=0))
+    w.setup()
+    return w
+
+
+def make_groups(tokenizer, num_groups: int = 2, n: int = 4, seed: int = 0) -> list[Group]:
+    """Groups of n trajectories: a real prompt, a response of real word tokens, random rewards and
+    plausible (not on-policy) behaviour logprobs."""
+    import random
+
+    rng = random.Random(seed)
+    word_ids = [tokenizer.encode(w)[0] for w in WORDS]
+    groups = []
+    for g in range(num_groups):
+        prompt = tokenizer.encode(f"Question {g + seed}: tell me a story.")
+        trajs = []
+        for _ in range(n):
+            response = [rng.choice(word_ids) for _ in range(rng.randrange(2, 10))]
+            logprobs = [-rng.uniform(9.0, 12.0) for _ in response]
+            trajs.append(
+                make_trajectory(
+                    prompt, response, reward=float(rng.random()), logprobs=logprobs, task_id=str(g)
+                )
+            )
+        groups.append(make_group(trajs, task_id=str(g)))
+    return groups
+
+
+def token_logprobs(model, ids: list[int], start: int) -> list[float]:
+    """Logprobs (temperature 1) of ids[start:] given what precedes them, under `model`: a transformers
+    model, a DeepSpeed engine (a worker's `policy`) or a LoRA worker's adapters-off `reference`."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()  # [len(ids), V]
+    lp = torch.log_softmax(logits[start - 1 : -1], dim=-1)  # row j predicts ids[start + j]
+    return lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).squeeze(1).tolist()
+
+
+def safetensors_dir(path: str) -> dict:
+    """Every tensor of the safetensors files in a directory, by name."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+async def restore_weights(engine, model_dir: str) -> None:
+    """Put the session `engine` back on `model_dir`'s own weights (later tests expect them) at the
+    next version."""
+    from slime.types import WeightManifest
+
+    original = [os.path.join(model_dir, "model.safetensors")]
+    await engine.update_weights(WeightManifest(engine.version + 1, original, 0, 0))

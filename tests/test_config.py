@@ -32,9 +32,9 @@ from slime.config import (
     SlimeConfig,
     TrainerConfig,
     register_configs,
-    validate,
 )
 from slime.train import check_env, config_yaml, to_config
+from slime.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -330,7 +330,7 @@ def test_expert_parallel_size_is_checked_before_ray(overrides, needle):
 
 
 def test_expert_count_of_a_local_pretrained_checkpoint(tmp_path):
-    from slime.config import model_num_experts
+    from slime.model_facts import model_num_experts
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 6}))
     moe = ModelConfig(name="m", source="pretrained", path=str(tmp_path))  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ import pytest
 import torch
 from test_engine import TOL_MAX, TOL_MEAN, hf_logprobs, load_hf, perturbed, progress
 
+from benchmarks.engine_probe import forward_tokens
 from rollout.engine_common import check_kv_after_update
 from slime.types import SamplingParams
 from slime.weights import checkpoint_tensors, write_weights
@@ -85,14 +86,14 @@ async def test_in_flight_request_across_an_update(engine, tokenizer, models, man
     old, new = models
     v = engine.version
     prompt = long_prompt(tokenizer, f"inflight-{kv}-")
-    before = await engine.forward_tokens()
+    before = await forward_tokens(engine)
     task = asyncio.create_task(engine.generate(prompt, SamplingParams(max_tokens=80), request_id=f"kv-{kv}"))
     try:
         await progress(engine, f"kv-{kv}")
         await engine.update_weights(manifest(v + 1, 1), mode="keep", kv_after_update=kv)
         assert engine.last_update["kv_after_update"] == kv
         out = await task
-        computed = await engine.forward_tokens() - before
+        computed = await forward_tokens(engine) - before
         n, p = len(out.token_ids), len(prompt)
         assert out.finish_reason == "length" and n == 80
         k = out.versions.index(v + 1)
@@ -126,9 +127,9 @@ async def test_no_prefix_reuse_across_versions(engine, tokenizer, manifest, kv):
     sp = SamplingParams(max_tokens=4)
 
     async def computed() -> int:
-        before = await engine.forward_tokens()
+        before = await forward_tokens(engine)
         out = await engine.generate(prompt, sp)
-        return await engine.forward_tokens() - before - (len(out.token_ids) - 1)  # the prefill's share
+        return await forward_tokens(engine) - before - (len(out.token_ids) - 1)  # the prefill's share
 
     assert await computed() == len(prompt)  # nothing cached yet
     assert await computed() <= len(prompt) - 128  # same version: whole blocks come from the cache
@@ -143,13 +144,13 @@ async def test_abort_mode_prefills_again_with_kv_keep(engine, tokenizer, models,
     _, new = models
     v = engine.version
     prompt = long_prompt(tokenizer, "abort-keep-")
-    before = await engine.forward_tokens()
+    before = await forward_tokens(engine)
     task = asyncio.create_task(engine.generate(prompt, SamplingParams(max_tokens=60), request_id="kv-abort"))
     try:
         await progress(engine, "kv-abort")
         await engine.update_weights(manifest(v + 1, 1), mode="abort", kv_after_update="keep")
         out = await task
-        computed = await engine.forward_tokens() - before
+        computed = await forward_tokens(engine) - before
         n, p = len(out.token_ids), len(prompt)
         k = out.versions.index(v + 1)
         assert n == 60 and k >= 4 and out.versions == [v] * k + [v + 1] * (n - k)

@@ -14,13 +14,23 @@ import os
 
 import pytest
 import torch
-from test_trainer import algo_cfg, make_groups, trainer_cfg
+from conftest import (
+    algo_cfg,
+    make_groups,
+    new_worker,
+    restore_weights,
+    safetensors_dir,
+    tiny_model_cfg,
+    token_logprobs,
+    trainer_cfg,
+)
 
 from slime import api
-from slime.config import LoraConfig, ModelConfig, validate
+from slime.config import LoraConfig, ModelConfig
+from slime.validation import validate
 
 LORA = LoraConfig(r=8, alpha=16.0)
-LORA_MODEL = ModelConfig(name="tiny", source="random", dtype="float32", lora=LORA)
+LORA_MODEL = tiny_model_cfg(lora=LORA)
 TOL = 1e-3  # engine vs trainer logprobs, float32 (test_trainer.py's engine check)
 PROMPT = "Once upon a time there was a cat"
 
@@ -31,12 +41,8 @@ def _process_group(in_process_trainer) -> None:
 
 
 def lora_worker(model_dir: str, model_cfg: ModelConfig = LORA_MODEL, **trainer_kw):
-    from trainer.worker import TrainerSpec, TrainerWorker
-
     algo = trainer_kw.pop("algo", algo_cfg())
-    w = TrainerWorker(TrainerSpec(model_dir, model_cfg, trainer_cfg(**trainer_kw), algo, seed=0))
-    w.setup()
-    return w
+    return new_worker(model_dir, trainer_cfg(**trainer_kw), algo, model_cfg)
 
 
 def adapter_names(module: torch.nn.Module) -> set[str]:
@@ -54,27 +60,8 @@ def optimizer_state_numel(policy) -> int:
     )
 
 
-def logprobs_of(model, ids: list[int], start: int) -> list[float]:
-    """Logprobs (temperature 1) of ids[start:] under `model` (a module, a DeepSpeed model or the
-    adapters-off reference)."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
-    lp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
-    return lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).squeeze(1).tolist()
-
-
 def max_gap(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
-
-
-def safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +242,7 @@ async def test_pushed_adapter_reaches_the_engine(tiny_dense_dir: str, tokenizer,
     TOL away from the base model's; the reference is exactly the base model."""
     from transformers import AutoModelForCausalLM
 
-    from slime.types import SamplingParams, WeightManifest
+    from slime.types import SamplingParams
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, dtype=torch.float32).eval()
     prompt = tokenizer.encode(PROMPT)
@@ -268,20 +255,19 @@ async def test_pushed_adapter_reaches_the_engine(tiny_dense_dir: str, tokenizer,
         try:
             out = await engine.generate(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=3))
             ids = prompt + out.token_ids
-            trainer = logprobs_of(w.policy, ids, len(prompt))
-            frozen = logprobs_of(base, ids, len(prompt))
+            trainer = token_logprobs(w.policy, ids, len(prompt))
+            frozen = token_logprobs(base, ids, len(prompt))
             print(
                 f"engine vs trainer {max_gap(out.logprobs, trainer):.2e}, base vs trainer {max_gap(frozen, trainer):.2e}"
             )
             assert max_gap(out.logprobs, trainer) < TOL
             assert max_gap(frozen, trainer) > 10 * TOL
             # The KL reference is the base model, computed by the policy with its adapters off.
-            reference = logprobs_of(w.reference, ids, len(prompt))
+            reference = token_logprobs(w.reference, ids, len(prompt))
             assert max_gap(reference, frozen) < 1e-5
-            assert logprobs_of(w.policy, ids, len(prompt)) == trainer  # the adapters are back on
+            assert token_logprobs(w.policy, ids, len(prompt)) == trainer  # the adapters are back on
         finally:
-            original = [os.path.join(tiny_dense_dir, "model.safetensors")]
-            await engine.update_weights(WeightManifest(engine.version + 1, original, 0, len(manifest.files)))
+            await restore_weights(engine, tiny_dense_dir)
         # Training continues on the unmerged adapter: a second step (after the reference pass
         # toggled the adapters off and on) moves the adapter again, and the KL term is now live.
         before = {n: p.detach().clone() for n, p in w.policy.module.named_parameters()}

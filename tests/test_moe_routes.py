@@ -103,7 +103,7 @@ def _compose(overrides: list[str]):
     ],
 )
 def test_routing_replay_config_is_checked(overrides, needle):
-    from slime.config import validate
+    from slime.validation import validate
 
     with pytest.raises(ValueError, match="algorithm.routing_replay") as info:
         validate(_compose(overrides))
@@ -112,7 +112,7 @@ def test_routing_replay_config_is_checked(overrides, needle):
 
 @pytest.mark.parametrize("model", ["tiny_moe", "glm5_tiny"])
 def test_routing_replay_on_moe_models_validates(model):
-    from slime.config import validate
+    from slime.validation import validate
 
     cfg = _compose([f"model={model}", "algorithm.routing_replay=rollout"])
     validate(cfg)

@@ -521,7 +521,7 @@ EP2 = ["model=tiny_moe", "trainer.expert_parallel_size=2", "trainer.num_ranks=2"
     ],
 )
 def test_bad_moe_settings_fail_before_ray(overrides, key, needle):
-    from slime.config import validate
+    from slime.validation import validate
 
     with pytest.raises(ValueError, match=key.replace(".", r"\.")) as info:
         validate(_compose(overrides))
@@ -530,7 +530,7 @@ def test_bad_moe_settings_fail_before_ray(overrides, key, needle):
 
 @pytest.mark.parametrize("overrides", [EP2, [*EP2, "trainer.zero_stage=2"]])
 def test_good_moe_settings_validate(overrides):
-    from slime.config import validate
+    from slime.validation import validate
 
     validate(_compose(overrides))
     glm = _compose(["trainer.expert_parallel_size=2", "trainer.num_ranks=2"], base="+experiment=glm5_tiny")

@@ -12,8 +12,9 @@ from conftest import make_group, make_trajectory
 
 import rollout.worker as rollout_worker
 from rollout.worker import GenerationClock
-from slime.config import RolloutConfig, available_cores, engine_threads, trainer_threads
+from slime.config import RolloutConfig
 from slime.metrics import StepTimes, overlap_efficiency, step_row
+from slime.threads import available_cores, engine_threads, trainer_threads
 from trainer.process import CoreShare, set_thread_budget
 
 
@@ -88,6 +89,17 @@ def test_clock_counts_concurrent_episodes_once_and_skips_weight_loads(fake_time:
     assert clock.take() == 0.0
 
 
+def test_closing_the_clock_withdraws_the_claim_and_the_empty_folder(tmp_path) -> None:
+    folder = tmp_path / "claims"
+    first, second = GenerationClock(str(folder / "worker0"), 1), GenerationClock(str(folder / "worker1"), 1)
+    first.enter()
+    second.enter()
+    first.close()  # stopped with an episode in flight: the claim goes, the folder stays for worker1
+    assert sorted(p.name for p in folder.iterdir()) == ["worker1"]
+    second.close()
+    assert not folder.exists()  # no leftovers in /dev/shm on any node
+
+
 def test_clock_without_a_claims_folder_only_counts(fake_time: FakeTime) -> None:
     clock = GenerationClock(None, threads=1)
     clock.enter()
@@ -95,7 +107,7 @@ def test_clock_without_a_claims_folder_only_counts(fake_time: FakeTime) -> None:
     assert clock.take() == 3.0  # so far, while still in flight
     fake_time.now += 1
     clock.exit()
-    clock.release()
+    clock.close()
     assert clock.take() == 1.0
 
 

@@ -9,17 +9,23 @@ and shared-memory comm op).
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
-from conftest import make_group, make_trajectory
+from conftest import (
+    algo_cfg,
+    make_groups,
+    new_worker,
+    restore_weights,
+    safetensors_dir,
+    tiny_model_cfg,
+    token_logprobs,
+    trainer_cfg,
+)
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
 from slime.types import Group, Task, Trajectory
 
-MODEL_CFG = ModelConfig(name="tiny", source="random", dtype="float32")
-WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " then", " ran", " far", " away", " home"]
+MODEL_CFG = tiny_model_cfg()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -30,47 +36,6 @@ WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " then", " ran", "
 @pytest.fixture(scope="module", autouse=True)
 def _process_group(in_process_trainer) -> None:
     """In-process workers share one process group, released after the module (tests/conftest.py)."""
-
-
-def trainer_cfg(**kw) -> TrainerConfig:
-    base = dict(steps=1, lr=1e-3, micro_batch_size=4, dtype="float32", zero_stage=1, threads_per_rank=1)
-    base.update(kw)
-    return TrainerConfig(**base)
-
-
-def algo_cfg(**kw) -> AlgorithmConfig:
-    base = dict(name="grpo", advantage="grpo", loss_agg="seq_mean", off_policy="tis")
-    base.update(kw)
-    return AlgorithmConfig(**base)
-
-
-def make_groups(tokenizer, num_groups: int = 2, n: int = 4, seed: int = 0) -> list[Group]:
-    """Groups of n trajectories: a real prompt, a response of real word tokens, random rewards and
-    plausible (not on-policy) behaviour logprobs."""
-    rng = random.Random(seed)
-    word_ids = [tokenizer.encode(w)[0] for w in WORDS]
-    groups = []
-    for g in range(num_groups):
-        prompt = tokenizer.encode(f"Question {g + seed}: tell me a story.")
-        trajs = []
-        for _ in range(n):
-            response = [rng.choice(word_ids) for _ in range(rng.randrange(2, 10))]
-            logprobs = [-rng.uniform(9.0, 12.0) for _ in response]
-            trajs.append(
-                make_trajectory(
-                    prompt, response, reward=float(rng.random()), logprobs=logprobs, task_id=str(g)
-                )
-            )
-        groups.append(make_group(trajs, task_id=str(g)))
-    return groups
-
-
-def new_worker(model_dir: str, tcfg: TrainerConfig, acfg: AlgorithmConfig, **kw):
-    from trainer.worker import TrainerSpec, TrainerWorker
-
-    w = TrainerWorker(TrainerSpec(model_dir, MODEL_CFG, tcfg, acfg, seed=0, **kw))
-    w.setup()
-    return w
 
 
 def full_state(w) -> dict[str, torch.Tensor]:
@@ -156,25 +121,6 @@ def test_dense_step_and_export(stage: int, tiny_dense_dir: str, tokenizer, tmp_p
         w.close()
 
 
-def safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors files in a directory."""
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
-def trainer_logprobs(w, ids: list[int], start: int) -> list[float]:
-    """The worker's policy's logprobs (temperature 1) of ids[start:] given what precedes them."""
-    with torch.no_grad():
-        logits = w.policy(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
-    lp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
-    return lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).squeeze(1).tolist()
-
-
 async def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer, tmp_path, engine) -> None:
     """ZeRO-3 (the gathering path). The hf export holds exactly the trainer's parameters (not the
     initial ones), loads in transformers with the trainer's logits and in vLLM with the trainer's
@@ -216,18 +162,14 @@ async def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer
         await engine.update_weights(WeightManifest(engine.version + 1, files, num_bytes, len(exported)))
         try:
             out = await engine.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3))
-            ours = trainer_logprobs(w, prompt + out.token_ids, len(prompt))
+            ours = token_logprobs(w.policy, prompt + out.token_ids, len(prompt))
             assert max(abs(a - b) for a, b in zip(out.logprobs, ours, strict=True)) < 1e-3
             # The check can tell: the initial weights give other logprobs for these tokens.
             before = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, dtype=torch.float32).eval()
-            with torch.no_grad():
-                logits0 = before(input_ids=torch.tensor([prompt + out.token_ids])).logits[0]
-            lp0 = torch.log_softmax(logits0[len(prompt) - 1 : -1], dim=-1)
-            lp0 = lp0.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1).tolist()
+            lp0 = token_logprobs(before, prompt + out.token_ids, len(prompt))
             assert max(abs(a - b) for a, b in zip(lp0, ours, strict=True)) > 1e-2
         finally:
-            original = [os.path.join(tiny_dense_dir, "model.safetensors")]
-            await engine.update_weights(WeightManifest(engine.version + 1, original, 0, len(initial)))
+            await restore_weights(engine, tiny_dense_dir)
 
         next_groups = make_groups(tokenizer, seed=2)
         m_cont = w.train_step(next_groups, version=1)
@@ -289,11 +231,8 @@ def test_bf16_path(tiny_dense_dir: str, tokenizer, tmp_path, monkeypatch) -> Non
     import slime.models
 
     monkeypatch.setattr(slime.models, "has_native_bf16", lambda cuda=None: True)
-    from trainer.worker import TrainerSpec, TrainerWorker
-
-    mcfg = ModelConfig(name="tiny", source="random", dtype="bfloat16")
-    w = TrainerWorker(TrainerSpec(tiny_dense_dir, mcfg, trainer_cfg(dtype="bfloat16"), algo_cfg(), 0))
-    w.setup()
+    mcfg = tiny_model_cfg(dtype="bfloat16")
+    w = new_worker(tiny_dense_dir, trainer_cfg(dtype="bfloat16"), algo_cfg(), mcfg)
     try:
         assert w.bf16 and next(w.policy.module.parameters()).dtype == torch.bfloat16
         metrics = w.train_step(make_groups(tokenizer, num_groups=1, n=2), version=0)

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_group, make_trajectory
+from conftest import algo_cfg, make_groups, new_worker, restore_weights, token_logprobs, trainer_cfg
+from test_engine import perturbed
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig, Transport
+from slime.config import Transport
 from slime.transport import (
     BroadcastSender,
     ShmReceiver,
@@ -41,7 +42,7 @@ from slime.transport import (
     for_engine,
     open_receiver,
 )
-from slime.types import SamplingParams, WeightManifest
+from slime.types import SamplingParams
 from slime.weights import checkpoint_tensors
 
 TOL_MEAN = 1e-4
@@ -73,7 +74,7 @@ def test_backend_choice() -> None:
 
 def test_nccl_without_gpus_is_rejected_before_start() -> None:
     from slime import api
-    from slime.config import validate
+    from slime.validation import validate
 
     cfg = api.compose_config(["+experiment=tiny", "weights.backend=nccl"], ".")
     with pytest.raises(ValueError, match="weights.backend=nccl needs GPUs"):
@@ -213,37 +214,9 @@ def test_a_lost_engine_does_not_cut_the_others_off(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trainer(in_process_trainer, tiny_dense_dir):
     """A float32 ZeRO-1 DeepSpeed trainer on tiny_dense, in this process (world size 1)."""
-    from trainer.worker import TrainerSpec, TrainerWorker
-
-    tcfg = TrainerConfig(
-        steps=1, lr=1e-3, micro_batch_size=4, dtype="float32", zero_stage=1, threads_per_rank=1
-    )
-    acfg = AlgorithmConfig(name="grpo", advantage="grpo", loss_agg="seq_mean", off_policy="tis")
-    mcfg = ModelConfig(name="tiny", source="random", dtype="float32")
-    w = TrainerWorker(TrainerSpec(tiny_dense_dir, mcfg, tcfg, acfg, seed=0))
-    w.setup()
+    w = new_worker(tiny_dense_dir, trainer_cfg(), algo_cfg())
     yield w
     w.close()
-
-
-def train_step(w, tokenizer, seed: int) -> None:
-    words = [tokenizer.encode(x)[0] for x in (" the", " cat", " sat", " on", " a", " mat")]
-    groups = []
-    for g in range(2):
-        prompt = tokenizer.encode(f"Question {g + seed}: tell me a story.")
-        trajs = [
-            make_trajectory(prompt, words[i : i + 3], reward=float(i % 2), logprobs=[-10.0] * 3)
-            for i in range(4)
-        ]
-        groups.append(make_group(trajs, task_id=str(g)))
-    w.train_step(groups, version=seed)
-
-
-def trainer_logprobs(w, ids: list[int], start: int) -> list[float]:
-    with torch.no_grad():
-        logits = w.policy(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
-    lp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
-    return lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).squeeze(1).tolist()
 
 
 async def assert_engine_serves_trainer(engine, w, tokenizer, tiny_dense_dir: str, version: int) -> None:
@@ -252,22 +225,13 @@ async def assert_engine_serves_trainer(engine, w, tokenizer, tiny_dense_dir: str
     prompt = tokenizer.encode("Once upon a time there was a cat")
     out = await engine.generate(prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=3))
     assert out.versions == [version] * 12
-    ours = trainer_logprobs(w, prompt + out.token_ids, len(prompt))
+    ours = token_logprobs(w.policy, prompt + out.token_ids, len(prompt))
     diffs = [abs(a - b) for a, b in zip(out.logprobs, ours, strict=True)]
     assert sum(diffs) / len(diffs) < TOL_MEAN and max(diffs) < TOL_MAX, diffs
     # The check can tell: the checkpoint's own weights score these tokens differently.
     before = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = before(input_ids=torch.tensor([prompt + out.token_ids])).logits[0]
-    lp0 = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-    lp0 = lp0.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1).tolist()
+    lp0 = token_logprobs(before, prompt + out.token_ids, len(prompt))
     assert max(abs(a - b) for a, b in zip(lp0, ours, strict=True)) > 1e-2
-
-
-async def restore(engine, tiny_dense_dir: str) -> None:
-    """Leave the session engine on the checkpoint's own weights (other modules expect them)."""
-    original = [os.path.join(tiny_dense_dir, "model.safetensors")]
-    await engine.update_weights(WeightManifest(engine.version + 1, original, 0, 0))
 
 
 async def test_broadcast_push_reaches_an_engine_with_its_own_weights_dir(
@@ -279,7 +243,7 @@ async def test_broadcast_push_reaches_an_engine_with_its_own_weights_dir(
         # Control: told to map shm slots from its own dir, the engine finds none of the trainer's.
         shm = trainer.open_weights("shm", str(trainer_dir), 1, "gloo", 60)
         await engine.open_weights(dataclasses.replace(shm, weights_dir=str(engine_dir)))
-        train_step(trainer, tokenizer, seed=0)
+        trainer.train_step(make_groups(tokenizer, seed=0), version=0)
         manifest = trainer.export_weights(engine.version + 1, str(trainer_dir), 1)
         assert manifest.transport == "shm"
         with pytest.raises(Exception, match="set weights.transport=broadcast"):
@@ -291,7 +255,7 @@ async def test_broadcast_push_reaches_an_engine_with_its_own_weights_dir(
             asyncio.to_thread(trainer.accept_weights, "engine0", 1), engine.open_weights(own)
         )
         for step in (1, 2):  # two versions: both slots, each sent over the group
-            train_step(trainer, tokenizer, seed=step)
+            trainer.train_step(make_groups(tokenizer, seed=step), version=step)
             version = engine.version + 1
             manifest = trainer.export_weights(version, str(trainer_dir), 1)
             assert manifest.transport == "broadcast" and manifest.slot == "" and not manifest.files
@@ -306,21 +270,21 @@ async def test_broadcast_push_reaches_an_engine_with_its_own_weights_dir(
             assert os.listdir(engine_dir) == []
             await assert_engine_serves_trainer(engine, trainer, tokenizer, tiny_dense_dir, version)
     finally:
-        await restore(engine, tiny_dense_dir)
+        await restore_weights(engine, tiny_dense_dir)
 
 
 async def test_shm_push_from_the_trainer(trainer, engine, tokenizer, tiny_dense_dir, tmp_path) -> None:
     try:
         channel = trainer.open_weights("shm", str(tmp_path), 64, "gloo", 60)
         await engine.open_weights(channel)
-        train_step(trainer, tokenizer, seed=3)
+        trainer.train_step(make_groups(tokenizer, seed=3), version=3)
         version = engine.version + 1
         manifest = trainer.export_weights(version, str(tmp_path), 64)
         await engine.update_weights(manifest)
         assert engine.last_update["refreshed"] == ["lm_head"]
         await assert_engine_serves_trainer(engine, trainer, tokenizer, tiny_dense_dir, version)
     finally:
-        await restore(engine, tiny_dense_dir)
+        await restore_weights(engine, tiny_dense_dir)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,24 +292,8 @@ async def test_shm_push_from_the_trainer(trainer, engine, tokenizer, tiny_dense_
 # --------------------------------------------------------------------------------------------------
 
 
-def perturbed(model_dir: str, seed: int):
-    """A float32 copy of the checkpoint with noise that moves every logprob (see test_engine.py)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.2 if "embed_tokens" in name else 0.1 if "norm" in name else 0.05
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
-
-
 def max_error(model, prompt: list[int], out) -> float:
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + out.token_ids])).logits[0].float()
-    lp = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
-    ref = lp.gather(1, torch.tensor(out.token_ids).unsqueeze(1)).squeeze(1).tolist()
+    ref = token_logprobs(model, prompt + out.token_ids, len(prompt))
     return max(abs(a - b) for a, b in zip(out.logprobs, ref, strict=True))
 
 

@@ -16,10 +16,9 @@ from slime.config import (
     RoutingReplay,
     SlimeConfig,
     TrainerConfig,
-    count_experts,
-    model_num_experts,
-    validate,
 )
+from slime.model_facts import count_experts, model_num_experts
+from slime.validation import validate
 
 
 def _config(**overrides: Any) -> SlimeConfig:

@@ -12,7 +12,7 @@ Decisions:
 
 - The grouped-expert matmul runs as a loop over local experts (`use_grouped_mm: false`): Triton has no
   CPU backend, and torch's `_grouped_mm` is a CUDA op (on GPUs set both back for speed; not run here).
-- Presets: the model's `model_type` picks AutoEP's preset (`slime.config.AUTOEP_PRESETS`); GLM-4.5/GLM-5
+- Presets: the model's `model_type` picks AutoEP's preset (`slime.model_facts.AUTOEP_PRESETS`); GLM-4.5/GLM-5
   MoE blocks (`glm4_moe`) use the DeepSeek-V3 preset, the same block (sigmoid scores, correction bias,
   grouped top-k, shared expert, `routed_scaling_factor`).
 - The optimizer is handed over as a factory: AutoEP replaces the expert parameters inside
@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slime.config import AUTOEP_PRESETS, TrainerConfig
+from slime.config import TrainerConfig
+from slime.model_facts import AUTOEP_PRESETS
 
 
 def autoep_section(cfg: TrainerConfig, model_type: str) -> dict[str, Any]:

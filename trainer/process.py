@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from slime.config import TrainerConfig, available_cores, core_claims_dir, trainer_threads
+from slime.config import TrainerConfig
+from slime.threads import available_cores, core_claims_dir, trainer_threads
 
 
 def rank_env(trainer_cfg: TrainerConfig, rank: int) -> dict[str, str]:

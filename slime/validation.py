@@ -1,0 +1,158 @@
+"""The checks that span config sections, run once before Ray or any actor starts.
+
+`validate(cfg)` runs the choices check, each section's own `validate()` (slime/config.py), then the
+combinations across sections that could never make progress. They raise ValueError naming the keys
+to change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slime.config import (
+    CHOICES,
+    SECTIONS,
+    Advantage,
+    CommBackend,
+    Engine,
+    RoutingReplay,
+    SlimeConfig,
+    _require,
+)
+from slime.model_facts import AUTOEP_PRESETS, model_num_experts, model_type_of
+
+
+def validate(cfg: SlimeConfig) -> None:
+    """Every check, before Ray or any actor starts: the choices, each section's `validate()`, then the
+    combinations across sections that could never make progress. Raises ValueError naming the keys."""
+    _check_choices(cfg)
+    for name in SECTIONS:
+        getattr(cfg, name).validate()
+
+    # A batch of batch_groups groups must fit in the buffer, or get_batch waits forever.
+    _require(
+        cfg.buffer.max_groups >= cfg.trainer.batch_groups,
+        f"buffer.max_groups ({cfg.buffer.max_groups}) must be >= trainer.batch_groups "
+        f"({cfg.trainer.batch_groups}): the buffer could never hold a full batch",
+    )
+    group_size = cfg.rollout.group_size
+    if cfg.algorithm.advantage in (Advantage.grpo, Advantage.dr_grpo, Advantage.rloo):
+        _require(
+            group_size >= 2,
+            f"algorithm.advantage={cfg.algorithm.advantage} needs rollout.group_size >= 2, got {group_size}",
+        )
+    # A group of one never has reward variance, so dynamic sampling would drop every group.
+    _require(
+        not cfg.algorithm.dynamic_sampling or group_size >= 2,
+        f"algorithm.dynamic_sampling=true needs rollout.group_size >= 2, got {group_size}",
+    )
+    per_rank = cfg.trainer.batch_groups * group_size // cfg.trainer.num_ranks
+    _require(
+        cfg.algorithm.num_minibatches <= per_rank,
+        f"algorithm.num_minibatches ({cfg.algorithm.num_minibatches}) exceeds the sequences one rank gets "
+        f"per batch (trainer.batch_groups * rollout.group_size / trainer.num_ranks = {per_rank}): "
+        "some optimizer steps would have no data",
+    )
+    _check_expert_parallel(cfg)
+    _check_routing_replay(cfg)
+    _require(
+        cfg.weights.backend != CommBackend.nccl
+        or (cfg.trainer.gpus_per_rank > 0 and cfg.rollout.gpus_per_worker > 0),
+        "weights.backend=nccl needs GPUs on both ends (trainer.gpus_per_rank and rollout.gpus_per_worker "
+        "> 0); set weights.backend=auto or gloo",
+    )
+    _check_lora(cfg)
+    # Actors that ask for more CPUs than a local cluster has wait forever to be scheduled.
+    if not cfg.ray.address and cfg.ray.num_cpus:
+        workers = 0 if cfg.buffer.replay_path else cfg.rollout.num_workers
+        need = (
+            workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_ranks * cfg.trainer.num_cpus_per_rank
+        )
+        _require(
+            need <= cfg.ray.num_cpus,
+            f"ray.num_cpus={cfg.ray.num_cpus} cannot place the actors: rollout.num_workers * "
+            f"rollout.num_cpus_per_worker + trainer.num_ranks * trainer.num_cpus_per_rank = {need:g}",
+        )
+
+
+def _check_choices(cfg: SlimeConfig) -> None:
+    """Hydra checks choices when it composes; this covers configs built in Python."""
+    for key, allowed in CHOICES.items():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        _require(obj in allowed, f"{key}={obj!s} is not one of {', '.join(map(str, allowed))}")
+
+
+def _check_expert_parallel(cfg: SlimeConfig) -> None:
+    ep = cfg.trainer.expert_parallel_size
+    if ep == 1:
+        return
+    experts = model_num_experts(cfg.model)
+    _require(
+        experts != 0,
+        f"trainer.expert_parallel_size={ep} needs a mixture-of-experts model; {cfg.model.name} is dense: "
+        "set trainer.expert_parallel_size=1",
+    )
+    _require(
+        cfg.trainer.num_ranks % ep == 0,
+        f"trainer.expert_parallel_size ({ep}) must divide trainer.num_ranks ({cfg.trainer.num_ranks})",
+    )
+    _require(
+        experts is None or experts % ep == 0,
+        f"trainer.expert_parallel_size ({ep}) must divide the model's number of experts ({experts})",
+    )
+    # The trainer runs DeepSpeed AutoEP with ZeRO 1 and 2 (tested). ZeRO-0 steps the torch optimizer
+    # without DeepSpeed's expert-aware gradient norm; ZeRO-3 without expert parallelism already
+    # partitions every expert over all ranks (docs/moe.md).
+    _require(
+        cfg.trainer.zero_stage in (1, 2),
+        f"trainer.expert_parallel_size={ep} needs trainer.zero_stage 1 or 2, got {cfg.trainer.zero_stage}; "
+        "for ZeRO-3 set trainer.expert_parallel_size=1 (ZeRO-3 partitions the experts over all ranks)",
+    )
+    kind = model_type_of(cfg.model)
+    _require(
+        kind is None or kind in AUTOEP_PRESETS,
+        f"trainer.expert_parallel_size={ep}: DeepSpeed AutoEP has no preset for model_type {kind!r} "
+        f"(supported: {', '.join(sorted(AUTOEP_PRESETS))}); set trainer.expert_parallel_size=1",
+    )
+    _require(
+        not cfg.trainer.gradient_checkpointing,
+        f"trainer.expert_parallel_size={ep} is not combined with trainer.gradient_checkpointing=true here "
+        "(untested): set one of them back",
+    )
+
+
+def _check_routing_replay(cfg: SlimeConfig) -> None:
+    replay = cfg.algorithm.routing_replay
+    if replay == RoutingReplay.none:
+        return
+    _require(
+        model_num_experts(cfg.model) != 0,
+        f"algorithm.routing_replay={replay.value} needs a mixture-of-experts model; {cfg.model.name} is dense: "
+        "set algorithm.routing_replay=none",
+    )
+    _require(
+        replay != RoutingReplay.rollout or (cfg.rollout.engine == Engine.vllm and cfg.rollout.capture_routes),
+        f"algorithm.routing_replay={replay.value} needs the engine's routes, which rollout.engine=vllm captures "
+        "with rollout.capture_routes=true: set those, or algorithm.routing_replay=none",
+    )
+    # A recomputed layer would run its router hook outside the forward that announced its tokens.
+    _require(
+        not cfg.trainer.gradient_checkpointing,
+        f"algorithm.routing_replay={replay.value} cannot be combined with trainer.gradient_checkpointing=true: "
+        "set one of them back",
+    )
+
+
+def _check_lora(cfg: SlimeConfig) -> None:
+    if not cfg.model.lora.r:
+        return
+    # peft adapts an MoE model's fused expert tensors with its own parameter wrapper, which the merged
+    # export (trainer/lora.py) does not fold back; a model only known at start-up is checked there.
+    experts = model_num_experts(cfg.model)
+    _require(
+        not experts,
+        f"model.lora.r={cfg.model.lora.r} supports dense models; {cfg.model.name} is a mixture-of-experts "
+        f"model ({experts} experts): set model.lora.r=0 to train it in full",
+    )
