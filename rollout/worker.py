@@ -236,18 +236,20 @@ class RolloutWorker:
 
         return list(await asyncio.gather(*(one(t) for t in tasks)))
 
-    async def _loop(self, buffer: Any) -> None:
+    async def _loop(self, buffer: Any, incarnation: int) -> None:
         while not self._stopping:
-            admitted = await buffer.acquire.remote(self.index)
-            if admitted is None:  # buffer closed: the run is over
+            admitted = await buffer.acquire.remote(self.index, incarnation)
+            if admitted is None:  # buffer closed (the run is over), or this worker was replaced
                 return
             ticket, version = admitted
             group = await self.run_group(self.schedule(ticket), ticket, version)
             await buffer.put.remote(group)
 
-    async def run(self, buffer: Any) -> None:
-        """Run until stopped; an exception here is a worker failure the controller surfaces."""
-        await asyncio.gather(*(self._loop(buffer) for _ in range(self.cfg.max_concurrent_groups)))
+    async def run(self, buffer: Any, incarnation: int = 0) -> None:
+        """Run until stopped; an exception here is a worker failure the controller surfaces.
+        `incarnation` counts this worker's restarts (the buffer ignores earlier ones' calls)."""
+        loops = (self._loop(buffer, incarnation) for _ in range(self.cfg.max_concurrent_groups))
+        await asyncio.gather(*loops)
 
     async def open_weights(self, channel: WeightChannel) -> None:
         """Open the engine's end of the weight transport (slime/transport.py)."""

@@ -53,6 +53,7 @@ class ReplayBuffer:
         self._kept_zero_variance = 0  # groups kept past the cap (on_gen_cap=train), since last stats()
         self._groups: list[Group] = []
         self._outstanding: dict[int, int] = {}  # ticket -> worker, admitted and not yet put
+        self._incarnation: dict[int, int] = {}  # worker -> its latest restart (see requeue)
         self._reissue: list[int] = []  # tickets to hand out again, oldest first
         self._handed_out: list[Group] = []  # the batch of the latest get_batch call
         self._cond = asyncio.Condition()
@@ -69,15 +70,27 @@ class ReplayBuffer:
     def _window(self) -> int:
         return (self.version + self.cfg.max_staleness + 1) * self.batch_groups + self.refunded
 
-    async def acquire(self, worker: int = 0) -> tuple[int, int] | None:
-        """Wait for an admission ticket; returns (ticket, version at admission), or None once closed.
+    def _retired(self, worker: int, incarnation: int) -> bool:
+        return incarnation < self._incarnation.get(worker, 0)
+
+    async def acquire(self, worker: int = 0, incarnation: int = 0) -> tuple[int, int] | None:
+        """Wait for an admission ticket; returns (ticket, version at admission), or None once closed
+        or once `worker` was requeued under a later `incarnation` (the caller is gone: a dead actor's
+        call still waits here, and a ticket handed to it would never come back).
 
         Tickets whose groups were lost in flight (a dead worker, a resumed run) are handed out again
         first, under their old numbers, so every ticket's task is generated and trained once.
         """
         async with self._cond:
-            await self._cond.wait_for(lambda: self.closed or self._reissue or self.issued < self._window())
-            if self.closed:
+            await self._cond.wait_for(
+                lambda: (
+                    self.closed
+                    or self._retired(worker, incarnation)
+                    or self._reissue
+                    or self.issued < self._window()
+                )
+            )
+            if self.closed or self._retired(worker, incarnation):
                 return None
             if self._reissue:
                 ticket = self._reissue.pop(0)
@@ -87,9 +100,11 @@ class ReplayBuffer:
             self._outstanding[ticket] = worker
             return ticket, self.version
 
-    async def requeue(self, worker: int) -> list[int]:
-        """`worker` died: its tickets in flight go back to the queue; returns them."""
+    async def requeue(self, worker: int, incarnation: int = 0) -> list[int]:
+        """`worker` died: its tickets in flight go back to the queue; returns them. `incarnation`
+        numbers the worker that replaces it: calls of earlier ones still waiting in `acquire` get None."""
         async with self._cond:
+            self._incarnation[worker] = max(self._incarnation.get(worker, 0), incarnation)
             lost = sorted(t for t, w in self._outstanding.items() if w == worker)
             for t in lost:
                 del self._outstanding[t]

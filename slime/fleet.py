@@ -113,7 +113,7 @@ class RolloutFleet:
             try:
                 if restart:
                     await self._restart(index, buffer, died)  # a restart that fails is one more failure
-                await worker.run.remote(buffer)
+                await worker.run.remote(buffer, self.restarts[index])
                 return  # the buffer closed: the run is over
             except Exception as e:  # the actor died, its loop raised, or its restart failed
                 if self._closing:
@@ -137,7 +137,7 @@ class RolloutFleet:
 
         t0 = time.perf_counter()
         self._live[index] = False
-        lost = await buffer.requeue.remote(index)
+        lost = await buffer.requeue.remote(index, self.restarts[index])
         worker = self.workers[index]
         if not died:
             ray.kill(worker, no_restart=False)  # its loop raised but the actor is up: restart it too

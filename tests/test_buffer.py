@@ -159,6 +159,25 @@ async def test_a_refunded_ticket_is_issued_again_to_a_waiting_worker():
     assert buf.stats()["buffer/dropped_failed"] == 2
 
 
+async def test_a_dead_workers_waiting_acquire_takes_no_ticket_after_its_restart():
+    """A worker killed while its acquire() waits (a synchronous run between versions): Ray still runs
+    that call in the buffer. Once the worker is requeued under its next incarnation, the old call
+    returns None when the window opens, and the ticket goes to the restarted worker (CI hung once:
+    the dead call took tickets 8-11 and nobody ever generated them)."""
+    buf = ReplayBuffer(BufferConfig(max_staleness=0, record=False), batch_groups=1)
+    assert await _try_acquire(buf) == (0, 0)
+    await buf.put(_group(0, version=0))
+    dead = asyncio.create_task(buf.acquire(worker=0, incarnation=0))
+    await asyncio.sleep(0.01)
+    assert not dead.done()  # window (0 + 0 + 1) * 1 = 1 is full
+    assert await buf.requeue(worker=0, incarnation=1) == []  # nothing was in flight
+    assert await asyncio.wait_for(dead, 1) is None  # retired: it stops waiting, takes nothing
+    await buf.set_version(1)
+    assert await asyncio.wait_for(buf.acquire(worker=0, incarnation=1), 1) == (1, 1)
+    assert await buf.acquire(worker=0, incarnation=0) is None  # a late call of the old one, too
+    assert buf.issued == 2
+
+
 async def test_a_stale_drop_while_the_trainer_waits_wakes_blocked_workers():
     buf = ReplayBuffer(BufferConfig(max_staleness=0, record=False), batch_groups=1)
     assert await _try_acquire(buf) == (0, 0)

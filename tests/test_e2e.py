@@ -19,7 +19,9 @@ import pytest
 from slime import api
 
 TINY = ["+experiment=tiny"]
-LEARN_STEPS = 20
+# The tiny model's takeoff step varies with the asynchronous batch composition: it took off at step 5
+# in one run of this test and at step 17 in another (0.82 at step 20, in CI), so 30 steps leave room.
+LEARN_STEPS = 30
 SYNC_STEPS = 6
 BATCH_GROUPS = 4  # trainer.batch_groups of +experiment=tiny
 
@@ -97,8 +99,8 @@ def test_reward_rises_and_the_inverted_reward_makes_it_fall(learning_run, invert
     print(f"target score, inverted run: {inv_first:.3f} -> {inv_last:.3f}: {[round(s, 3) for s in inverted]}")
     assert last > first + 0.2 and last > 0.85, scores
     # The inverted run must end clearly below the learning one (measured 0.0 once and 0.59 once: pushing
-    # a random tiny model off lowercase words is less reliable than pushing it onto them within 20
-    # steps); a reward-blind drift would carry both runs the same way, and never above its own start.
+    # a random tiny model off lowercase words is less reliable than pushing it onto them within a
+    # few dozen steps); a reward-blind drift would carry both runs the same way, and never above its own start.
     assert last - inv_last > 0.2 and inv_last < inv_first + 0.1, inverted
 
 
