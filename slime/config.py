@@ -443,6 +443,11 @@ class TrainerConfig:
         True,
         "run a micro-batch's sequences packed into one row, no padding (sdpa models; others train padded)",
     )
+    skip_zero_advantage: bool = opt(
+        True,
+        "leave sequences whose advantage is exactly 0 out of the forward and backward where that cannot "
+        "change the update (sequence-level advantages, no KL, no entropy bonus, no router losses)",
+    )
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = opt(0, "keep only the newest K complete checkpoints (0 = keep all)")
     on_stop: OnStop = opt(

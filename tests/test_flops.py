@@ -75,7 +75,7 @@ def test_step_mfu_counts_every_forward(pack: bool, tiny_dense_dir: str, in_proce
         assert w.forward.pack == pack
         # The same plan again (same step counter: lr 0, the minibatch shuffle is seeded by the step).
         w.step -= 1
-        plan = w._plan_micro_batches(flatten_groups(groups))
+        plan, _ = w._plan_micro_batches(flatten_groups(groups), set())
         expected = 0.0
         for mb in (w_.mb for mini in plan for w_ in mini):
             if mb.dummy:

@@ -109,6 +109,8 @@ def test_step_counts_sum_field_by_field_across_ranks() -> None:
         adv=Moments(50.0, 60.0, 70.0),
         tokens=80.0,
         sequences=90.0,
+        skipped_sequences=3.0,
+        skipped_tokens=12.0,
     )
     rec = Recorder()
     other.all_reduce(rec)
@@ -119,7 +121,25 @@ def test_step_counts_sum_field_by_field_across_ranks() -> None:
         adv=Moments(55.0, 66.0, 77.0),
         tokens=88.0,
         sequences=99.0,
+        skipped_sequences=3.0,
+        skipped_tokens=12.0,
     )
+
+
+def test_skipped_sequences_count_as_units_loss_tokens_and_zero_advantages_by_hand() -> None:
+    """A minibatch trained on one sequence (2 loss tokens, advantage 1) with two left out: one with 3
+    loss tokens (2 once cut to 4 tokens), one with none (an empty reply counts no sequence unit)."""
+    trained = [group(traj([1, 2], [3, 4]))]
+    plan = plan_of(trained, [1])
+    plan[0][0].adv = plan[0][0].mb.loss_mask.clone()
+    left_out = flatten_groups([group(traj([1, 2], [5, 6, 7]), traj([1, 2, 3], []))])
+    for agg, units, max_len in (("token_mean", 5.0, None), ("seq_mean", 2.0, None), ("token_mean", 4.0, 4)):
+        counts = obj.StepCounts.of(plan, agg, [left_out], max_len)
+        assert counts.units == [units], (agg, max_len)
+        assert counts.loss_tokens == [units if agg == "token_mean" else 5.0]
+        assert counts.adv == Moments(count=counts.loss_tokens[0], total=2.0, total_sq=2.0)
+        assert (counts.sequences, counts.skipped_sequences) == (3.0, 2.0)
+        assert counts.tokens == 4.0 and counts.skipped_tokens == (8.0 if max_len is None else 7.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,9 +165,11 @@ def test_weighted_micro_steps_give_the_whole_batch_loss_and_gradient(agg: str) -
     results = []
     for micro in ([4], [1, 3], [2, 1, 1]):
         plan = plan_of(groups, micro)
-        obj.assign_sequence_advantages(
-            plan, groups, obj.shaped_rewards(flatten_groups(groups), plan, a, 0), a, Collectives()
+        rewards = obj.shaped_rewards(flatten_groups(groups), plan, a, 0)
+        seq_adv = obj.global_sequence_advantages(
+            [len(g.trajectories) for g in groups], rewards, a, Collectives()
         )
+        obj.assign_sequence_advantages(plan, seq_adv)
         counts = obj.StepCounts.of(plan, agg).all_reduce(Collectives())
         norms = obj.normalisers(counts, plan, max_response_len=6, comm=Collectives())
         leaf = table.clone().requires_grad_(True)

@@ -447,7 +447,7 @@ def test_ppo_with_critic_reference_and_minibatches(tiny_dense_dir: str, tokenize
         refs = flatten_groups(make_groups(tokenizer, num_groups=4, n=3, seed=9))
 
         def split() -> list[list[int]]:
-            plan = w._plan_micro_batches(refs)
+            plan, _ = w._plan_micro_batches(refs, set())
             return [sorted(int(i) for s in mini if not s.mb.dummy for i in s.mb.seq_index) for mini in plan]
 
         shuffled = split()
@@ -456,6 +456,84 @@ def test_ppo_with_critic_reference_and_minibatches(tiny_dense_dir: str, tokenize
         assert split() == shuffled
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("num_minibatches", [1, 2])
+def test_zero_advantage_sequences_are_left_out_without_changing_the_step(
+    num_minibatches: int, tiny_dense_dir: str, tokenizer
+) -> None:
+    """Sequences of groups whose rewards are all equal have advantage 0 and so loss and gradient 0:
+    the step leaves them out of its forward and backward, and loss, gradient norm, advantage
+    moments and counts equal those of the step that computes them (lr=0 keeps the weights fixed
+    between the runs; two minibatches check that nothing changes minibatch). seq_sum_norm without a
+    fixed constant, a KL term or an entropy bonus turn the skip off."""
+
+    def with_flat_rewards(flat: dict[int, float]) -> list[Group]:
+        groups = make_groups(tokenizer, num_groups=4, n=3, seed=5)
+        for g, r in flat.items():
+            for t in groups[g].trajectories:
+                t.reward = r
+        return groups
+
+    acfg = algo_cfg(num_minibatches=num_minibatches)
+    w = new_worker(tiny_dense_dir, trainer_cfg(lr=0.0, micro_batch_size=2), acfg)
+    groups = with_flat_rewards({0: 1.0, 2: 0.0})
+    try:
+        assert w.skip_zero_advantage
+        for agg in ("token_mean", "seq_mean"):
+            acfg.loss_agg = agg
+            runs, flops = {}, {}
+            for skip in (False, True):
+                w.skip_zero_advantage = skip
+                w.step = 0  # the same minibatch shuffle (seeded by the step)
+                runs[skip] = w.train_step(groups, version=0)
+                flops[skip] = w.forward.flops_done
+            full, lean = runs[False], runs[True]
+            assert full["train/skipped_sequences"] == 0 and lean["train/skipped_sequences"] == 6
+            assert flops[True] < 0.75 * flops[False]  # half the sequences, the prompts shared
+            for key in ("train/loss_tokens", "train/tokens", "train/sequences"):
+                assert lean[key] == full[key], key
+            for key in ("loss/policy", "adv/mean", "adv/std"):
+                assert lean[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), (agg, key)
+            assert lean["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-4), agg
+        # Nothing to learn from: every sequence left out, one dummy micro-batch keeps the step.
+        flat = w.train_step(with_flat_rewards({0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}), version=0)
+        assert flat["train/skipped_sequences"] == 12 and flat["train/sequences"] == 12
+        assert flat["grad_norm"] == 0.0 and flat["loss/policy"] == 0.0
+    finally:
+        w.close()
+
+    # The same update with a real learning rate: two workers from one seed, skip off and on.
+    states = []
+    for skip in (False, True):
+        w = new_worker(tiny_dense_dir, trainer_cfg(lr=1e-2, micro_batch_size=2), algo_cfg())
+        try:
+            w.skip_zero_advantage = skip
+            initial = full_state(w)
+            w.train_step(groups, version=0)
+            states.append(full_state(w))
+        finally:
+            w.close()
+    assert max(float((states[0][k] - v).abs().max()) for k, v in initial.items()) > 1e-3
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=0, atol=1e-5)
+
+
+def test_the_zero_advantage_skip_is_off_where_it_would_change_the_update() -> None:
+    """Only where every loss term is proportional to the advantage (trainer/objective.py)."""
+    from trainer.objective import skips_zero_advantage
+
+    assert skips_zero_advantage(algo_cfg(), router_losses=False, max_response_len=0)
+    assert skips_zero_advantage(algo_cfg(loss_agg="seq_sum_norm"), router_losses=False, max_response_len=64)
+    assert not skips_zero_advantage(
+        algo_cfg(loss_agg="seq_sum_norm"), router_losses=False, max_response_len=0
+    )
+    assert not skips_zero_advantage(algo_cfg(kl_coef=0.1), router_losses=False, max_response_len=0)
+    assert not skips_zero_advantage(algo_cfg(entropy_coef=0.01), router_losses=False, max_response_len=0)
+    assert not skips_zero_advantage(algo_cfg(), router_losses=True, max_response_len=0)
+    assert not skips_zero_advantage(
+        algo_cfg(name="ppo", advantage="gae"), router_losses=False, max_response_len=0
+    )
 
 
 def test_kl_reward_mode_changes_the_advantages(tiny_dense_dir: str, tokenizer, monkeypatch) -> None:
@@ -467,8 +545,8 @@ def test_kl_reward_mode_changes_the_advantages(tiny_dense_dir: str, tokenizer, m
     captured: list[dict[int, float]] = []
     assign = obj.assign_sequence_advantages
 
-    def spy(plan, groups, rewards, algo, comm) -> None:
-        assign(plan, groups, rewards, algo, comm)
+    def spy(plan, seq_adv) -> None:
+        assign(plan, seq_adv)
         adv: dict[int, float] = {}
         for s in (s for mini in plan for s in mini if not s.mb.dummy):
             for row, seq in enumerate(s.mb.seq_index.tolist()):
@@ -519,6 +597,10 @@ async def test_ranks_two_ranks_match_one_rank(
         + make_groups(tokenizer, num_groups=3, n=2, seed=s + 1)
         for s in (10, 20)
     ]
+    # The second batch's group of 6 has one reward: its zero-advantage sequences are left out, so
+    # rank 0 trains 2 sequences (and runs a dummy) while rank 1 trains 4.
+    for t in batches[1][0].trajectories:
+        t.reward = 1.0
     one = new_worker(tiny_dense_dir, trainer_cfg(zero_stage=3, micro_batch_size=2), acfg)
     try:
         ref = [one.train_step(b, version=i) for i, b in enumerate(batches)]
@@ -535,8 +617,14 @@ async def test_ranks_two_ranks_match_one_rank(
         info = await ranks.setup()
         assert [i["rank"] for i in info] == [0, 1]
         got = [await ranks.train_step(b, version=i) for i, b in enumerate(batches)]
+        # (seq_sum_norm without max_response_len takes its constant from the trained sequences: no skip)
+        assert [g["train/skipped_sequences"] for g in got] == [
+            0.0,
+            0.0 if loss_agg == "seq_sum_norm" else 6.0,
+        ]
         for r, g in zip(ref, got, strict=True):
             assert g["train/sequences"] == r["train/sequences"] and g["train/tokens"] == r["train/tokens"]
+            assert g["train/skipped_sequences"] == r["train/skipped_sequences"]
             for key in (
                 "loss/policy",
                 "adv/mean",

@@ -22,6 +22,14 @@ Decisions:
 - KL to the reference: kl_mode=loss adds kl_coef * aggregate(KL) to the loss; kl_mode=reward subtracts
   kl_coef * KL(proximal || reference) from the rewards (summed over a sequence's tokens for
   sequence-level estimators, per token for GAE).
+- Zero advantages (`skips_zero_advantage`): with sequence-level advantages, no KL term, no entropy
+  bonus and no router losses, every term of a sequence's loss is its advantage times something
+  finite (trainer/losses.py `policy_loss`), so a sequence whose advantage is exactly 0 (every
+  sequence of a GRPO group whose rewards are all equal) has loss 0 and gradient 0. The rank leaves
+  it out of the forward and backward; it still counts in the normalisers, the advantage moments and
+  the loss-token count (`StepCounts.of(..., skipped=...)`), so the update is the one the full batch
+  gives, up to floating-point summation order. Per-token metrics (entropy, ratios, mismatch) then
+  cover the trained sequences.
 - Critic (advantage=gae): the outcome reward sits on each sequence's last generated token; advantages
   are whitened over the global batch (`whiten` with all-reduced `Moments`) when
   algorithm.normalize_adv_std.
@@ -36,7 +44,6 @@ import torch
 from torch import Tensor
 
 from slime.config import AlgorithmConfig
-from slime.types import Group
 from trainer.advantages import (
     Moments,
     broadcast_to_tokens,
@@ -79,6 +86,24 @@ def needs_proximal(algo: AlgorithmConfig) -> bool:
     """Whether proximal logprobs must be scored before the first update (see the module docstring)."""
     updates = algo.ppo_epochs * algo.num_minibatches
     return updates > 1 or (algo.kl_coef > 0 and algo.kl_mode == "reward")
+
+
+def skips_zero_advantage(algo: AlgorithmConfig, router_losses: bool, max_response_len: int) -> bool:
+    """Whether sequences whose advantage is exactly 0 can stay out of the forward and backward without
+    changing the update (see the module docstring). seq_sum_norm must then have its constant from
+    `max_response_len`: the fallback, the widest trained sequence, would depend on what was left out."""
+    return (
+        algo.advantage != "gae"
+        and algo.kl_coef == 0
+        and algo.entropy_coef == 0
+        and not router_losses
+        and (algo.loss_agg != "seq_sum_norm" or max_response_len > 0)
+    )
+
+
+def zero_advantage_indices(seq_adv: Tensor) -> set[int]:
+    """Indices into the flattened batch of the sequences whose advantage [N] is exactly 0."""
+    return {int(i) for i in (seq_adv == 0).nonzero().flatten()}
 
 
 def units(mb: MicroBatch, loss_agg: str) -> float:
@@ -137,11 +162,9 @@ def global_sequence_advantages(
     return torch.cat([a for a in mine if a is not None]) if mine else torch.zeros(0)
 
 
-def assign_sequence_advantages(
-    plan: Plan, groups: list[Group], rewards: Tensor, algo: AlgorithmConfig, comm: Collectives
-) -> None:
-    """Sequence-level estimators: every generated token gets its sequence's advantage (`w.adv`)."""
-    seq_adv = global_sequence_advantages([len(g.trajectories) for g in groups], rewards, algo, comm)
+def assign_sequence_advantages(plan: Plan, seq_adv: Tensor) -> None:
+    """Sequence-level estimators: every generated token gets its sequence's advantage (`w.adv`) from
+    `seq_adv` [N_local] (`global_sequence_advantages`)."""
     for w in (w for mini in plan for w in mini):
         w.adv = broadcast_to_tokens(seq_adv[w.mb.seq_index].to(w.mb.loss_mask.device), w.mb.loss_mask)
 
@@ -193,34 +216,70 @@ class StepCounts:
     units: list[float]  # per minibatch: aggregation units (see `units`)
     loss_tokens: list[float]  # per minibatch: loss tokens
     adv: Moments  # advantages over loss tokens (for the adv/mean and adv/std metrics)
-    tokens: float  # real tokens, prompts included
-    sequences: float  # sequences (dummies excluded)
+    tokens: float  # real tokens the forward and backward ran over, prompts included
+    sequences: float  # sequences (dummies excluded), skipped ones included
+    skipped_sequences: float = 0.0  # zero-advantage sequences left out of the forward and backward
+    skipped_tokens: float = 0.0  # their real tokens
 
     @staticmethod
-    def of(plan: Plan, loss_agg: str) -> StepCounts:
+    def of(
+        plan: Plan, loss_agg: str, skipped: list[list[SeqRef]] | None = None, max_len: int | None = None
+    ) -> StepCounts:
+        """The counts of `plan` plus, per minibatch, the `skipped` zero-advantage sequences (cut to
+        `max_len` tokens as the micro-batches cut them): they count as aggregation units, loss tokens
+        and (zero) advantages, so normalisers and advantage metrics equal the full batch's."""
+        skipped = skipped or [[] for _ in plan]
         works = [w for mini in plan for w in mini]
         adv = Moments()
         for w in works:
             adv = adv + Moments.of(w.adv, w.mb.loss_mask)
+        skipped_loss = [[float(loss_tokens(r, max_len)) for r in mini] for mini in skipped]
+        adv = adv + Moments(count=sum(map(sum, skipped_loss)), total=0.0, total_sq=0.0)
+
+        def skipped_units(mini: list[float]) -> float:
+            return sum(mini) if loss_agg == "token_mean" else float(sum(n > 0 for n in mini))
+
         return StepCounts(
-            units=[sum(units(w.mb, loss_agg) for w in mini) for mini in plan],
-            loss_tokens=[sum(float(w.mb.num_loss_tokens) for w in mini) for mini in plan],
+            units=[
+                sum(units(w.mb, loss_agg) for w in mini) + skipped_units(sk)
+                for mini, sk in zip(plan, skipped_loss, strict=True)
+            ],
+            loss_tokens=[
+                sum(float(w.mb.num_loss_tokens) for w in mini) + sum(sk)
+                for mini, sk in zip(plan, skipped_loss, strict=True)
+            ],
             adv=adv,
             tokens=sum(float(w.mb.num_tokens) for w in works),
-            sequences=sum(0.0 if w.mb.dummy else float(w.mb.input_ids.shape[0]) for w in works),
+            sequences=sum(0.0 if w.mb.dummy else float(w.mb.input_ids.shape[0]) for w in works)
+            + sum(len(mini) for mini in skipped),
+            skipped_sequences=float(sum(len(mini) for mini in skipped)),
+            skipped_tokens=float(sum(_cut(r, max_len) for mini in skipped for r in mini)),
         )
 
     def all_reduce(self, comm: Collectives) -> StepCounts:
         n = len(self.units)
         adv = [self.adv.count, self.adv.total, self.adv.total_sq]
-        summed = iter(comm.all_reduce([*self.units, *self.loss_tokens, *adv, self.tokens, self.sequences]))
+        rest = [self.tokens, self.sequences, self.skipped_sequences, self.skipped_tokens]
+        summed = iter(comm.all_reduce([*self.units, *self.loss_tokens, *adv, *rest]))
 
         def take(k: int) -> list[float]:
             return [next(summed) for _ in range(k)]
 
-        return StepCounts(
-            units=take(n), loss_tokens=take(n), adv=Moments(*take(3)), tokens=take(1)[0], sequences=take(1)[0]
-        )
+        units_, loss_tokens_, moments = take(n), take(n), Moments(*take(3))
+        tokens, sequences, skipped_sequences, skipped_tokens = take(4)
+        return StepCounts(units_, loss_tokens_, moments, tokens, sequences, skipped_sequences, skipped_tokens)
+
+
+def _cut(ref: SeqRef, max_len: int | None) -> int:
+    """The sequence's length as the micro-batches take it (cut to `max_len` tokens)."""
+    n = len(ref.traj.token_ids)
+    return n if max_len is None else min(n, max_len)
+
+
+def loss_tokens(ref: SeqRef, max_len: int | None = None) -> int:
+    """The sequence's loss tokens as a micro-batch counts them: generated tokens after the first
+    token (never predicted), within the first `max_len` tokens."""
+    return int(sum(ref.traj.loss_mask[1 : _cut(ref, max_len)]))
 
 
 @dataclass

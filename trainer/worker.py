@@ -118,6 +118,7 @@ class TrainerWorker:
         self.policy = self.critic = self.reference = None
         self.routing = None
         self.router_coefs = (0.0, 0.0)
+        self.skip_zero_advantage = False
         self.setup_s = 0.0
         self._process_env = contextlib.ExitStack()
         self.weight_sender: WeightSender | None = None  # rank 0's end of the weight transport
@@ -183,6 +184,10 @@ class TrainerWorker:
             raise ValueError(f"algorithm.routing_replay={replay}: {spec.model_dir} has no MoE router")
         if self.routing is not None:
             self.routing.loss_graph = any(c > 0 for c in self.router_coefs)
+        router_losses = self.routing is not None and self.routing.loss_graph
+        self.skip_zero_advantage = cfg.skip_zero_advantage and obj.skips_zero_advantage(
+            self.algo, router_losses, spec.max_response_len
+        )
         self.device = self.policy.device
         self.comm = Collectives(self.rank, self.world_size, self.device)
         # Not under ZeRO-3: its per-parameter gradient hooks reduce a parameter once per forward that
@@ -284,10 +289,16 @@ class TrainerWorker:
         lr = self._set_lr()
         m = StepMetrics()
         refs = flatten_groups(groups)
-        plan = self._plan_micro_batches(refs)
+        # Sequence advantages before planning when zero-advantage sequences can be left out
+        # (objective.py); otherwise after scoring, which kl_mode=reward and GAE need.
+        seq_adv = self._sequence_advantages(groups, refs, []) if self.skip_zero_advantage else None
+        skip = obj.zero_advantage_indices(seq_adv) if seq_adv is not None else set()
+        plan, skipped = self._plan_micro_batches(refs, skip)
         self._score_before_update(plan, m)
-        self._compute_advantages(plan, groups, refs)
-        counts = obj.StepCounts.of(plan, self.algo.loss_agg).all_reduce(self.comm)
+        self._compute_advantages(plan, groups, refs, seq_adv)
+        counts = obj.StepCounts.of(plan, self.algo.loss_agg, skipped, self.max_positions).all_reduce(
+            self.comm
+        )
         norms = obj.normalisers(counts, plan, self.spec.max_response_len, self.comm)
         grad_norms, critic_norms = self._optimize(plan, norms, m)
         self.step += 1
@@ -300,9 +311,11 @@ class TrainerWorker:
             g["lr"] = lr
         return lr
 
-    def _plan_micro_batches(self, refs: list[SeqRef]) -> obj.Plan:
-        """Minibatches of micro-batches; every rank gets the same number of micro-batches in each
-        minibatch (one all-reduce for all of them), padding with dummies."""
+    def _plan_micro_batches(self, refs: list[SeqRef], skip: set[int]) -> tuple[obj.Plan, list[list[SeqRef]]]:
+        """Minibatches of micro-batches, and per minibatch the sequences left out (`skip`: indices into
+        the flattened batch, taken out after the minibatch split so that no sequence changes
+        minibatch); every rank gets the same number of micro-batches in each minibatch (one
+        all-reduce for all of them), padding with dummies."""
         gen = None
         if self.algo.num_minibatches > 1:
             gen = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self.step)
@@ -316,6 +329,8 @@ class TrainerWorker:
                     self.max_positions,
                 )
         minis = minibatch_split(refs, self.algo.num_minibatches, gen)
+        skipped = [[r for r in mini if r.index in skip] for mini in minis]
+        minis = [[r for r in mini if r.index not in skip] for mini in minis]
         local = [float(num_micro_batches(len(mini), self.cfg.micro_batch_size)) for mini in minis]
         counts = [int(c) for c in self.comm.all_reduce(local, "max")]
         plan = []
@@ -324,7 +339,7 @@ class TrainerWorker:
                 mini, n, self.pad_id, max_len=self.max_positions, filler=refs[0], by_tokens=self.forward.pack
             )
             plan.append([obj.Scored(mb=to_device(mb, self.device)) for mb in mbs])
-        return plan
+        return plan, skipped
 
     @torch.no_grad()
     def _score_before_update(self, plan: obj.Plan, m: StepMetrics) -> None:
@@ -345,12 +360,24 @@ class TrainerWorker:
                 mismatch = obj.masked_abs_mean(w.mb.behavior_logprobs, w.prox, w.mb.loss_mask)
                 m.mean("mismatch/logprob_abs", mismatch, float(w.mb.num_loss_tokens))
 
-    def _compute_advantages(self, plan: obj.Plan, groups: list[Group], refs: list[SeqRef]) -> None:
+    def _sequence_advantages(self, groups: list[Group], refs: list[SeqRef], plan: obj.Plan) -> torch.Tensor:
+        """[N_local] advantages of this rank's sequences from the global batch's rewards (a collective)."""
         rewards = obj.shaped_rewards(refs, plan, self.algo, self.spec.max_response_len)
+        sizes = [len(g.trajectories) for g in groups]
+        return obj.global_sequence_advantages(sizes, rewards, self.algo, self.comm)
+
+    def _compute_advantages(
+        self, plan: obj.Plan, groups: list[Group], refs: list[SeqRef], seq_adv: torch.Tensor | None
+    ) -> None:
+        """Every micro-batch's per-token advantages (`seq_adv`: the sequence advantages when they were
+        computed before planning)."""
         if self.algo.advantage == "gae":
+            rewards = obj.shaped_rewards(refs, plan, self.algo, self.spec.max_response_len)
             obj.assign_gae_advantages(plan, rewards, self.algo, self.comm)
-        else:
-            obj.assign_sequence_advantages(plan, groups, rewards, self.algo, self.comm)
+            return
+        if seq_adv is None:
+            seq_adv = self._sequence_advantages(groups, refs, plan)
+        obj.assign_sequence_advantages(plan, seq_adv)
 
     def _optimize(
         self, plan: obj.Plan, norms: obj.Normalisers, m: StepMetrics
@@ -422,10 +449,12 @@ class TrainerWorker:
                 "time/train_s": train_s,
                 # Real tokens (prompts included, padding never) per second of the step.
                 "perf/train_tokens_per_s": counts.tokens / max(train_s, 1e-9),
+                # Zero-advantage sequences the step left out of its forward and backward.
+                "train/skipped_sequences": counts.skipped_sequences,
                 # Model FLOPs of the step's policy and reference passes over the ranks' measured
                 # peak (trainer/flops.py); the critic's passes are not counted.
                 "perf/mfu": flops / max(train_s * peak, 1e-9),
-                "train/tokens": counts.tokens,
+                "train/tokens": counts.tokens + counts.skipped_tokens,
                 "train/loss_tokens": counts.adv.count,
                 "train/sequences": counts.sequences,
                 "train/optimizer_steps": float(self.algo.ppo_epochs * self.algo.num_minibatches),
