@@ -54,6 +54,9 @@ DIFFERENCES = (
     "advantage: (r - mean) / (std + eps) with the unbiased group std in both; eps 1e-6 (slime) vs 1e-4 (TRL)",
     "trainer forward: slime runs the prompt a micro-batch's rows share once (trainer.share_prefix); TRL "
     "runs every row in full",
+    "zero advantages: slime's trainer leaves completions whose advantage is 0 (every completion of a group "
+    "with one reward) out of its forward and backward, an update equal to computing them "
+    "(trainer.skip_zero_advantage); TRL computes every completion",
     "reward calls: slime calls the reward function once per completion, TRL once per batch (same values)",
     "batch composition (async only): a step trains the first groups to finish, which can swap a prompt "
     "with the next step; the order each step trained is checked and printed",
@@ -332,6 +335,7 @@ def run_slime(w: Workload, data_path: str, staleness: int, launch: float) -> dic
                 "sync_s": row["time/sync_s"],
                 "wait_s": row["time/wait_s"],
                 "overlap": row["perf/overlap_efficiency"],
+                "skipped": row.get("train/skipped_sequences", 0.0),
                 "reward": row["reward/mean"],
                 "end_s": end,
             }
@@ -421,6 +425,8 @@ def summarize(run: dict[str, Any], per_step: int, threshold: float) -> dict[str,
         "step_s": wall / len(steady),
         **{k: _mean([s.get(k, 0.0) for s in steady]) for k in ("gen_s", "train_s", "sync_s", "wait_s")},
         "overlap": _mean([s["overlap"] for s in steady]) if "overlap" in steady[0] else float("nan"),
+        # Share of the completions the trainer left out (zero advantage), over all steps.
+        "skipped_frac": sum(s.get("skipped", 0.0) for s in steps) / (per_step * len(steps)),
         "peak_rss_gb": run["peak_rss_gb"],
         "startup_s": run["startup_s"],
         "load": run["load"],
@@ -471,6 +477,12 @@ def report(w: Workload, runs: list[dict[str, Any]], threshold: float, ids: list[
             f"max(G, T) + push = {bound:.1f} s/step; async {a['step_s']:.1f} s/step: efficiency {bound / a['step_s']:.2f} "
             f"(in-run perf/overlap_efficiency: async {a['overlap']:.2f}, sync {s['overlap']:.2f})"
         )
+    for name in ("slime-sync", "slime-async"):
+        if name in mean:
+            lines.append(
+                f"{name}: {mean[name]['skipped_frac']:.0%} of the completions had advantage 0 (their group had "
+                "one reward) and were left out of the trainer's forward and backward"
+            )
     for name in FRAMEWORKS:
         for s in per.get(name, []):
             where = (

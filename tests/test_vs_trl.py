@@ -123,6 +123,7 @@ def test_tiny_run_prints_the_table(tmp_path) -> None:
         assert any(line.startswith(name) for line in table.splitlines()), table
     assert "completions/s slime-async / trl" in table
     assert "overlap: sync phases" in table
+    assert "left out of the trainer's forward and backward" in table
     assert "same prompts in the same order: yes" in table
     assert (tmp_path / "reward.png").stat().st_size > 0
     runs = json.loads((tmp_path / "runs.json").read_text())["runs"]
