@@ -7,7 +7,9 @@ A real DeepSpeed trainer rank (in this process, ZeRO-1, float32 master weights) 
 engine on this node, over each way a push can go:
 - files:     today's safetensors path (`slime.weights.write_weights` + the engine reading the files);
 - shm:       weights.transport=shm (a slot in /dev/shm the engine maps; slime/transport.py);
-- broadcast: weights.transport=broadcast (a gloo group; bytes over loopback TCP here).
+- broadcast: weights.transport=broadcast (a gloo group; bytes over loopback TCP here);
+- alias:     shm with rollout.weight_alias (the engine's parameters are views of the slot, its
+             linear layers use torch's GEMM: rollout/cpu_alias.py); run last, it changes the engine.
 Per push (median of --reps after two warm-up pushes, so both slots are touched):
 - gather:    the trainer's `full_named_tensors` alone, cast to the export dtype (as the files path
              gathers; shm and broadcast gather without the cast and cast in the slot copy);
@@ -19,6 +21,9 @@ Per push (median of --reps after two warm-up pushes, so both slots are touched):
   repack counts every CPU GEMM repack (`dispatch_cpu_unquantized_gemm`) of reload and refresh;
 - push:      wall time from the start of the export to the engine serving the new version;
 - page faults: minor faults of the engine's process over the push, and of this process in publish.
+Decode: the engine's generated tokens per second for 32 concurrent requests of up to 64 new tokens
+(sampled, seeded), before the pushes (vLLM's packed GEMMs) and after the alias pushes (torch's GEMM
+on the slot's plain weights): what the alias costs generation.
 The baseline `copy` is `copy_` of every exported tensor into tensors allocated and touched beforehand,
 with the trainer's thread count, timed once before each push (so on a busy machine both see the same
 load); each transport's ratios are against its own median copy. The engine is idle (no requests in
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import resource
 import shutil
@@ -40,6 +46,7 @@ from typing import Any
 
 from benchmarks.common import config_model_dir
 
+HOWS = ("files", "shm", "broadcast", "alias")
 PARTS = ("gather", "publish", "send", "pause", "receive", "reload", "repack", "refresh", "update", "push")
 
 
@@ -133,6 +140,24 @@ async def _push(
     }
 
 
+async def decode_rate(engine: Any, reps: int = 2) -> float:
+    """Generated tokens per second for 32 concurrent requests of up to 64 new tokens (best of `reps`)."""
+    from slime.types import SamplingParams
+
+    prompts = [[1 + (7 * i + j) % 500 for j in range(24)] for i in range(32)]
+    best = 0.0
+    for rep in range(reps):
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(
+            *[
+                engine.generate(p, SamplingParams(max_tokens=64, seed=rep * 100 + i))
+                for i, p in enumerate(prompts)
+            ]
+        )
+        best = max(best, sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0))
+    return best
+
+
 class CopyBaseline:
     """`copy_` of every exported tensor into tensors allocated and touched beforehand."""
 
@@ -164,10 +189,14 @@ async def run(model_dir: str, dtype: str, reps: int, threads: int, bucket_mb: in
         copy = CopyBaseline(w)
         results.update(bytes=copy.nbytes, tensors=len(copy.tensors), start_s=engine.start_s)
         version = 0
-        for how in ("files", "shm", "broadcast"):
+        results["decode_packed"] = await decode_rate(engine)
+        for how in HOWS:
             out_dir = os.path.join(work, how)
+            if how == "alias":
+                engine.settings = dataclasses.replace(engine.settings, weight_alias=True)
             if how != "files":
-                channel = w.open_weights(how, out_dir, bucket_mb, "gloo", 600)
+                transport = "shm" if how == "alias" else how
+                channel = w.open_weights(transport, out_dir, bucket_mb, "gloo", 600)
                 if how == "broadcast":
                     channel = for_engine(channel, "engine", 1)
                     await asyncio.gather(
@@ -185,6 +214,9 @@ async def run(model_dir: str, dtype: str, reps: int, threads: int, bucket_mb: in
             results[how] = {
                 k: statistics.median(r[k] for r in rows) for k in (*PARTS, "faults", "publish_faults", "copy")
             }
+            if how == "alias" and not engine.last_update["aliased"]:
+                raise RuntimeError("the alias pushes took vLLM's reload (see the engine's log)")
+        results["decode_alias"] = await decode_rate(engine)
         w.weight_sender.close()
     finally:
         await engine.shutdown()
@@ -214,7 +246,7 @@ def main(argv: list[str]) -> None:
         f"threads {args.threads}; "
         f"engine start {r['start_s']:.1f} s; median of {args.reps}"
     )
-    hows = ("files", "shm", "broadcast")
+    hows = HOWS
     print(f"{'part (ms; x copy)':<20}" + "".join(f"{h:>20}" for h in hows))
     for part in ("copy", *PARTS):
         cells = "".join(f"{r[h][part] * 1e3:>12.1f} {r[h][part] / r[h]['copy']:>6.1f}x" for h in hows)
@@ -223,6 +255,11 @@ def main(argv: list[str]) -> None:
     print(f"{'copy GB/s':<20}{gbps}")
     print(f"{'engine page faults':<20}" + "".join(f"{r[h]['faults']:>20.0f}" for h in hows))
     print(f"{'publish page faults':<20}" + "".join(f"{r[h]['publish_faults']:>20.0f}" for h in hows))
+    packed, alias = r["decode_packed"], r["decode_alias"]
+    print(
+        f"decode, 32 requests: vLLM's packed GEMMs {packed:.0f} tok/s, aliased plain weights {alias:.0f} tok/s "
+        f"({alias / packed:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -510,6 +510,7 @@ class VLLMEngine:
                 **{k: float(first.get(k, math.nan)) for k in ("receive_s", "reload_s", "refresh_s")},
                 "num_tensors": int(first.get("num_tensors", 0)),
                 "refreshed": list(first.get("refreshed", [])),
+                "aliased": bool(first.get("aliased", False)),
                 "version": manifest.version,
                 "mode": mode.value,
                 "kv_after_update": kv.value,
@@ -526,7 +527,9 @@ class VLLMEngine:
     async def open_weights(self, channel: WeightChannel) -> None:
         """Open every worker's end of the weight transport (slime/transport.py); later manifests of
         that transport load through it. A broadcast channel waits until trainer rank 0 accepts it."""
-        await self._require().collective_rpc("slime_open_weights", args=(dataclasses.asdict(channel),))
+        await self._require().collective_rpc(
+            "slime_open_weights", args=(dataclasses.asdict(channel), self.settings.weight_alias)
+        )
 
     async def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a `SlimeWorkerExtension` method in every worker (debugging, tests)."""

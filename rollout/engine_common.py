@@ -24,8 +24,9 @@ class EngineSettings:
     "bfloat16". num_threads: OpenMP/torch threads of the process that runs the model; None inherits
     the environment (on a shared CPU machine give each engine its own budget: oversubscribed OpenMP
     threads spin). work_dir: where the vLLM engine keeps its caches and sockets (a temporary dir when
-    None). kv_cache_gib, enforce_eager and tensor_parallel_size apply to vLLM only; max_batch_size to
-    the transformers engine only.
+    None). kv_cache_gib, enforce_eager, tensor_parallel_size and weight_alias (serve pushed weights
+    from the shm slot: rollout/cpu_alias.py) apply to vLLM only; max_batch_size to the transformers
+    engine only.
     """
 
     model_dir: str
@@ -39,6 +40,7 @@ class EngineSettings:
     num_threads: int | None = None
     max_batch_size: int = 16
     capture_routes: bool = False
+    weight_alias: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_gib <= 0:

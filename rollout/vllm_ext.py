@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _counted(tensors: Iterable[tuple[str, torch.Tensor]], counter: list[int]):
@@ -293,9 +296,10 @@ def moe_routers(model: torch.nn.Module) -> list[tuple[int, Any]]:
 class SlimeWorkerExtension:
     """Mixed into vLLM's worker class; every method runs in each worker process."""
 
-    def slime_open_weights(self, channel: dict[str, Any]) -> str:
+    def slime_open_weights(self, channel: dict[str, Any], alias: bool = False) -> str:
         """Open this worker's end of the weight transport (a `WeightChannel` as a dict); a broadcast
-        channel blocks until trainer rank 0 accepts it. Replaces the previous one."""
+        channel blocks until trainer rank 0 accepts it. Replaces the previous one. `alias`: serve the
+        weights from the shm slots themselves where possible (rollout/cpu_alias.py)."""
         from slime.transport import open_receiver
         from slime.types import WeightChannel
 
@@ -303,7 +307,43 @@ class SlimeWorkerExtension:
         if old is not None:
             old.close()
         self._slime_receiver = open_receiver(WeightChannel(**channel), worker_rank=int(self.rank))
+        self._slime_alias = alias
+        self._slime_alias_plans: dict[str, Any] = {}  # slot file -> AliasPlan
         return str(channel["transport"])
+
+    def _slime_try_alias(self, manifest: Any, model: torch.nn.Module) -> dict[str, Any] | None:
+        """Bind the model to the manifest's slot (rollout/cpu_alias.py); None when this load must take
+        vLLM's reload (not asked, not an shm slot, or a model the aliases cannot cover: the reason is
+        logged once and the engine keeps reloading). Once bound, a slot that cannot be bound raises."""
+        from rollout.cpu_alias import plan_aliases
+        from slime.transport import ShmReceiver
+
+        receiver = getattr(self, "_slime_receiver", None)
+        if not getattr(self, "_slime_alias", False) or not isinstance(receiver, ShmReceiver):
+            return None
+        t0 = time.perf_counter()
+        plans = self._slime_alias_plans
+        plan = plans.get(manifest.slot)
+        if plan is None:
+            plan = plan_aliases(model, dict(receiver.receive(manifest)))
+            if isinstance(plan, str):
+                if plans:
+                    raise RuntimeError(f"rollout.weight_alias: slot {manifest.slot} cannot be bound: {plan}")
+                logger.warning("rollout.weight_alias: vLLM's reload instead: %s", plan)
+                self._slime_alias = False
+                return None
+            plans[manifest.slot] = plan
+        plan.apply()
+        seconds = time.perf_counter() - t0
+        return {
+            "seconds": seconds,
+            "receive_s": 0.0,
+            "reload_s": seconds,
+            "refresh_s": 0.0,
+            "num_tensors": len(manifest.tensors),
+            "refreshed": [],
+            "aliased": True,
+        }
 
     def slime_load_weights(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Load one version (a `WeightManifest` as a dict) into the running model, in place: safetensors
@@ -319,10 +359,14 @@ class SlimeWorkerExtension:
         from slime.types import WeightManifest
 
         t0 = time.perf_counter()
-        tensors = manifest_tensors(WeightManifest(**manifest), getattr(self, "_slime_receiver", None))
+        wanted = WeightManifest(**manifest)
+        model = self.model_runner.get_model()
+        aliased = self._slime_try_alias(wanted, model)
+        if aliased is not None:
+            return aliased
+        tensors = manifest_tensors(wanted, getattr(self, "_slime_receiver", None))
         t_received = time.perf_counter()
         counter = [0]
-        model = self.model_runner.get_model()
         # Worker.reload_weights sets the current vLLM config around the model runner's reload.
         with _no_unused_embedding_prepack(model):
             self.reload_weights(weights_iterator=_counted(tensors, counter), is_checkpoint_format=True)

@@ -319,6 +319,7 @@ def make_engine(
         "work_dir": work_dir,
         "num_threads": cfg.threads_per_worker,
         "capture_routes": capture_routes,
+        "weight_alias": cfg.weight_alias,
     }
     if cfg.engine == "vllm":
         from rollout.engine import VLLMEngine

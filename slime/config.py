@@ -347,6 +347,11 @@ class RolloutConfig:
     max_model_len: int = opt(2048, "engine context length")
     kv_cache_gib: float = opt(1.0, "vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
     enforce_eager: bool = opt(True, "skip torch.compile (faster start, ~20% slower decode on CPU)")
+    weight_alias: bool = opt(
+        False,
+        "vLLM on CPU with shm pushes: the engine's weights are views of the trainer's shared-memory slot, "
+        "so a push copies and repacks nothing in the engine (linear layers then use torch's GEMM)",
+    )
     num_cpus_per_worker: float = opt(1.0, "Ray CPU resources per worker")
     threads_per_worker: int = opt(
         0,
@@ -391,6 +396,11 @@ class RolloutConfig:
             "max_restarts",
         )
         _require(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(
+            not self.weight_alias or (self.engine == "vllm" and self.enforce_eager),
+            "rollout.weight_alias=true needs rollout.engine=vllm and rollout.enforce_eager=true (a compiled "
+            "graph may keep the weights it was traced with)",
+        )
         _require(
             self.max_tokens_per_turn < self.max_total_tokens,
             f"rollout.max_tokens_per_turn ({self.max_tokens_per_turn}) must be smaller than "

@@ -2,7 +2,8 @@
 
 Both transports carry a *flat buffer*: every tensor of a version (checkpoint names and layout, see
 `slime.weights`) at a fixed, 64-byte aligned offset of one contiguous byte array, listed in the
-manifest's `tensors` as (name, dtype, shape, offset). The layout is planned on the first publish and
+manifest's `tensors` as (name, dtype, shape, offset); the q/k/v and gate/up weights of one module lie
+back to back, as an engine fuses them (`plan_layout`). The layout is planned on the first publish and
 kept: every later version is copied into memory that is already allocated and touched, with no
 serialisation (one copy per tensor, plus a cast where the export dtype differs).
 
@@ -95,30 +96,61 @@ def _nbytes(dtype: str, shape: Sequence[int]) -> int:
     return n
 
 
+# Sibling modules whose weights an inference engine fuses into one parameter (vLLM's qkv_proj and
+# gate_up_proj of Llama-family models), in the fused order: laid out back to back.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fusion_key(name: str) -> tuple[str, int, str] | None:
+    """(parent module, fusion group, attribute) of a fused-group member's tensor name, else None."""
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None
+    for i, group in enumerate(FUSED):
+        if parts[-2] in group:
+            return (".".join(parts[:-2]), i, parts[-1])
+    return None
+
+
 def plan_layout(
     tensors: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
 ) -> list[TensorEntry]:
-    """The flat-buffer layout of `tensors`, in their order, each at an ALIGN-byte aligned offset;
-    floating-point tensors are stored as `dtype` when given."""
-    entries: list[TensorEntry] = []
-    offset = 0
-    seen: set[str] = set()
+    """The flat-buffer layout of `tensors`: entries in their order (the order versions arrive in),
+    floating-point tensors stored as `dtype` when given. Each tensor starts at an ALIGN-byte aligned
+    offset, except that the members of a `FUSED` group of one module (same dtype) follow each other
+    in the group's order with no gap, so an engine can use them as its fused parameter in place
+    (rollout/cpu_alias.py)."""
+    stored: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, t in tensors:
-        if name in seen:
+        if name in stored:
             raise ValueError(f"weight {name!r} appears twice in one version")
-        seen.add(name)
-        stored = str(dtype if dtype is not None and t.is_floating_point() else t.dtype).removeprefix("torch.")
-        entries.append((name, stored, tuple(int(d) for d in t.shape), offset))
-        offset += -(-_nbytes(stored, t.shape) // ALIGN) * ALIGN
-    return entries
+        kind = str(dtype if dtype is not None and t.is_floating_point() else t.dtype).removeprefix("torch.")
+        stored[name] = (kind, tuple(int(d) for d in t.shape))
+    groups: dict[tuple[str, int, str], list[str]] = {}
+    for name in stored:
+        key = _fusion_key(name)
+        if key is not None:
+            groups.setdefault(key, []).append(name)
+    offsets: dict[str, int] = {}
+    offset = 0
+    for name in stored:  # units (a tensor, or a whole fused group) in order of first appearance
+        if name in offsets:
+            continue
+        key = _fusion_key(name)
+        unit = [name]
+        if key is not None and len({stored[m][0] for m in groups[key]}) == 1:
+            order = FUSED[key[1]]
+            unit = sorted(groups[key], key=lambda m: order.index(m.split(".")[-2]))
+        for member in unit:
+            offsets[member] = offset
+            offset += _nbytes(*stored[member])
+        offset = -(-offset // ALIGN) * ALIGN
+    return [(name, kind, shape, offsets[name]) for name, (kind, shape) in stored.items()]
 
 
 def layout_bytes(entries: Sequence[TensorEntry]) -> int:
-    """The size of the flat buffer a layout needs (its last tensor's end)."""
-    if not entries:
-        return 0
-    _, dtype, shape, offset = entries[-1]
-    return int(offset) + _nbytes(dtype, shape)
+    """The size of the flat buffer a layout needs (the end of its furthest tensor)."""
+    return max((int(offset) + _nbytes(dtype, shape) for _, dtype, shape, offset in entries), default=0)
 
 
 def flat_views(buf: torch.Tensor, entries: Sequence[TensorEntry]) -> list[tuple[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ from slime.config import (
     Engine,
     RoutingReplay,
     SlimeConfig,
+    Transport,
     _require,
 )
 from slime.model_facts import AUTOEP_PRESETS, model_num_experts, model_type_of
@@ -62,6 +63,11 @@ def validate(cfg: SlimeConfig) -> None:
         "> 0); set weights.backend=auto or gloo",
     )
     _check_lora(cfg)
+    _require(
+        not cfg.rollout.weight_alias or cfg.weights.transport != Transport.broadcast,
+        "rollout.weight_alias=true serves the weights from the trainer's shm slot; set weights.transport=shm "
+        "or auto (broadcast engines receive into their own buffer and reload)",
+    )
     # Actors that ask for more CPUs than a local cluster has wait forever to be scheduled.
     if not cfg.ray.address and cfg.ray.num_cpus:
         workers = 0 if cfg.buffer.replay_path else cfg.rollout.num_workers

@@ -278,6 +278,19 @@ def test_validate_checks_choices_of_configs_built_in_python():
         (["logger.sample_every=2", "logger.num_samples=0"], ["logger.num_samples"]),
         (["algorithm.lam=1.5"], ["algorithm.lam"]),
         (["env=openai_agent", "env.agent="], ["env.agent"]),
+        # weight aliases: a vLLM engine in eager mode, reading the trainer's shm slot
+        (
+            ["rollout.weight_alias=true", "rollout.enforce_eager=false"],
+            ["rollout.weight_alias", "rollout.enforce_eager"],
+        ),
+        (
+            ["rollout.weight_alias=true", "rollout.engine=transformers"],
+            ["rollout.weight_alias", "rollout.engine"],
+        ),
+        (
+            ["rollout.weight_alias=true", "weights.transport=broadcast"],
+            ["rollout.weight_alias", "weights.transport"],
+        ),
     ],
 )
 def test_combinations_that_cannot_make_progress_are_rejected(overrides, keys):

@@ -121,6 +121,43 @@ def test_slots_alternate_and_round_trip_exactly(tmp_path: Path) -> None:
     assert not any((tmp_path / "trainer").iterdir())  # the slot files go with the sender
 
 
+def test_layout_puts_fused_siblings_back_to_back() -> None:
+    """q/k/v and gate/up of one module (arriving in name order, 13-element rows: no natural alignment)
+    lie back to back in the engine's fused order; every other tensor starts aligned; the entries keep
+    the arrival order (streaming writes rely on it) and no two tensors overlap."""
+    from slime.transport import ALIGN, layout_bytes, plan_layout
+
+    def t(rows: int) -> torch.Tensor:
+        return torch.zeros(rows, 13)
+
+    attn = "model.layers.0.self_attn."
+    mlp = "model.layers.0.mlp."
+    names = [
+        f"{mlp}down_proj.weight",
+        f"{mlp}gate_proj.weight",
+        f"{mlp}up_proj.weight",
+        f"{attn}k_proj.weight",
+        f"{attn}o_proj.weight",
+        f"{attn}q_proj.weight",
+        f"{attn}v_proj.weight",
+    ]
+    rows = {"down": 3, "gate": 5, "up": 5, "k": 2, "o": 4, "q": 4, "v": 2}
+    tensors = [(n, t(rows[n.rsplit(".", 2)[-2].split("_")[0]])) for n in names]
+    entries = plan_layout(tensors)
+    assert [e[0] for e in entries] == names
+    at = {name: (offset, offset + 4 * 13 * shape[0]) for name, _, shape, offset in entries}
+    assert at[f"{attn}q_proj.weight"][1] == at[f"{attn}k_proj.weight"][0]
+    assert at[f"{attn}k_proj.weight"][1] == at[f"{attn}v_proj.weight"][0]
+    assert at[f"{mlp}gate_proj.weight"][1] == at[f"{mlp}up_proj.weight"][0]
+    starts = [
+        at[n][0] for n in names if n.rsplit(".", 2)[-2] in ("down_proj", "gate_proj", "o_proj", "q_proj")
+    ]
+    assert all(s % ALIGN == 0 for s in starts)
+    spans = sorted(at.values())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert layout_bytes(entries) == spans[-1][1]
+
+
 def test_slots_cast_floating_point_tensors_on_the_way_in(tmp_path: Path) -> None:
     sender = ShmSender(str(tmp_path), timeout_s=30)
     try:
@@ -331,17 +368,75 @@ async def push_both_ways(eng, model_dir: str, tokenizer, tmp_path: Path) -> list
 
 async def test_moe_in_vllm_both_transports(tiny_moe_dir, tokenizer, tmp_path) -> None:
     """Per-expert checkpoint names; the CPU experts are repacked after each push (stale packed
-    experts would give errors of ~0.04)."""
+    experts would give errors of ~0.04). Asked for weight aliases, the MoE engine keeps vLLM's
+    reload (rollout/cpu_alias.py covers dense layers only)."""
     from rollout.engine import VLLMEngine
 
     eng = VLLMEngine(
-        tiny_moe_dir, dtype="float32", kv_cache_gib=1, work_dir=str(tmp_path / "moe"), num_threads=1
+        tiny_moe_dir,
+        dtype="float32",
+        kv_cache_gib=1,
+        work_dir=str(tmp_path / "moe"),
+        num_threads=1,
+        weight_alias=True,
     )
     await eng.start()
     try:
         updates = await push_both_ways(eng, tiny_moe_dir, tokenizer, tmp_path)
         assert all(len(u["refreshed"]) == 2 for u in updates)  # one fused-experts layer per decoder layer
+        assert not any(u["aliased"] for u in updates)
     finally:
+        await eng.shutdown()
+
+
+async def test_weight_alias_serves_each_version_from_its_slot(tiny_dense_dir, tokenizer, tmp_path) -> None:
+    """rollout.weight_alias: the engine's parameters become views of the trainer's shm slot. Three
+    versions go through the two alternating slots; after each, the engine's logprobs are that
+    version's, with no reload (`aliased`); writing the next version into the other slot leaves the
+    served one alone (checked before the engine loads it), and the engine holds no copy of its own."""
+    from rollout.engine import VLLMEngine
+
+    eng = VLLMEngine(
+        tiny_dense_dir,
+        dtype="float32",
+        kv_cache_gib=1,
+        work_dir=str(tmp_path / "dense"),
+        num_threads=1,
+        weight_alias=True,
+    )
+    prompts = [tokenizer.encode(f"Question {i}: what is {i} plus {i + 1}?") for i in range(3)]
+    sender = ShmSender(str(tmp_path / "shm"), timeout_s=60)
+    await eng.start()
+
+    async def errors(model, version: int) -> float:
+        outs = await asyncio.gather(*[eng.generate(p, SamplingParams(max_tokens=12)) for p in prompts])
+        assert all(o.versions == [version] * 12 for o in outs)
+        return max(max_error(model, p, o) for p, o in zip(prompts, outs, strict=True))
+
+    try:
+        await eng.open_weights(sender.channel)
+        models = {v: perturbed(tiny_dense_dir, seed=v) for v in (1, 2, 3)}
+        slots = set()
+        for version, model in models.items():
+            manifest = sender.publish(iter(checkpoint_tensors(model).items()), version)
+            slots.add(manifest.slot)
+            if version > 1:  # the new version is written, not loaded: the engine still serves the last
+                assert await errors(models[version - 1], version - 1) < TOL_MAX
+            await eng.update_weights(manifest)
+            assert eng.last_update["aliased"], eng.last_update
+            assert await errors(model, version) < TOL_MAX
+        assert len(slots) == 2
+        # The served weights are the slot's memory: a write into the slot shows in the engine.
+        (sums,) = await eng.collective_rpc("slime_param_checksums", ["model.norm.weight"])
+        views = dict(ShmReceiver(sender.channel.weights_dir).receive(manifest))
+        assert sums["model.norm.weight"] == pytest.approx(float(views["model.norm.weight"].sum()), rel=1e-6)
+        views["model.norm.weight"].add_(1.0)
+        (moved,) = await eng.collective_rpc("slime_param_checksums", ["model.norm.weight"])
+        assert moved["model.norm.weight"] == pytest.approx(
+            sums["model.norm.weight"] + views["model.norm.weight"].numel(), rel=1e-5
+        )
+    finally:
+        sender.close()
         await eng.shutdown()
 
 
