@@ -79,8 +79,11 @@ def inverted_run(tmp_path_factory, ray_cluster) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def sync_run(tmp_path_factory, ray_cluster) -> list[dict[str, Any]]:
+    """Synchronous, with the engine serving its weights from the trainer's slots (rollout.weight_alias;
+    the learning runs take vLLM's reload)."""
     run_dir = tmp_path_factory.mktemp("sync")
-    return api.run(TINY + [f"trainer.steps={SYNC_STEPS}", "buffer.max_staleness=0"], run_dir=str(run_dir))
+    overrides = [f"trainer.steps={SYNC_STEPS}", "buffer.max_staleness=0", "rollout.weight_alias=true"]
+    return api.run(TINY + overrides, run_dir=str(run_dir))
 
 
 @pytest.mark.slow
@@ -149,6 +152,11 @@ def test_last_checkpoint_loads_in_transformers(learning_run):
 def test_sync_mode_is_on_policy(sync_run):
     assert [r["staleness/max"] for r in sync_run] == [0.0] * SYNC_STEPS
     assert all(r["buffer/dropped_stale"] == 0 for r in sync_run)
+    # The engine sampled with the weights the trainer scores with: kernel noise only (~1e-3 here; an
+    # engine one lr-5e-2 step behind is 0.7-1.8 off, as the asynchronous runs measure).
+    assert max(r["mismatch/logprob_abs"] for r in sync_run) < 0.02, [
+        r["mismatch/logprob_abs"] for r in sync_run
+    ]
 
 
 @pytest.mark.slow
