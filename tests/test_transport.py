@@ -366,20 +366,20 @@ async def push_both_ways(eng, model_dir: str, tokenizer, tmp_path: Path) -> list
     return updates
 
 
+def aliasing_engine(model_dir: str, work_dir: Path):
+    """A float32, one-thread vLLM engine asked to serve pushed weights from the shm slot."""
+    from rollout.engine import VLLMEngine
+
+    return VLLMEngine(
+        model_dir, dtype="float32", kv_cache_gib=1, work_dir=str(work_dir), num_threads=1, weight_alias=True
+    )
+
+
 async def test_moe_in_vllm_both_transports(tiny_moe_dir, tokenizer, tmp_path) -> None:
     """Per-expert checkpoint names; the CPU experts are repacked after each push (stale packed
     experts would give errors of ~0.04). Asked for weight aliases, the MoE engine keeps vLLM's
     reload (rollout/cpu_alias.py covers dense layers only)."""
-    from rollout.engine import VLLMEngine
-
-    eng = VLLMEngine(
-        tiny_moe_dir,
-        dtype="float32",
-        kv_cache_gib=1,
-        work_dir=str(tmp_path / "moe"),
-        num_threads=1,
-        weight_alias=True,
-    )
+    eng = aliasing_engine(tiny_moe_dir, tmp_path / "moe")
     await eng.start()
     try:
         updates = await push_both_ways(eng, tiny_moe_dir, tokenizer, tmp_path)
@@ -394,16 +394,7 @@ async def test_weight_alias_serves_each_version_from_its_slot(tiny_dense_dir, to
     versions go through the two alternating slots; after each, the engine's logprobs are that
     version's, with no reload (`aliased`); writing the next version into the other slot leaves the
     served one alone (checked before the engine loads it), and the engine holds no copy of its own."""
-    from rollout.engine import VLLMEngine
-
-    eng = VLLMEngine(
-        tiny_dense_dir,
-        dtype="float32",
-        kv_cache_gib=1,
-        work_dir=str(tmp_path / "dense"),
-        num_threads=1,
-        weight_alias=True,
-    )
+    eng = aliasing_engine(tiny_dense_dir, tmp_path / "dense")
     prompts = [tokenizer.encode(f"Question {i}: what is {i} plus {i + 1}?") for i in range(3)]
     sender = ShmSender(str(tmp_path / "shm"), timeout_s=60)
     await eng.start()
