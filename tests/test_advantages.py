@@ -81,6 +81,19 @@ def test_small_groups() -> None:
         sequence_advantages(single, _cfg(advantage="ppo"))
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_a_group_of_equal_rewards_gets_exactly_zero(estimator: str) -> None:
+    """0.1 or 0.9 seven times has a float32 mean an ulp off the value; GRPO's division by (std ~ 1 ulp
+    + eps) turned that into a systematic advantage of about +-0.06 for every trajectory of a group that
+    carries no signal. Exactly 0 now, for every estimator, next to a group with signal (which the
+    trainer then trains alone)."""
+    rewards = torch.tensor([[0.1] * 7, [0.9] * 7, [0.0, 1.0, 0.5, 0.2, 0.3, 0.4, 0.6]])
+    assert (rewards[:2] - rewards[:2].mean(dim=1, keepdim=True)).ne(0).all()  # the rounding guarded against
+    adv = sequence_advantages(rewards, _cfg(advantage=estimator, normalize_adv_std=True))
+    assert adv[:2].eq(0).all(), adv
+    assert adv[2].ne(0).all()
+
+
 def test_gae_advantage_is_not_sequence_level() -> None:
     with pytest.raises(ValueError, match="gae"):
         sequence_advantages(REWARDS, _cfg(advantage="gae"))

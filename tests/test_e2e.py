@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from slime import api
+from slime.config import AlgorithmConfig
+from trainer.advantages import sequence_advantages
 
 TINY = ["+experiment=tiny"]
 # The tiny model's takeoff step varies with the asynchronous batch composition: it took off at step 5
@@ -24,6 +27,11 @@ TINY = ["+experiment=tiny"]
 LEARN_STEPS = 30
 SYNC_STEPS = 6
 BATCH_GROUPS = 4  # trainer.batch_groups of +experiment=tiny
+# The runs whose trainer idle time is compared train every sequence: with the zero-advantage skip
+# (the default), a solved batch (every group of one reward) trains nothing, so the asynchronous run's
+# trainer idles on the engine once the model has learned, whatever the overlap. The skip changes no
+# update (tests/test_trainer.py); the inverted and replay runs keep it on.
+ALL_TRAINED = ["trainer.skip_zero_advantage=false"]
 
 CONTRACT_KEYS = [
     "step",
@@ -61,7 +69,12 @@ def _first_last(xs: list[float], k: int = 4) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def learning_run(tmp_path_factory, ray_cluster) -> tuple[Path, list[dict[str, Any]]]:
     run_dir = tmp_path_factory.mktemp("learn")
-    overrides = [f"trainer.steps={LEARN_STEPS}", "buffer.max_staleness=1", "logger.mode=offline"]
+    overrides = [
+        f"trainer.steps={LEARN_STEPS}",
+        "buffer.max_staleness=1",
+        "logger.mode=offline",
+        *ALL_TRAINED,
+    ]
     return run_dir, api.run(TINY + overrides, run_dir=str(run_dir))
 
 
@@ -82,7 +95,12 @@ def sync_run(tmp_path_factory, ray_cluster) -> list[dict[str, Any]]:
     """Synchronous, with the engine serving its weights from the trainer's slots (rollout.weight_alias;
     the learning runs take vLLM's reload)."""
     run_dir = tmp_path_factory.mktemp("sync")
-    overrides = [f"trainer.steps={SYNC_STEPS}", "buffer.max_staleness=0", "rollout.weight_alias=true"]
+    overrides = [
+        f"trainer.steps={SYNC_STEPS}",
+        "buffer.max_staleness=0",
+        "rollout.weight_alias=true",
+        *ALL_TRAINED,
+    ]
     return api.run(TINY + overrides, run_dir=str(run_dir))
 
 
@@ -180,6 +198,17 @@ def test_replay_trains_on_the_recorded_groups_alone(learning_run, tmp_path, ray_
         assert row["response/len_mean"] == pytest.approx(_mean([sum(t["loss_mask"]) for t in trajs])), k
         assert row["train/sequences"] == len(trajs)
         assert row["train/loss_tokens"] == sum(sum(t["loss_mask"]) for t in trajs)
+        # The trainer (a Ray actor) left out exactly the trajectories whose GRPO advantage is 0.
+        grpo = AlgorithmConfig(name="grpo")
+        zero = sum(
+            int(
+                (
+                    sequence_advantages(torch.tensor([[t["reward"] for t in g["trajectories"]]]), grpo) == 0
+                ).sum()
+            )
+            for g in batch
+        )
+        assert row["train/skipped_sequences"] == zero, k
         assert row["perf/rollout_tokens_per_s"] == 0.0
     # The first recorded groups were sampled by the initial weights, which the replaying trainer starts
     # from: it scores exactly the recorded tokens with the recorded logprobs (fp32: ~1e-6).

@@ -62,7 +62,11 @@ def sequence_advantages(rewards: Tensor, cfg: AlgorithmConfig) -> Tensor:
         raise ValueError(f"rewards must be [G, n], got shape {tuple(rewards.shape)}")
     r = rewards.double() if rewards.dtype == torch.float64 else rewards.float()
     n = r.shape[1]
-    centred = r - r.mean(dim=1, keepdim=True)  # [G, n]
+    # A group of equal rewards is centred to exactly 0: its float mean can be one ulp off the value
+    # (0.1 repeated 3 times), and the std division (std ~ 1 ulp, + eps) would blow that up to a
+    # systematic advantage of ~0.06 for every trajectory of a group that carries no signal.
+    flat = (r == r[:, :1]).all(dim=1, keepdim=True)  # [G, 1]
+    centred = torch.where(flat, 0.0, r - r.mean(dim=1, keepdim=True))  # [G, n]
     kind = cfg.advantage
     if kind == "grpo":
         if cfg.normalize_adv_std:
