@@ -447,7 +447,9 @@ class TrainerConfig:
         False, "trade compute for activation memory (needs share_prefix=false)"
     )
     share_prefix: bool = opt(
-        True, "run the prompt prefix a micro-batch's rows share once (ZeRO 0-2; skipped under ZeRO-3)"
+        True,
+        "run tokens that a micro-batch's rows share once (packed: every group's prompt; padded: the "
+        "rows' common prefix); ZeRO 0-2, skipped under ZeRO-3",
     )
     pack: bool = opt(
         True,

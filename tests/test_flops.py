@@ -10,7 +10,8 @@ import torch
 from conftest import make_group, make_trajectory
 
 from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from trainer.flops import ModelFlops, forward_flops, measure_peak_flops, model_flops
+from trainer import packing
+from trainer.flops import ModelFlops, forward_flops, measure_peak_flops, model_flops, packed_flops
 
 MODEL_CFG = ModelConfig(name="tiny", source="random", dtype="float32")
 
@@ -38,6 +39,13 @@ def test_forward_flops_by_hand() -> None:
     # A shared prefix of 2 runs once: body 8 - 2; logits 0 + 2 plus the prefix forward's one;
     # pairs: prefix 3, then (6 - 3) + (15 - 3) for the rows' own queries.
     assert forward_flops(m, [3, 5], start=2, prefix=2) == 2 * 10 * 6 + 2 * 100 * 3 + 4 * 2 * 4 * 18
+    # Packed as a prefix tree, the same rows sharing their first 2 tokens: body 2 + 1 + 3 = 6 tokens,
+    # logits of the kept positions (1 of row 0, 1..3 of row 1: 4, position 1 shared but kept per
+    # row), pairs 3 (the shared node) + (1 + 2) + (6 + 3 x 2).
+    rows = torch.tensor([[7, 8, 9, 0, 0], [7, 8, 4, 5, 6]])
+    pk = packing.pack(rows, torch.tensor([3, 5]), start=1, share=True)
+    assert pk.input_ids.shape[1] == 6 and pk.attention_pairs == 3 + 3 + 12
+    assert packed_flops(m, pk) == 2 * 10 * 6 + 2 * 100 * 4 + 4 * 2 * 4 * 18
     # Per trained token: 6 x (10 + 100) + 12 x 2 x 4 x (9 + 1) / 2.
     assert m.train_flops_per_token(9) == 660 + 480
 
@@ -80,8 +88,15 @@ def test_step_mfu_counts_every_forward(pack: bool, tiny_dense_dir: str, in_proce
         for mb in (w_.mb for mini in plan for w_ in mini):
             if mb.dummy:
                 continue
-            p = mb.shared_prefix if mb.input_ids.shape[0] >= 2 else 0
-            expected += (3 + 1 + 1) * forward_flops(w.model_flops, mb.lengths.tolist(), mb.start, p)
+            if pack and mb.input_ids.shape[0] >= 2:  # a prefix tree: the whole prompt once
+                once = packed_flops(
+                    w.model_flops, pk := packing.pack(mb.input_ids, mb.lengths, mb.start, share=True)
+                )
+                assert pk.shared_tokens >= mb.shared_prefix * (mb.input_ids.shape[0] - 1)
+            else:
+                p = mb.shared_prefix if mb.input_ids.shape[0] >= 2 else 0
+                once = forward_flops(w.model_flops, mb.lengths.tolist(), mb.start, p)
+            expected += (3 + 1 + 1) * once
         assert w.forward.flops_done == pytest.approx(expected, rel=1e-12)
         mfu = expected / (metrics["time/train_s"] * w.peak_flops)
         assert metrics["perf/mfu"] == pytest.approx(mfu, rel=1e-9) and 0 < metrics["perf/mfu"] < 1

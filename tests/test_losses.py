@@ -15,6 +15,7 @@ from trainer.losses import (
     entropy_from_logits,
     kl_estimate,
     policy_loss,
+    token_logprobs_and_entropy,
     token_logprobs_from_logits,
     value_loss,
 )
@@ -442,6 +443,34 @@ def test_token_logprobs_gradcheck_and_chunking(monkeypatch: pytest.MonkeyPatch, 
     torch.testing.assert_close(out, ref.detach())
     out.sum().backward()
     assert sliced.grad is not None and (sliced.grad[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_entropy_in_one_pass(monkeypatch: pytest.MonkeyPatch, temperature: float) -> None:
+    """The fused pass gives what the two functions give apart (hand rows with -inf and huge logits,
+    random chunked ones), and the same logprob gradient; its entropy carries no gradient."""
+    _close(
+        token_logprobs_and_entropy(
+            torch.tensor([[[0.0, LN3, -INF, -INF], [1000.0, 1000.0, -1000.0, -INF]]]), torch.tensor([[1, 0]])
+        )[1],
+        [[0.5623351, 0.6931472]],
+    )
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 12)  # V = 5 -> two rows per chunk
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randn(2, 6, 5, generator=gen, dtype=torch.float64) * 4
+    full[0, 2, 3] = -INF
+    targets = torch.randint(0, 3, (2, 5), generator=gen)
+    a = full[:, :-1].clone().requires_grad_(True)
+    b = full[:, :-1].clone().requires_grad_(True)
+    lp, ent = token_logprobs_and_entropy(a, targets, temperature)
+    torch.testing.assert_close(ent, entropy_from_logits(full[:, :-1], temperature))
+    ref = token_logprobs_from_logits(b, targets, temperature)
+    torch.testing.assert_close(lp, ref)
+    w = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    (lp * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert not ent.requires_grad
 
 
 def test_token_logprobs_low_precision_upcast() -> None:

@@ -67,12 +67,82 @@ def test_pack_after_a_shared_prefix() -> None:
         pack(ids, torch.tensor([4, 10, 7]), first=3, start=2)
 
 
+def test_prefix_tree_layout_by_hand() -> None:
+    """Rows sharing a system prompt, two of them a question too, one reply the prefix of another's,
+    one row a duplicate: every token the rows share is packed once, above what continues it."""
+    rows = [
+        [1, 2, 3, 4],  # system [1, 2], question [3], reply [4]
+        [1, 2, 3, 5, 6],  # the same question, reply [5, 6]
+        [1, 2, 7],  # another question
+        [1, 2, 3, 4],  # row 0 again
+        [1, 2, 3, 5, 6, 8],  # row 1 continued
+    ]
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.tensor([r + [0] * (6 - len(r)) for r in rows])
+    pk = pack(ids, lengths, start=1, share=True)
+    # Depth first, rows in order: [1, 2] | [3] | [4] | [5, 6] | [8] | [7]
+    assert pk.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 8, 7]]
+    assert pk.position_ids.tolist() == [[0, 1, 2, 3, 3, 4, 5, 2]]
+    assert pk.cu_seqlens.tolist() == [0, 2, 3, 4, 6, 7, 8]
+    context = [None if c is None else c.tolist() for c in pk.context]
+    assert context == [None, [0, 1], [0, 1, 2], [0, 1, 2], [0, 1, 2, 4, 5], [0, 1]]
+    assert pk.shared_tokens == int(lengths.sum()) - 8
+    assert pk.index.tolist() == [
+        [0, 1, 2, 3, -1, -1],
+        [0, 1, 2, 4, 5, -1],
+        [0, 1, 7, -1, -1, -1],
+        [0, 1, 2, 3, -1, -1],
+        [0, 1, 2, 4, 5, 6],
+    ]
+    # Kept positions 1..n-2 of every row, shared ones once per row.
+    assert pk.keep.tolist() == [1, 2, 1, 2, 4, 1, 1, 2, 1, 2, 4, 5]
+    assert pk.keep_rows.tolist() == [0, 0, 1, 1, 1, 2, 3, 3, 4, 4, 4, 4]
+    # Pairs: [1, 2] 3; [3] 1 + 2; [4] 1 + 3; [5, 6] 3 + 2 x 3; [8] 1 + 5; [7] 1 + 2.
+    assert pk.attention_pairs == 3 + 3 + 4 + 9 + 6 + 3
+    # Values of the packed tokens go back to every place they stand for.
+    into = torch.zeros_like(ids)
+    pk.put_tokens(pk.tokens(ids), into)
+    assert torch.equal(into, torch.where(pk.index >= 0, ids, 0))
+    # Without sharing: each row its own segment, as in the flat layout.
+    flat = pack(ids, lengths, start=1)
+    assert flat.cu_seqlens.tolist() == [0, 4, 9, 12, 16, 22] and flat.shared_tokens == 0
+    assert all(c is None for c in flat.context)
+
+
 def test_to_rows_carries_the_gradient() -> None:
     pk = pack(torch.ones(2, 5, dtype=torch.long), torch.tensor([5, 3]), first=0, start=0)
     values = torch.randn(1, len(pk.keep), 3, requires_grad=True)
     weights = torch.randn(2, 4, 3)
     (pk.to_rows(values) * weights).sum().backward()
     assert torch.equal(values.grad[0], weights[pk.keep_rows, pk.keep_cols])
+
+
+def test_balance_tokens_keeps_families_together() -> None:
+    # Families 0 and 2 share a 10-token prompt, item 1 is alone; 2 bins of at most 3 items. Costs:
+    # family 1: 30; family 0: 10 + 3 + 2 + 1 = 16; family 2: 10 + 4 + 2 = 16 (a tie, broken by the
+    # index of each family's longest item: 3 before 4). Item 1 onto bin 0, family 0 onto bin 1
+    # (now full), family 2 onto bin 0.
+    lengths = [12, 30, 11, 13, 14, 12]
+    assert balance_tokens(lengths, 2, [0, 1, 0, 0, 2, 2], shared=[10, 0, 10]) == [[1, 4, 5], [0, 2, 3]]
+    # A family larger than a bin splits, the rest going on to the next lightest bin.
+    assert balance_tokens([5] * 5, 2, [0] * 5, shared=[4]) == [[0, 1, 2], [3, 4]]
+    # One family per item: the plain assignment.
+    assert balance_tokens([5, 100, 3], 2, [0, 1, 2], shared=[0, 0, 0]) == balance_tokens([5, 100, 3], 2)
+
+
+def test_micro_batches_keep_a_prompt_together_when_sharing() -> None:
+    from trainer.batching import flatten_groups, make_micro_batches
+
+    replies = {1: (3, 30, 5, 9), 2: (40, 2, 2, 2)}
+    groups = [
+        make_group([make_trajectory([g] * 20, [7] * n) for n in replies[g]], task_id=str(g)) for g in (1, 2)
+    ]
+    refs = flatten_groups(groups)
+    plain = make_micro_batches(refs, 2, pad_id=0, by_tokens=True)
+    shared = make_micro_batches(refs, 2, pad_id=0, by_tokens=True, share=True)
+    assert sorted(sorted(mb.seq_index.tolist()) for mb in shared) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert all(mb.shared_prefix == 19 for mb in shared)  # the prompt up to the first kept column
+    assert any(mb.shared_prefix == 0 for mb in plain)  # balanced by tokens, the groups mixed
 
 
 def test_balance_tokens_by_hand() -> None:
@@ -203,6 +273,41 @@ def test_packed_matches_padded(name: str, share: bool, tiny_dense_dir: str, tiny
         total, _ = micro_step_loss(logits, w, algo, 1.0, 0.0, 1.0, StepMetrics(), layout)
         losses.append(float(total.detach()))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_prefix_tree_matches_padded(name: str, tiny_dense_dir: str, tiny_moe_dir: str) -> None:
+    """Two groups under one system prompt, a reply repeated and a reply that is the start of another:
+    the prefix-tree forward (each shared token once) gives the padded forward's logprobs and
+    gradients, with fewer tokens through the model."""
+    from trainer.batching import flatten_groups, make_micro_batches
+    from trainer.forward import Forward
+
+    model = _model(tiny_dense_dir if name == "dense" else tiny_moe_dir)
+    rng = random.Random(3)
+    system = [rng.randrange(100, 4000) for _ in range(9)]
+    groups = []
+    for g in range(2):
+        prompt = system + [rng.randrange(100, 4000) for _ in range(4 + g)]
+        replies = [[rng.randrange(100, 4000) for _ in range(n)] for n in (6, 25, 3)]
+        replies += [replies[0], replies[1] + [rng.randrange(100, 4000) for _ in range(5)]]
+        trajs = [
+            make_trajectory(prompt, r, reward=float(i % 2), task_id=str(g)) for i, r in enumerate(replies)
+        ]
+        groups.append(make_group(trajs, task_id=str(g)))
+    mb = make_micro_batches(flatten_groups(groups), 1, pad_id=0)[0]
+    tree, padded = Forward(share_prefix=True, pack=True), Forward(share_prefix=False, pack=False)
+    (lp_tree, g_tree), (lp_pad, g_pad) = _grads(model, tree, mb), _grads(model, padded, mb)
+    assert tree.packed_forwards == 1 and tree.shared_prefix_forwards == 1
+    real = mb.loss_mask > 0
+    torch.testing.assert_close(lp_tree[real], lp_pad[real], rtol=0, atol=2e-6)
+    assert set(g_tree) == set(g_pad)
+    for n in g_pad:
+        assert (g_tree[n] - g_pad[n]).abs().max() <= 1e-5 * g_pad[n].abs().max() + 1e-9, n
+    # Shared: the system prompt once, each group's question once, the repeated replies once.
+    pk = pack(mb.input_ids, mb.lengths, mb.start, share=True)
+    # 10 rows: the system prompt saves 9 x 9; questions 4 x 4 and 5 x 4; replies (6 + 25) x 2.
+    assert pk.shared_tokens == 9 * 9 + 4 * 4 + 5 * 4 + 2 * (6 + 25)
 
 
 @pytest.mark.parametrize("mode", ["rollout", "old"])

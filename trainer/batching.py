@@ -241,6 +241,7 @@ def make_micro_batches(
     filler: SeqRef | None = None,
     trim: bool = True,
     by_tokens: bool = False,
+    share: bool = False,
 ) -> list[MicroBatch]:
     """Exactly `num_micro` micro-batches covering `seqs`, each padded to its own longest sequence
     (and, with `trim`, without leading loss-free prediction columns: see `trim_leading`).
@@ -248,7 +249,8 @@ def make_micro_batches(
     Sorting by length first puts sequences of similar length together, so padding stays small.
     `by_tokens` (for packed forwards, which compute no padding) balances the micro-batches' token
     counts instead (`trainer.packing.balance_tokens`; rows in input order), for the same number of
-    sequences at most per micro-batch. With `trim`, `shared_prefix` is set too (see `common_prefix`).
+    sequences at most per micro-batch; with `share` (a packed forward that runs shared tokens once),
+    sequences with the same prompt stay in one micro-batch where they fit and count their prompt once. With `trim`, `shared_prefix` is set too (see `common_prefix`).
     Chunks are as even as possible; a chunk left empty (fewer sequences than micro-batches) becomes a
     dummy micro-batch built from `filler` (default: the first sequence), so that every data-parallel
     rank runs the same number of forward/backward passes. With no sequences at all and no filler,
@@ -257,7 +259,15 @@ def make_micro_batches(
     ordered = sorted(seqs, key=lambda s: len(s.traj.token_ids)) if sort_by_length else list(seqs)
     fill = filler if filler is not None else (ordered[0] if ordered else None)
     if by_tokens:
-        bins = balance_tokens([len(s.traj.token_ids) for s in seqs], num_micro)
+        lengths = [len(s.traj.token_ids) for s in seqs]
+        families, shared = None, []
+        if share:
+            ids: dict[tuple[int, ...], int] = {}
+            families = [ids.setdefault(tuple(s.traj.token_ids[: s.traj.prompt_len]), len(ids)) for s in seqs]
+            shared = [0] * len(ids)
+            for s, f in zip(seqs, families, strict=True):
+                shared[f] = min(s.traj.prompt_len, len(s.traj.token_ids) - 1)
+        bins = balance_tokens(lengths, num_micro, families, shared)
         chunks = [[seqs[i] for i in b] for b in bins]
     else:
         chunks = split_even(ordered, num_micro)

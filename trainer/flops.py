@@ -12,7 +12,7 @@ Counting (FLOPs = 2 per multiply-add; the usual 6N rule with an attention term):
 
 `forward_flops` counts what the trainer's forward of a micro-batch needs, whatever it executes: real
 tokens only (padding is waste, not model work), the shared prefix once, logits of the kept columns
-only. MFU = those FLOPs over the step's seconds, over the peak matmul FLOP/s measured on the same
+only (`packed_flops`: a packed forward's tokens, a token that several rows share once). MFU = those FLOPs over the step's seconds, over the peak matmul FLOP/s measured on the same
 device, dtype and threads at start-up (`measure_peak_flops`): a measured peak, not a datasheet's.
 """
 
@@ -77,6 +77,16 @@ def forward_flops(m: ModelFlops, lengths: Sequence[int], start: int, prefix: int
     shared = prefix * (prefix + 1) // 2
     pairs = shared + sum(n * (n + 1) // 2 - shared for n in lengths)
     return 2.0 * (m.body_params * body + m.head_params * logits) + 4.0 * m.layers * m.attn_width * pairs
+
+
+def packed_flops(m: ModelFlops, pk: Any) -> float:
+    """FLOPs of one packed forward (`trainer.packing.Packed` `pk`): every packed token through the
+    body once (a token several rows share counts once), logits at its kept positions, attention over
+    its segments' (query, key) pairs."""
+    tokens = int(pk.input_ids.shape[1])
+    return 2.0 * (m.body_params * tokens + m.head_params * int(pk.keep.numel())) + (
+        4.0 * m.layers * m.attn_width * pk.attention_pairs
+    )
 
 
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, budget_s: float = 0.3) -> float:

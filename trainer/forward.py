@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.batching import MicroBatch
-from trainer.flops import ModelFlops, forward_flops
+from trainer.flops import ModelFlops, forward_flops, packed_flops
 from trainer.packing import Packed, pack, placeholder_mask, uses_segment_attention
 
 if TYPE_CHECKING:
@@ -54,24 +54,35 @@ class Forward:
         `logits_to_keep` makes the model apply its head to the kept positions only, so the
         vocabulary-sized work skips the trimmed prompt columns (padded: the last L-start positions,
         whose last one predicts past the end and is dropped; packed: exactly the real kept ones).
-        With `share_prefix`, the P = `mb.shared_prefix` leading tokens that every row shares run
+        With `share_prefix`, tokens that several rows have in common run once. Packed (dense
+        policies, or MoE without routing hooks): the rows are packed as a prefix tree in one call
+        (trainer.packing: a group's prompt once, a system prompt all groups share once, the replies
+        after them), so a micro-batch of several groups shares each group's whole prompt. Padded,
+        or with routing hooks: the P = `mb.shared_prefix` leading tokens that every row shares run
         once as a [1, P] forward whose cache (kept in the autograd graph, so the prefix still gets
         its gradient) the rows' suffixes attend to: packed, the suffixes run as one row after it;
-        padded, the cache is repeated for the B rows' [B, L-P] suffix forward. On agentic prompts
-        (a long system prompt and tool list) that prefix is most of the tokens.
+        padded, the cache is repeated for the B rows' [B, L-P] suffix forward (routing replay needs
+        that one prefix call: it may share only positions whose replayed routes agree).
 
         `routing` (MoE policies): each model call is announced to the router hooks (routing replay,
         router losses and statistics; trainer/routing.py); `measure` makes it count for the step's
         router statistics. Under grad mode the router losses keep their graph (`Routing.take_losses`).
         """
         b, length = mb.input_ids.shape
+        packed = self.pack and b >= 2 and uses_segment_attention(model)
+        want_loss = torch.is_grad_enabled()
+        passes = 3 if want_loss else 1
+        if packed and routing is None:
+            pk = pack(mb.input_ids, mb.lengths, mb.start, share=self.share_prefix)
+            if self.flops is not None and not mb.dummy:
+                self.flops_done += passes * packed_flops(self.flops, pk)
+            self.shared_prefix_forwards += int(pk.shared_tokens > 0)
+            self.packed_forwards += 1
+            return packed_logits(model, pk), pk
         p = mb.shared_prefix if self.share_prefix and b >= 2 else 0
         if routing is not None:
             p = routing.shared_prefix(mb, p)  # replayed routes must be shared too
-        packed = self.pack and b >= 2 and uses_segment_attention(model)
-        want_loss = torch.is_grad_enabled()
         if self.flops is not None and not mb.dummy:
-            passes = 3 if want_loss else 1
             self.flops_done += passes * forward_flops(self.flops, mb.lengths.tolist(), mb.start, p)
 
         def announce(view: Any, rows: slice, cols: slice, shared: bool = False) -> Any:
@@ -86,7 +97,7 @@ class Forward:
             cache = head.past_key_values
             self.shared_prefix_forwards += 1
         if packed:
-            pk = pack(mb.input_ids, mb.lengths, first=p, start=mb.start)
+            pk = pack(mb.input_ids, mb.lengths, mb.start, first=p)
             view = PackedRoutes.of(mb, pk) if routing is not None else None
             with announce(view, slice(None), slice(None)):
                 logits = packed_logits(model, pk, cache)
@@ -146,6 +157,7 @@ def packed_logits(model: Any, pk: Packed, prefix_cache: Any = None) -> Tensor:
         position_ids=pk.position_ids,
         attention_mask=placeholder_mask(pk.input_ids.device),
         cu_seq_lens_q=pk.cu_seqlens,
+        slime_segment_context=pk.context,
         past_key_values=prefix_cache,
         use_cache=prefix_cache is not None,
         logits_to_keep=pk.keep,
@@ -164,7 +176,7 @@ def packing_leak(model: Any) -> str | None:
     ids = torch.randint(vocab, (2, 7), generator=gen).to(device)
     lengths = torch.tensor([7, 5])
     with torch.no_grad():
-        packed = packed_logits(model, pack(ids, lengths, first=0, start=0))[0, 6:]  # the second row
+        packed = packed_logits(model, pack(ids, lengths, start=0))[0, 6:]  # the second row
         alone = model(input_ids=ids[1:, :5], use_cache=False).logits[0, :4]
     if packed.shape == alone.shape and torch.allclose(packed.float(), alone.float(), rtol=1e-3, atol=1e-3):
         return None

@@ -353,32 +353,48 @@ def _chunks(shape: torch.Size):
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits / tau)[target], without materialising log_softmax over [B, T, V].
+    """log softmax(logits / tau)[target], without materialising log_softmax over [B, T, V]; with
+    `with_entropy`, also the (non-differentiable) entropy from the same pass over the vocabulary.
 
     Saves only the logits (a reference, no copy), the targets and the logsumexp [B, T]; the backward
     recomputes softmax per chunk: d logp / d z = (onehot(target) - softmax(z / tau)) / tau.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(
+        ctx, logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         cdt = _dtype(logits)
         B, T, _ = logits.shape
         out = torch.empty((B, T), dtype=cdt, device=logits.device)
         lse = torch.empty((B, T), dtype=cdt, device=logits.device)
+        ent = torch.empty((B, T) if with_entropy else (0, 0), dtype=cdt, device=logits.device)
         for b, s, e in _chunks(logits.shape):
             z = logits[b, s:e].to(cdt)  # [n, V], a view when possible; upcast per chunk only
             if temperature != 1.0:
                 z = z / temperature
-            chunk_lse = torch.logsumexp(z, dim=-1)  # [n]
+            if with_entropy:
+                # One pass for both: shift by the max, exponentiate once. H = log S - E_p[z - max]
+                # with S = sum exp(z - max); p == 0 where z == -inf, whose 0 * -inf nansum skips.
+                top = z.amax(dim=-1, keepdim=True)  # [n, 1]
+                shifted = z - top
+                ex = shifted.exp()
+                total = ex.sum(dim=-1)  # [n]
+                log_total = total.log()
+                ent[b, s:e] = log_total - (ex * shifted).nansum(dim=-1) / total
+                chunk_lse = log_total + top.squeeze(-1)
+            else:
+                chunk_lse = torch.logsumexp(z, dim=-1)  # [n]
             out[b, s:e] = z.gather(-1, targets[b, s:e, None]).squeeze(-1) - chunk_lse
             lse[b, s:e] = chunk_lse
         ctx.save_for_backward(logits, targets, lse)
         ctx.temperature = temperature
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor, _grad_ent: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         logits, targets, lse = ctx.saved_tensors
         tau = ctx.temperature
         cdt = lse.dtype
@@ -393,7 +409,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if tau != 1.0:
                 d.div_(tau)
             grad[b, s:e] = d.to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
 def token_logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
@@ -423,7 +439,24 @@ def token_logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: flo
         raise ValueError(
             f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)}, {tuple(targets.shape)}"
         )
-    return _TokenLogprobs.apply(logits, targets.long(), float(temperature))
+    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), False)[0]
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """`token_logprobs_from_logits` (differentiable) and `entropy_from_logits` (detached) from one
+    pass over the vocabulary, for an entropy that is only reported: one exp instead of three.
+
+    Args and shapes as `token_logprobs_from_logits`; returns ([B, T] logprobs, [B, T] entropies).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)}, {tuple(targets.shape)}"
+        )
+    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), True)
 
 
 class _Entropy(torch.autograd.Function):

@@ -58,6 +58,7 @@ from trainer.losses import (
     entropy_from_logits,
     kl_estimate,
     policy_loss,
+    token_logprobs_and_entropy,
     token_logprobs_from_logits,
 )
 from trainer.packing import Packed
@@ -350,7 +351,11 @@ def micro_step_loss(
     n_tok = float(mb.num_loss_tokens)
     rows = (lambda x: x) if layout is None else layout.to_rows
     targets = mb.targets if layout is None else layout.kept(mb.targets)
-    lp = rows(token_logprobs_from_logits(logits, targets, temperature))  # [B, T] float32
+    if algo.entropy_coef > 0:
+        lp = rows(token_logprobs_from_logits(logits, targets, temperature))  # [B, T] float32
+        ent = rows(entropy_from_logits(logits, temperature))  # [B, T], with grad for the bonus
+    else:  # the entropy is only reported: from the logprobs' pass over the vocabulary
+        lp, ent = (rows(x) for x in token_logprobs_and_entropy(logits, targets, temperature))
     if w.prox is None:
         # Single update per batch: the proximal policy is the current one (same weights).
         w.prox = lp.detach()
@@ -358,11 +363,7 @@ def micro_step_loss(
     loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm)
     total = loss
     if algo.entropy_coef > 0:
-        ent = rows(entropy_from_logits(logits, temperature))  # [B, T], with grad for the bonus
         total = total - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.loss_agg, loss_norm)
-    else:
-        with torch.no_grad():
-            ent = rows(entropy_from_logits(logits.detach(), temperature))
     if w.ref is not None:
         kl_tok = kl_estimate(lp, w.ref, algo.kl_estimator)  # [B, T]
         if algo.kl_mode == "loss":

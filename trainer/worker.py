@@ -336,7 +336,13 @@ class TrainerWorker:
         plan = []
         for mini, n in zip(minis, counts, strict=True):
             mbs = make_micro_batches(
-                mini, n, self.pad_id, max_len=self.max_positions, filler=refs[0], by_tokens=self.forward.pack
+                mini,
+                n,
+                self.pad_id,
+                max_len=self.max_positions,
+                filler=refs[0],
+                by_tokens=self.forward.pack,
+                share=self.forward.share_prefix,
             )
             plan.append([obj.Scored(mb=to_device(mb, self.device)) for mb in mbs])
         return plan, skipped
