@@ -122,7 +122,7 @@ def test_tiny_run_prints_the_table(tmp_path) -> None:
     for name in vs_trl.FRAMEWORKS:
         assert any(line.startswith(name) for line in table.splitlines()), table
     assert "completions/s slime-async / trl" in table
-    assert "overlap: sync phases" in table
+    assert "overlap: sync phases" in table and "overlap: each sync phase had every core" in table
     assert "left out of the trainer's forward and backward" in table
     assert "same prompts in the same order: yes" in table
     assert (tmp_path / "reward.png").stat().st_size > 0
