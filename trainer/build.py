@@ -2,7 +2,7 @@
 
 Decisions:
 
-- Optimizer: a `torch.optim.AdamW` instance handed to `deepspeed.initialize`
+- Optimizer: a fused `torch.optim.AdamW` instance handed to `deepspeed.initialize`
   (`zero_allow_untested_optimizer`), never an "optimizer" block in the DeepSpeed config, which would
   JIT-compile DeepSpeed's CPU Adam on first use (docs/benchmarks.md has the cost).
 - Precision: `trainer.dtype=bfloat16` uses DeepSpeed's bf16 mode (bf16 weights and compute, fp32
