@@ -250,7 +250,8 @@ def make_micro_batches(
     `by_tokens` (for packed forwards, which compute no padding) balances the micro-batches' token
     counts instead (`trainer.packing.balance_tokens`; rows in input order), for the same number of
     sequences at most per micro-batch; with `share` (a packed forward that runs shared tokens once),
-    sequences with the same prompt stay in one micro-batch where they fit and count their prompt once. With `trim`, `shared_prefix` is set too (see `common_prefix`).
+    sequences with the same prompt stay in one micro-batch where they fit and count their prompt once.
+    With `trim`, `shared_prefix` is set too (see `common_prefix`).
     Chunks are as even as possible; a chunk left empty (fewer sequences than micro-batches) becomes a
     dummy micro-batch built from `filler` (default: the first sequence), so that every data-parallel
     rank runs the same number of forward/backward passes. With no sequences at all and no filler,

@@ -12,7 +12,8 @@ Counting (FLOPs = 2 per multiply-add; the usual 6N rule with an attention term):
 
 `forward_flops` counts what the trainer's forward of a micro-batch needs, whatever it executes: real
 tokens only (padding is waste, not model work), the shared prefix once, logits of the kept columns
-only (`packed_flops`: a packed forward's tokens, a token that several rows share once). MFU = those FLOPs over the step's seconds, over the peak matmul FLOP/s measured on the same
+only (`packed_flops`: a packed forward's tokens, a token that several rows share once). MFU = those
+FLOPs over the step's seconds, over the peak matmul FLOP/s measured on the same
 device, dtype and threads at start-up (`measure_peak_flops`): a measured peak, not a datasheet's.
 """
 

@@ -431,15 +431,20 @@ def token_logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: flo
         [B, T] float32 logprobs (float64 for float64 logits), differentiable w.r.t. logits
         (first order).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.dim() == 2:
         return token_logprobs_from_logits(logits[None], targets[None], temperature)[0]
+    _check_logprob_args(logits, targets, temperature)
+    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), False)[0]
+
+
+def _check_logprob_args(logits: Tensor, targets: Tensor, temperature: float) -> None:
+    """ValueError unless temperature > 0, logits are [B, T, V] and targets [B, T]."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(
             f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)}, {tuple(targets.shape)}"
         )
-    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), False)[0]
 
 
 def token_logprobs_and_entropy(
@@ -450,12 +455,7 @@ def token_logprobs_and_entropy(
 
     Args and shapes as `token_logprobs_from_logits`; returns ([B, T] logprobs, [B, T] entropies).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)}, {tuple(targets.shape)}"
-        )
+    _check_logprob_args(logits, targets, temperature)
     return _TokenLogprobs.apply(logits, targets.long(), float(temperature), True)
 
 

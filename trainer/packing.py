@@ -26,7 +26,8 @@ layout of trainer.batching (`to_rows`), per-token inputs of that layout go into 
 
 `balance_tokens` assigns sequences to micro-batches by tokens, not by count: a packed micro-batch
 costs its token count, not B x its longest row; with families (sequences of one prompt) it keeps a
-family in one micro-batch where it fits, so the prefix tree can share its prompt. Ranks are already balanced by tokens
+family in one micro-batch where it fits, so the prefix tree can share its prompt. Ranks are already
+balanced by tokens
 (`trainer.batching.shard_groups`).
 
 Tensors in, tensors out (no model, no DeepSpeed); unit-tested in tests/test_packing.py.
