@@ -16,8 +16,8 @@ def config_model_dir(config: str, cache_dir: str) -> str:
     into `cache_dir` on first use)."""
     from omegaconf import OmegaConf
 
-    from slime.config import ModelConfig
-    from slime.models import resolve_model
+    from slime.core.config import ModelConfig
+    from slime.core.model import resolve_model
 
     path = os.path.join(REPO, "configs", "model", f"{config}.yaml")
     cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
@@ -47,7 +47,7 @@ def trainer_worker(
 ) -> Any:
     """A `TrainerWorker` (not set up yet) on `model_dir` with `--micro-batch` and `--threads`, GRPO,
     seed 0; LoRA adapters of rank `lora_rank` when > 0, else every weight trains."""
-    from slime.config import AlgorithmConfig, LoraConfig, ModelConfig, TrainerConfig
+    from slime.core.config import AlgorithmConfig, LoraConfig, ModelConfig, TrainerConfig
     from trainer.worker import TrainerSpec, TrainerWorker
 
     tcfg = TrainerConfig(

@@ -33,8 +33,8 @@ from benchmarks.common import config_model_dir
 
 
 def _model_dir(num_experts: int, cache_dir: str) -> str:
-    from slime.config import ModelConfig
-    from slime.models import resolve_model
+    from slime.core.config import ModelConfig
+    from slime.core.model import resolve_model
 
     cfg = ModelConfig(
         name=f"bench-moe-{num_experts}",
@@ -60,7 +60,7 @@ def _model_dir(num_experts: int, cache_dir: str) -> str:
 def _groups(seed: int, num_groups: int = 8, n: int = 4, length: int = 96) -> list[Any]:
     import random
 
-    from slime.types import Group, Task, Trajectory
+    from slime.core.types import Group, Task, Trajectory
 
     rng = random.Random(seed)
     groups = []
@@ -85,7 +85,7 @@ def _groups(seed: int, num_groups: int = 8, n: int = 4, length: int = 96) -> lis
 
 
 async def _ep_one(model_dir: str, ep: int, steps: int) -> dict[str, Any]:
-    from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
     from trainer.ranks import TrainerRanks
     from trainer.worker import TrainerSpec
 
@@ -166,8 +166,8 @@ async def push(cache_dir: str, reps: int, work: str) -> dict[str, Any]:
     import torch
 
     from rollout.engine import VLLMEngine
-    from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-    from slime.weights import read_weights
+    from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from slime.core.transport import read_weights
     from trainer.ranks import TrainerRanks
     from trainer.worker import TrainerSpec
 

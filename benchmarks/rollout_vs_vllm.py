@@ -51,8 +51,8 @@ def calculator_setup(model_dir: str, groups: int, seed: int) -> tuple[Any, list,
     """The agentic experiment's calculator env: (env factory, tasks, chat format, rollout config)."""
     from envs.calculator import CalculatorEnv
     from rollout.chat import ChatFormat
-    from slime.config import RolloutConfig
-    from slime.models import load_tokenizer
+    from slime.core.config import RolloutConfig
+    from slime.core.model import load_tokenizer
 
     tasks = CalculatorEnv.make_tasks(groups, seed, digits=1, num_ops=1)
     cfg = RolloutConfig(temperature=0.7, max_turns=2, max_tokens_per_turn=64)
@@ -147,7 +147,7 @@ class Recorder:
 async def run_episodes(engine: Any, setup: tuple, group_size: int) -> tuple[int, float, list[list]]:
     """(tokens generated, seconds, the requests made, by turn) of all groups run at once."""
     from rollout.episode import run_group
-    from slime.types import SamplingParams
+    from slime.core.types import SamplingParams
 
     factory, tasks, chat, cfg = setup
     sampling = SamplingParams(
@@ -179,7 +179,7 @@ async def update_batch(
 ) -> dict[str, float]:
     """One batch with an update (kv "keep" | "recompute") when request 0 is halfway, or none (kv None)."""
     from benchmarks.engine_probe import forward_tokens
-    from slime.types import SamplingParams
+    from slime.core.types import SamplingParams
 
     sampling = SamplingParams(max_tokens=tokens, temperature=1.0)
     before = await forward_tokens(engine)
@@ -216,8 +216,9 @@ async def measure(args: argparse.Namespace, model_dir: str, work: str) -> tuple[
     from transformers import AutoModelForCausalLM
 
     from rollout.engine import VLLMEngine
-    from slime.types import SamplingParams
-    from slime.weights import checkpoint_tensors, write_weights
+    from slime.core.checkpoint import checkpoint_tensors
+    from slime.core.transport import write_weights
+    from slime.core.types import SamplingParams
 
     setup = calculator_setup(model_dir, args.groups, args.seed)
     factory, tasks, chat, _ = setup

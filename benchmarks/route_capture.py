@@ -23,7 +23,7 @@ from benchmarks.common import config_model_dir
 
 
 async def _round(engine, prompts: list[list[int]], max_tokens: int, seed: int) -> tuple[float, int]:
-    from slime.types import SamplingParams
+    from slime.core.types import SamplingParams
 
     t0 = time.perf_counter()
     outs = await asyncio.gather(
@@ -40,7 +40,7 @@ async def _round(engine, prompts: list[list[int]], max_tokens: int, seed: int) -
 
 async def main(args: argparse.Namespace) -> None:
     from rollout.engine import VLLMEngine
-    from slime.models import load_tokenizer
+    from slime.core.model import load_tokenizer
 
     model_dir = config_model_dir(args.model, os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime"))
     tok = load_tokenizer(model_dir)

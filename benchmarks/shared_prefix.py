@@ -24,8 +24,8 @@ from benchmarks.common import resolve_model_dir, trainer_parser, trainer_worker
 def build_groups(model_dir: str, seqs: int, group_size: int, reply_tokens: int, seed: int) -> list:
     from envs.calculator import CalculatorEnv
     from rollout.chat import ChatFormat
-    from slime.models import load_tokenizer
-    from slime.types import Group, Trajectory
+    from slime.core.model import load_tokenizer
+    from slime.core.types import Group, Trajectory
 
     tok = load_tokenizer(model_dir)
     chat = ChatFormat(tok)

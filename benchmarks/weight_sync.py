@@ -5,8 +5,8 @@
 
 A real DeepSpeed trainer rank (in this process, ZeRO-1, float32 master weights) pushes to a real vLLM
 engine on this node, over each way a push can go:
-- files:     today's safetensors path (`slime.weights.write_weights` + the engine reading the files);
-- shm:       weights.transport=shm (a slot in /dev/shm the engine maps; slime/transport.py);
+- files:     today's safetensors path (`slime.core.transport.write_weights` + the engine reading the files);
+- shm:       weights.transport=shm (a slot in /dev/shm the engine maps; slime/core/transport.py);
 - broadcast: weights.transport=broadcast (a gloo group; bytes over loopback TCP here);
 - alias:     shm with rollout.weight_alias (the engine's parameters are views of the slot, its
              linear layers use torch's GEMM: rollout/cpu_alias.py); run last, it changes the engine.
@@ -76,7 +76,7 @@ def _worker_counters(worker: Any) -> tuple[float, int]:
 
 
 def _trainer(model_dir: str, dtype: str, threads: int) -> Any:
-    from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
     from trainer.worker import TrainerSpec, TrainerWorker
 
     tcfg = TrainerConfig(steps=1, micro_batch_size=4, dtype="float32", zero_stage=1, threads_per_rank=threads)
@@ -91,7 +91,7 @@ async def _push(
 ) -> dict[str, float]:
     import cloudpickle
 
-    from slime.weights import write_weights
+    from slime.core.transport import write_weights
 
     counters = cloudpickle.dumps(_worker_counters)
     repack0, engine_faults0 = (await engine.collective_rpc(counters))[0]
@@ -142,7 +142,7 @@ async def _push(
 
 async def decode_rate(engine: Any, reps: int = 2) -> float:
     """Generated tokens per second for 32 concurrent requests of up to 64 new tokens (best of `reps`)."""
-    from slime.types import SamplingParams
+    from slime.core.types import SamplingParams
 
     prompts = [[1 + (7 * i + j) % 500 for j in range(24)] for i in range(32)]
     best = 0.0
@@ -178,7 +178,7 @@ class CopyBaseline:
 
 async def run(model_dir: str, dtype: str, reps: int, threads: int, bucket_mb: int) -> dict[str, Any]:
     from rollout.engine import VLLMEngine
-    from slime.transport import for_engine
+    from slime.core.transport import for_engine
 
     w = _trainer(model_dir, dtype, threads)
     work = tempfile.mkdtemp(prefix="slime-bench-weights-")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from envs.tool_syntax import ToolCall, strip_tool_calls
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 
 @dataclass

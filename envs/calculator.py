@@ -34,7 +34,7 @@ from typing import Any
 from envs.base import Action, Environment, StepResult, ToolCall, function_tool, tool_message
 from envs.math_env import answer_task_messages, answers_match, extract_answer
 from envs.sandbox import PYTHON_TOOL, python_tool
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 CALCULATOR_TOOL = function_tool(
     "calculator",

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from envs.registry import load_env_class
-from slime.config import EnvConfig
-from slime.types import Task
+from slime.core.config import EnvConfig
+from slime.core.types import Task
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

@@ -19,7 +19,7 @@ import random
 from typing import Any
 
 from envs.base import Action, Environment, StepResult
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 MODES = ("raise", "hang", "malformed")
 _STEP_MALFORMED: list[Any] = [

@@ -11,7 +11,7 @@ import random
 import re
 
 from envs.base import Action, Environment, StepResult
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 _INT = re.compile(r"-?\d+")
 

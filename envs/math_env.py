@@ -19,7 +19,7 @@ from fractions import Fraction
 from typing import Any
 
 from envs.base import Action, Environment, StepResult
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from envs.base import Action, Environment, StepResult
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 DEFAULT_TASK_SOURCE = "calculator"
 

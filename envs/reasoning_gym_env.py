@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from envs.base import Action, Environment, StepResult
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 DEFAULT_SYSTEM_PROMPT = (
     "Answer the question. Think briefly if you need to, then give only the final answer between "

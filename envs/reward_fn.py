@@ -49,7 +49,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from envs.base import Action, Environment, StepResult, one_line
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 _FIX = "set env.kwargs.reward=[package.module:function,...] (functions fn(prompts, completions, **columns))"
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from envs.base import Action
 from envs.tool_syntax import TOOLS_SYSTEM_PROMPT, format_tool_calls, parse_tool_calls
-from slime.types import Message
+from slime.core.types import Message
 
 # Base conversation for delta rendering: the assistant turn the delta is appended after.
 _BASE_CONVERSATION: list[Message] = [

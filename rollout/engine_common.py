@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from slime.config import KvAfterUpdate, WeightUpdateMode
+from slime.core.config import KvAfterUpdate, WeightUpdateMode
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ from envs.base import (
 )
 from envs.tool_syntax import CALL_FORMAT_HINT
 from rollout.chat import ChatFormat
-from slime.config import RolloutConfig
-from slime.types import GenerateOutput, RoutedExperts, SamplingParams, Status, Task, Trajectory
+from slime.core.config import RolloutConfig
+from slime.core.types import GenerateOutput, RoutedExperts, SamplingParams, Status, Task, Trajectory
 
 
 class Engine(Protocol):

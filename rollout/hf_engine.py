@@ -17,8 +17,8 @@ Logprobs are of softmax(logits / temperature) before top-p / top-k, the policy t
 a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
 
 Weights: `open_weights(channel)` opens the engine's end of the weight transport in this process
-(slime/transport.py); `update_weights` takes the manifest's tensors through it (or from its safetensors
-files; checkpoint names, see slime.weights) and loads them with
+(slime/core/transport.py); `update_weights` takes the manifest's tensors through it (or from its safetensors
+files; checkpoint names, see slime.core.checkpoint) and loads them with
 `load_state_dict` when the names are the model's own; otherwise (transformers v5 layouts such as fused
 MoE experts) through transformers' checkpoint conversion, as `from_pretrained` does.
 """
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rollout.engine_common import EngineSettings, ProgressTracker, check_kv_after_update, check_update_mode
-from slime.config import KvAfterUpdate, WeightUpdateMode
-from slime.types import GenerateOutput, SamplingParams, WeightChannel, WeightManifest
+from slime.core.config import KvAfterUpdate, WeightUpdateMode
+from slime.core.types import GenerateOutput, SamplingParams, WeightChannel, WeightManifest
 
 logger = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class TransformersEngine:
     async def open_weights(self, channel: WeightChannel) -> None:
         """See `VLLMEngine.open_weights` (the receiver runs in this process; joining a broadcast group
         waits for trainer rank 0 in a thread)."""
-        from slime.transport import open_receiver
+        from slime.core.transport import open_receiver
 
         if self._receiver is not None:
             self._receiver.close()
@@ -451,7 +451,7 @@ class TransformersEngine:
         kv = check_kv_after_update(kv_after_update)
         if self._model is None or self._wake is None:
             raise RuntimeError("engine is not started (call `await engine.start()`)")
-        from slime.transport import manifest_tensors
+        from slime.core.transport import manifest_tensors
 
         assert self._update_lock is not None and self._not_updating is not None
         async with self._update_lock:

@@ -4,7 +4,7 @@
 class into its worker class, so `self` is the vLLM worker (`self.model_runner`, `self.reload_weights`).
 Only plain values cross the RPC boundary (vLLM's msgpack): weight channels and manifests go in as
 dicts, small dicts come out (passing tensors through `collective_rpc` fails on CPU). The weights
-themselves arrive through the worker's own end of the transport (slime/transport.py): a mapped
+themselves arrive through the worker's own end of the transport (slime/core/transport.py): a mapped
 shared-memory slot, or a torch.distributed group it joined.
 
 This module must not import vLLM at import time beyond what the worker already has loaded; it is
@@ -300,8 +300,8 @@ class SlimeWorkerExtension:
         """Open this worker's end of the weight transport (a `WeightChannel` as a dict); a broadcast
         channel blocks until trainer rank 0 accepts it. Replaces the previous one. `alias`: serve the
         weights from the shm slots themselves where possible (rollout/cpu_alias.py)."""
-        from slime.transport import open_receiver
-        from slime.types import WeightChannel
+        from slime.core.transport import open_receiver
+        from slime.core.types import WeightChannel
 
         old = getattr(self, "_slime_receiver", None)
         if old is not None:
@@ -316,7 +316,7 @@ class SlimeWorkerExtension:
         vLLM's reload (not asked, not an shm slot, or a model the aliases cannot cover: the reason is
         logged once and the engine keeps reloading). Once bound, a slot that cannot be bound raises."""
         from rollout.cpu_alias import plan_aliases
-        from slime.transport import ShmReceiver
+        from slime.core.transport import ShmReceiver
 
         receiver = getattr(self, "_slime_receiver", None)
         if not getattr(self, "_slime_alias", False) or not isinstance(receiver, ShmReceiver):
@@ -355,8 +355,8 @@ class SlimeWorkerExtension:
         not in the manifest keep their values. Returns {"seconds", "receive_s", "reload_s", "refresh_s",
         "num_tensors", "refreshed"} for logging.
         """
-        from slime.transport import manifest_tensors
-        from slime.types import WeightManifest
+        from slime.core.transport import manifest_tensors
+        from slime.core.types import WeightManifest
 
         t0 = time.perf_counter()
         wanted = WeightManifest(**manifest)

@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from rollout.engine_common import set_thread_budget
-from slime.config import EnvConfig, ModelConfig, RolloutConfig
-from slime.threads import available_cores, core_claims_dir, engine_threads
-from slime.types import Group, SamplingParams, Task, Trajectory, WeightChannel, WeightManifest
+from slime.core.config import EnvConfig, ModelConfig, RolloutConfig
+from slime.core.cores import available_cores, core_claims_dir, engine_threads
+from slime.core.types import Group, SamplingParams, Task, Trajectory, WeightChannel, WeightManifest
 
 
 class TaskSchedule:
@@ -144,7 +144,7 @@ class RolloutWorker:
         from envs.dataset import load_tasks
         from envs.registry import load_env_class
         from rollout.chat import ChatFormat
-        from slime.models import load_tokenizer
+        from slime.core.model import load_tokenizer
 
         t0 = time.perf_counter()
         self.env_cls = load_env_class(self.env_cfg.name)
@@ -252,7 +252,7 @@ class RolloutWorker:
         await asyncio.gather(*loops)
 
     async def open_weights(self, channel: WeightChannel) -> None:
-        """Open the engine's end of the weight transport (slime/transport.py)."""
+        """Open the engine's end of the weight transport (slime/core/transport.py)."""
         await self.engine.open_weights(channel)
 
     async def update_weights(self, manifest: WeightManifest) -> float:

@@ -12,7 +12,7 @@ import asyncio
 import os
 from typing import Any
 
-from slime.config import SlimeConfig, register_configs
+from slime.core.config import SlimeConfig, register_configs
 
 
 def compose_config(overrides: list[str], run_dir: str) -> SlimeConfig:

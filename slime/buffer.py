@@ -24,8 +24,8 @@ import os
 import time
 from typing import Any
 
-from slime.config import BufferConfig
-from slime.types import Group, Status
+from slime.core.config import BufferConfig
+from slime.core.types import Group, Status
 
 
 class ReplayBuffer:

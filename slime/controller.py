@@ -12,7 +12,7 @@
         |  train_step(batch, version)  -> TrainerRanks (trainer/ranks.py -> trainer/worker.py per rank)
         |  version += 1
         |  export_weights(version) -> rank 0 copies the weights into a shared-memory slot, returns the
-        |      manifest (trainer/export.py, slime/transport.py; weights.transport shm or broadcast)
+        |      manifest (trainer/export.py, slime/core/transport.py; weights.transport shm or broadcast)
         |  update_weights(manifest) on every live worker (engines pause between decoding steps, map or
         |      receive the slot, reload, resume: in-flight episodes keep going, later tokens carry the
         |      new version)
@@ -49,15 +49,15 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from slime.config import SlimeConfig
+from slime.core.config import SlimeConfig
+from slime.core.cores import available_cores, core_claims_dir, engine_threads
 from slime.fleet import RolloutFleet
-from slime.threads import available_cores, core_claims_dir, engine_threads
 
 if TYPE_CHECKING:
-    from slime.config import RayConfig
+    from slime.core.config import RayConfig
     from slime.evaluator import Evaluator
+from slime.core.types import Group
 from slime.metrics import MetricsLogger, StepTimes, step_row, truncate_from_step
-from slime.types import Group
 
 log = logging.getLogger("slime")
 
@@ -96,7 +96,7 @@ def _ray_env(threads: int) -> dict[str, str]:
 
 
 def _with_engine_threads(cfg: SlimeConfig) -> SlimeConfig:
-    """`cfg` with rollout.threads_per_worker resolved (0 = auto follows the mode: slime/config.py)."""
+    """`cfg` with rollout.threads_per_worker resolved (0 = auto follows the mode: slime/core/config.py)."""
     threads = engine_threads(cfg.rollout, cfg.buffer.max_staleness, available_cores(cfg.ray.num_cpus))
     if threads != cfg.rollout.threads_per_worker:
         log.info("rollout.threads_per_worker=auto: %d thread(s) per engine", threads)
@@ -264,7 +264,7 @@ class Controller:
 
     async def _open_weights(self, engine_nodes: list[str | None]) -> None:
         """Choose the weight transport (weights.transport, by Ray node ids) and open both ends."""
-        from slime.transport import choose_backend, choose_transport
+        from slime.core.transport import choose_backend, choose_transport
 
         cfg = self.cfg
         kind = choose_transport(cfg.weights.transport, await self.trainer.node_id(), engine_nodes)
@@ -319,7 +319,7 @@ class Controller:
         if not every or step % every:
             return
         if self._tokenizer is None:
-            from slime.models import load_tokenizer
+            from slime.core.model import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_dir)
         logger.log_samples(step, groups, self._tokenizer.decode)

@@ -16,10 +16,10 @@ import logging
 import time
 from typing import Any
 
-from slime.config import SlimeConfig
+from slime.core.config import SlimeConfig
+from slime.core.types import Task
 from slime.fleet import RolloutFleet
 from slime.metrics import MetricsLogger, eval_metrics
-from slime.types import Task
 
 log = logging.getLogger("slime")
 

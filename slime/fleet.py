@@ -2,7 +2,7 @@
 
     start()            every worker builds its engine (in parallel)
     run(buffer)        one episode loop per worker, each watched by a supervisor task
-    connect_weights()  open every worker's end of the weight transport (slime/transport.py)
+    connect_weights()  open every worker's end of the weight transport (slime/core/transport.py)
     update_weights(m)  push manifest m to every live worker; remembered for restarts
     failure            a future that raises once a worker died more often than allowed
 
@@ -25,10 +25,10 @@ import os
 import time
 from typing import Any, Protocol
 
-from slime.config import SlimeConfig, Transport
-from slime.model_facts import count_experts
-from slime.transport import for_engine
-from slime.types import Group, Task, WeightChannel, WeightManifest
+from slime.core.config import SlimeConfig, Transport
+from slime.core.model import count_experts
+from slime.core.transport import for_engine
+from slime.core.types import Group, Task, WeightChannel, WeightManifest
 
 log = logging.getLogger("slime")
 
@@ -82,7 +82,7 @@ class RolloutFleet:
         self.restarts = [0] * len(self.workers)
         self._live = [True] * len(self.workers)  # False while a worker restarts: no pushes, no stats
         # The remembered manifest stays loadable: the trainer keeps the two newest versions, and a push
-        # replaces this one before the trainer publishes the next (slime/transport.py).
+        # replaces this one before the trainer publishes the next (slime/core/transport.py).
         self._manifest: WeightManifest | None = None
         self._channel: WeightChannel | None = None
         self._source: WeightSource | None = None

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slime.config import LoggerConfig
-from slime.types import Group
+from slime.core.config import LoggerConfig
+from slime.core.types import Group
 
 
 def _mean(xs: list[float]) -> float:

@@ -18,8 +18,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from slime.config import Dtype, SlimeConfig, register_configs
-from slime.validation import validate
+from slime.core.config import Dtype, SlimeConfig, register_configs
+from slime.core.validation import validate
 
 log = logging.getLogger("slime")
 
@@ -31,7 +31,7 @@ def prepare(cfg: SlimeConfig) -> str:
 
     Raises ValueError (or a subclass) with a message that names the key to change.
     """
-    from slime.models import resolve_dtype, resolve_model
+    from slime.core.model import resolve_dtype, resolve_model
 
     validate(cfg)
     # Resolved once here so every actor gets a concrete dtype (set explicitly for mixed clusters).
@@ -76,7 +76,7 @@ def resolve_resume(resume: str, run_dir: str) -> str:
     """`resume=auto`: the latest complete checkpoint of this run dir ("" when there is none yet, so
     the same command starts a run and continues it); `resume=PATH`: that checkpoint, or the latest
     complete one under PATH."""
-    from slime.checkpoint import latest_checkpoint, resolve_checkpoint
+    from slime.core.checkpoint import latest_checkpoint, resolve_checkpoint
 
     if not resume:
         return ""

@@ -30,18 +30,18 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from slime.types import Group, Status, Task, Trajectory
+from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from slime.core.types import Group, Status, Task, Trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = REPO / "configs" / "model"
 
 
 def load_model_config(name: str):
-    """configs/model/<name>.yaml validated into slime.config.ModelConfig."""
+    """configs/model/<name>.yaml validated into slime.core.config.ModelConfig."""
     from omegaconf import OmegaConf
 
-    from slime.config import ModelConfig
+    from slime.core.config import ModelConfig
 
     merged = OmegaConf.merge(
         OmegaConf.structured(ModelConfig), OmegaConf.load(MODEL_CONFIGS / f"{name}.yaml")
@@ -55,7 +55,7 @@ def cache_dir() -> str:
 
 
 def _resolve(name: str, cache_dir: str) -> str:
-    from slime.models import resolve_model
+    from slime.core.model import resolve_model
 
     return resolve_model(load_model_config(name), cache_dir)
 
@@ -77,7 +77,7 @@ def smollm2_dir(cache_dir: str) -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer(cache_dir: str):
-    from slime.models import load_tokenizer, smollm2_tokenizer_dir
+    from slime.core.model import load_tokenizer, smollm2_tokenizer_dir
 
     return load_tokenizer(str(smollm2_tokenizer_dir(cache_dir)))
 
@@ -109,8 +109,8 @@ def ray_cluster() -> Iterator[None]:
     """One local Ray cluster for the whole session (2 CPUs, no dashboard), started as a run starts one."""
     import ray
 
-    from slime.config import RayConfig
     from slime.controller import ray_init_options
+    from slime.core.config import RayConfig
 
     if not ray.is_initialized():
         ray.init(**ray_init_options(RayConfig(num_cpus=2), log_to_driver=False))
@@ -271,7 +271,7 @@ def safetensors_dir(path: str) -> dict:
 async def restore_weights(engine, model_dir: str) -> None:
     """Put the session `engine` back on `model_dir`'s own weights (later tests expect them) at the
     next version."""
-    from slime.types import WeightManifest
+    from slime.core.types import WeightManifest
 
     original = [os.path.join(model_dir, "model.safetensors")]
     await engine.update_weights(WeightManifest(engine.version + 1, original, 0, 0))

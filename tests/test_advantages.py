@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slime.config import AlgorithmConfig
+from slime.core.config import AlgorithmConfig
 from trainer.advantages import (
     Moments,
     broadcast_to_tokens,
@@ -208,7 +208,7 @@ def test_algorithm_yaml_files_map_onto_the_schema() -> None:
 
     from omegaconf import OmegaConf
 
-    from slime.config import CHOICES
+    from slime.core.config import CHOICES
 
     folder = Path(__file__).resolve().parents[1] / "configs" / "algorithm"
     files = sorted(folder.glob("*.yaml"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from rollout.agent.protocol import RequestError, sampling_params
-from slime.config import RolloutConfig
+from slime.core.config import RolloutConfig
 
 CFG = RolloutConfig(temperature=0.7, top_p=1.0, max_tokens_per_turn=32, max_total_tokens=256)
 

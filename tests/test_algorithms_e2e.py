@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from slime import api
-from slime.models import resolve_dtype
+from slime.core.model import resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_group, make_trajectory
 
-from slime.types import Group, Trajectory
+from slime.core.types import Group, Trajectory
 from trainer.batching import (
     collate,
     flatten_groups,
@@ -227,7 +227,7 @@ def test_shared_prefix_stops_at_the_first_difference() -> None:
 def test_collate_routes_pad_and_mark_rows_without_routes_invalid() -> None:
     import numpy as np
 
-    from slime.types import RoutedExperts
+    from slime.core.types import RoutedExperts
 
     # Two MoE layers (decoder layers 1 and 3), top-2; token 2 of `a` has no routes (valid False).
     ids = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2)

@@ -9,8 +9,8 @@ import pytest
 from conftest import make_group, make_trajectory
 
 from slime.buffer import ReplayBuffer, load_recorded_groups
-from slime.config import BufferConfig
-from slime.types import Group, Status, Trajectory
+from slime.core.config import BufferConfig
+from slime.core.types import Group, Status, Trajectory
 
 
 def _traj(version: int, reward: float = 1.0, status: Status = Status.COMPLETED) -> Trajectory:

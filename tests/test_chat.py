@@ -35,7 +35,7 @@ QWEN_LIKE_TEMPLATE = (
 
 @functools.cache
 def _smollm2_tokenizer(cache_dir: str):
-    from slime.models import load_tokenizer, smollm2_tokenizer_dir
+    from slime.core.model import load_tokenizer, smollm2_tokenizer_dir
 
     return load_tokenizer(str(smollm2_tokenizer_dir(cache_dir)))
 

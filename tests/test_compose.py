@@ -17,10 +17,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from envs.registry import BUILTIN_ENVS, ENTRY_POINT_GROUP
-from slime.config import SlimeConfig, register_configs
-from slime.model_facts import model_num_experts
+from slime.core.config import SlimeConfig, register_configs
+from slime.core.model import model_num_experts
+from slime.core.validation import validate
 from slime.train import check_env, to_config
-from slime.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "slime" / "configs"

@@ -21,7 +21,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from slime import config_docs
-from slime.config import (
+from slime.core.config import (
     CHOICES,
     AlgorithmConfig,
     BufferConfig,
@@ -33,8 +33,8 @@ from slime.config import (
     TrainerConfig,
     register_configs,
 )
+from slime.core.validation import validate
 from slime.train import check_env, config_yaml, to_config
-from slime.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -165,7 +165,7 @@ def test_missing_model_package_message(monkeypatch):
 
 
 def test_import_slime_is_light():
-    code = "import sys, slime, slime.config, slime.types, slime.buffer; " + (
+    code = "import sys, slime, slime.core.config, slime.core.types, slime.buffer; " + (
         "print([m for m in ('vllm', 'deepspeed', 'ray') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -343,7 +343,7 @@ def test_expert_parallel_size_is_checked_before_ray(overrides, needle):
 
 
 def test_expert_count_of_a_local_pretrained_checkpoint(tmp_path):
-    from slime.model_facts import model_num_experts
+    from slime.core.model import model_num_experts
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_local_experts": 6}))
     moe = ModelConfig(name="m", source="pretrained", path=str(tmp_path))  # type: ignore[arg-type]

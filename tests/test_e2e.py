@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from slime import api
-from slime.config import AlgorithmConfig
+from slime.core.config import AlgorithmConfig
 from trainer.advantages import sequence_advantages
 
 TINY = ["+experiment=tiny"]

@@ -20,8 +20,9 @@ import sys
 import pytest
 import torch
 
-from slime.types import SamplingParams
-from slime.weights import checkpoint_tensors, read_weights, write_weights
+from slime.core.checkpoint import checkpoint_tensors
+from slime.core.transport import read_weights, write_weights
+from slime.core.types import SamplingParams
 
 TOL_MEAN = 1e-4
 TOL_MAX = 1e-3
@@ -104,7 +105,7 @@ async def progress(engine, request_id: str, n: int = 4) -> None:
 
 def test_import_is_light():
     code = (
-        "import sys, rollout.engine, rollout.hf_engine, slime.weights; "
+        "import sys, rollout.engine, rollout.hf_engine, slime.core.transport; "
         "bad = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )

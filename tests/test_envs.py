@@ -20,8 +20,8 @@ from envs.reasoning_gym_env import ReasoningGymEnv
 from envs.registry import EnvNotFoundError, list_envs, load_env_class
 from envs.sandbox import run_python
 from envs.target import TargetEnv, lowercase_word_fraction
-from slime.config import DatasetConfig, EnvConfig
-from slime.types import Task
+from slime.core.config import DatasetConfig, EnvConfig
+from slime.core.types import Task
 
 BUILTINS = ["calculator", "math", "guess_number", "reasoning_gym", "target", "flaky"]
 

@@ -19,8 +19,8 @@ from envs.flaky import FlakyEnv
 from envs.guess_number import GuessNumberEnv
 from rollout.chat import ChatFormat
 from rollout.episode import run_episode, run_group
-from slime.config import RolloutConfig
-from slime.types import GenerateOutput, SamplingParams, Status, Task, Trajectory
+from slime.core.config import RolloutConfig
+from slime.core.types import GenerateOutput, SamplingParams, Status, Task, Trajectory
 
 SAMPLING = SamplingParams(max_tokens=64, temperature=1.0)
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from ray.exceptions import ActorDiedError
 
+from slime.core.types import WeightManifest
 from slime.fleet import RolloutFleet
-from slime.types import WeightManifest
 
 
 class _Method:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_group, make_trajectory
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
 from trainer import packing
 from trainer.flops import ModelFlops, forward_flops, measure_peak_flops, model_flops, packed_flops
 

@@ -25,8 +25,9 @@ from test_engine import TOL_MAX, TOL_MEAN, hf_logprobs, load_hf, perturbed, prog
 
 from benchmarks.engine_probe import forward_tokens
 from rollout.engine_common import check_kv_after_update
-from slime.types import SamplingParams
-from slime.weights import checkpoint_tensors, write_weights
+from slime.core.checkpoint import checkpoint_tensors
+from slime.core.transport import write_weights
+from slime.core.types import SamplingParams
 
 KV_MODES = ("keep", "recompute")
 

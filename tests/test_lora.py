@@ -26,8 +26,8 @@ from conftest import (
 )
 
 from slime import api
-from slime.config import LoraConfig, ModelConfig
-from slime.validation import validate
+from slime.core.config import LoraConfig, ModelConfig
+from slime.core.validation import validate
 
 LORA = LoraConfig(r=8, alpha=16.0)
 LORA_MODEL = tiny_model_cfg(lora=LORA)
@@ -173,8 +173,8 @@ def test_only_adapters_train_and_the_exports_are_merged(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from slime import checkpoint as ck
-    from slime.weights import read_weights
+    from slime.core import checkpoint as ck
+    from slime.core.transport import read_weights
 
     w = lora_worker(tiny_dense_dir, zero_stage=stage, lr=1e-2)
     try:
@@ -242,7 +242,7 @@ async def test_pushed_adapter_reaches_the_engine(tiny_dense_dir: str, tokenizer,
     TOL away from the base model's; the reference is exactly the base model."""
     from transformers import AutoModelForCausalLM
 
-    from slime.types import SamplingParams
+    from slime.core.types import SamplingParams
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, dtype=torch.float32).eval()
     prompt = tokenizer.encode(PROMPT)
@@ -295,7 +295,7 @@ async def test_pushed_adapter_reaches_the_engine(tiny_dense_dir: str, tokenizer,
     ids=["zero2-gradient-checkpointing", "zero3-ppo-critic", "bf16"],
 )
 def test_supported_combinations_train_the_adapters(kw, tiny_dense_dir: str, tokenizer) -> None:
-    from slime.models import has_native_bf16
+    from slime.core.model import has_native_bf16
 
     if kw.get("dtype") == "bfloat16" and not has_native_bf16(cuda=False):
         pytest.skip("bf16 falls back to fp32 on this CPU")
@@ -325,7 +325,7 @@ def test_two_steps_of_the_real_loop_with_lora(tmp_path, ray_cluster) -> None:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from slime import checkpoint as ck
+    from slime.core import checkpoint as ck
 
     rows = api.run(["+experiment=tiny", "model.lora.r=8", "trainer.steps=2"], run_dir=str(tmp_path))
     assert [r["step"] for r in rows] == [0, 1]

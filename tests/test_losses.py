@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import trainer.losses as losses
-from slime.config import AlgorithmConfig
+from slime.core.config import AlgorithmConfig
 from trainer.losses import (
     aggregate,
     entropy_from_logits,

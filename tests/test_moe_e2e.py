@@ -118,7 +118,7 @@ def test_routing_replay_removes_the_routing_mismatch(dtype, tmp_path, ray_cluste
     """Step 0 of a synchronous glm5_tiny run (engine and trainer on identical weights): without replay
     (the engine's routes still returned and compared), the trainer's routers pick other experts than the engine's wherever precision differs; with
     replay the experts used are the engine's and the logprob mismatch falls. In fp32 both already agree."""
-    from slime.models import has_native_bf16
+    from slime.core.model import has_native_bf16
 
     if dtype == "bfloat16" and not has_native_bf16():
         pytest.skip("this CPU has no native bf16, the engine's reduced precision is fp32 here")

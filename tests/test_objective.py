@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_group, make_trajectory
 
-from slime.config import AlgorithmConfig
-from slime.types import Group, Trajectory
+from slime.core.config import AlgorithmConfig
+from slime.core.types import Group, Trajectory
 from trainer import objective as obj
 from trainer.advantages import Moments, sequence_advantages, whiten
 from trainer.batching import flatten_groups, make_micro_batches

@@ -34,8 +34,8 @@ from rollout.agent.protocol import assistant_message
 from rollout.agent.server import AgentServer
 from rollout.agent.session import CallRecord
 from rollout.chat import ChatFormat
-from slime.config import RolloutConfig
-from slime.types import GenerateOutput, SamplingParams, Status, Task
+from slime.core.config import RolloutConfig
+from slime.core.types import GenerateOutput, SamplingParams, Status, Task
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = RolloutConfig(max_tokens_per_turn=12, max_total_tokens=1024, max_turns=4, agent_timeout_s=60.0)

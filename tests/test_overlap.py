@@ -1,6 +1,6 @@
 """Overlap of generation and training: `perf/overlap_efficiency` (slime/metrics.py), the rollout
 worker's generation clock and core claims (rollout/worker.py), and the automatic thread budgets
-(slime/config.py, trainer/process.py CoreShare). No engine, trainer or Ray: the parts alone."""
+(slime/core/config.py, trainer/process.py CoreShare). No engine, trainer or Ray: the parts alone."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from conftest import make_group, make_trajectory
 
 import rollout.worker as rollout_worker
 from rollout.worker import GenerationClock
-from slime.config import RolloutConfig
+from slime.core.config import RolloutConfig
+from slime.core.cores import available_cores, engine_threads, trainer_threads
 from slime.metrics import StepTimes, overlap_efficiency, step_row
-from slime.threads import available_cores, engine_threads, trainer_threads
 from trainer.process import CoreShare, set_thread_budget
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import make_group, make_trajectory
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
 from trainer.packing import balance_tokens, pack, segment_attention
 
 MODEL_CFG = ModelConfig(name="tiny", source="random", dtype="float32")
@@ -350,7 +350,7 @@ def test_packed_moe_routing_matches_padded(mode: str, tiny_moe_dir: str) -> None
 
 
 def _routes(mb, row: int):
-    from slime.types import RoutedExperts
+    from slime.core.types import RoutedExperts
 
     n = int(mb.lengths[row])
     ids = mb.routes[row, :n].numpy().astype("uint8")

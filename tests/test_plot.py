@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from slime import plot
-from slime.config import LoggerConfig
+from slime.core.config import LoggerConfig
+from slime.core.types import Group, Status, Task, Trajectory
 from slime.metrics import METRIC_SECTIONS, SAMPLE_COLUMNS, MetricsLogger, define_sections
-from slime.types import Group, Status, Task, Trajectory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

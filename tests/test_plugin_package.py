@@ -86,8 +86,8 @@ async def test_plugin_env_runs_in_the_episode_loop(plugin_path: str, monkeypatch
     from envs.registry import load_env_class
     from rollout.chat import ChatFormat
     from rollout.episode import run_group
-    from slime.config import RolloutConfig
-    from slime.types import SamplingParams, Status
+    from slime.core.config import RolloutConfig
+    from slime.core.types import SamplingParams, Status
 
     monkeypatch.syspath_prepend(plugin_path)
     cls = load_env_class("reverse")

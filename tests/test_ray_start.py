@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from slime.config import RayConfig
 from slime.controller import ray_init_options
+from slime.core.config import RayConfig
 
 
 def test_a_local_cluster_runs_its_workers_at_the_configured_niceness() -> None:

@@ -56,7 +56,7 @@ def test_the_docs_show_commands():
 @pytest.mark.parametrize(("doc", "command"), COMMANDS, ids=[f"{d}:{i}" for i, (d, _) in enumerate(COMMANDS)])
 def test_documented_command_validates(doc, command, tmp_path):
     cfg = api.compose_config(overrides_of(command), str(tmp_path))
-    from slime.validation import validate
+    from slime.core.validation import validate
 
     validate(cfg)
     assert check_env(cfg) > 0, (doc, command)

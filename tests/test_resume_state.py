@@ -7,7 +7,7 @@ import asyncio
 from conftest import make_group, make_trajectory
 
 from slime.buffer import ReplayBuffer
-from slime.config import BufferConfig
+from slime.core.config import BufferConfig
 
 
 def _group(ticket: int, version: int = 0):

@@ -21,8 +21,8 @@ from envs.registry import load_env_class
 from envs.reward_fn import RewardFnEnv, load_reward_function
 from rollout.chat import ChatFormat
 from rollout.episode import run_group
-from slime.config import DatasetConfig, EnvConfig, RolloutConfig
-from slime.types import SamplingParams, Status, Task
+from slime.core.config import DatasetConfig, EnvConfig, RolloutConfig
+from slime.core.types import SamplingParams, Status, Task
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_DATA = REPO / "examples" / "reward_fn" / "data.jsonl"

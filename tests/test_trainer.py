@@ -23,7 +23,7 @@ from conftest import (
     trainer_cfg,
 )
 
-from slime.types import Group, Task, Trajectory
+from slime.core.types import Group, Task, Trajectory
 
 MODEL_CFG = tiny_model_cfg()
 
@@ -57,7 +57,7 @@ def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
 
 
 def manifest_shapes(manifest) -> dict[str, tuple[int, ...]]:
-    from slime.weights import read_weights
+    from slime.core.transport import read_weights
 
     return {k: tuple(v.shape) for k, v in read_weights(manifest)}
 
@@ -113,7 +113,7 @@ def test_dense_step_and_export(stage: int, tiny_dense_dir: str, tokenizer, tmp_p
         ref = AutoModelForCausalLM.from_pretrained(tiny_dense_dir).state_dict()
         assert set(shapes) == set(ref) - {"lm_head.weight"}
         assert all(shapes[k] == tuple(ref[k].shape) for k in shapes)
-        from slime.weights import read_weights
+        from slime.core.transport import read_weights
 
         exported = dict(read_weights(manifest))
         assert all(torch.equal(exported[k], after[k]) for k in exported)  # fp32 model: exact
@@ -128,8 +128,8 @@ async def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer
     leaves the weights exactly where the run that never stopped left them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from slime import checkpoint as ck
-    from slime.types import SamplingParams, WeightManifest
+    from slime.core import checkpoint as ck
+    from slime.core.types import SamplingParams, WeightManifest
 
     tcfg = trainer_cfg(zero_stage=3, warmup_steps=4)
     w = new_worker(tiny_dense_dir, tcfg, algo_cfg())
@@ -228,9 +228,9 @@ def test_micro_batching_does_not_change_the_step(tiny_dense_dir: str, tokenizer)
 def test_bf16_path(tiny_dense_dir: str, tokenizer, tmp_path, monkeypatch) -> None:
     """DeepSpeed's bf16 mode (bf16 weights, fp32 master copy) as on AMX CPUs and GPUs; forced here,
     where this CPU only emulates bf16. Exports in model.dtype (bfloat16)."""
-    import slime.models
+    import slime.core.model
 
-    monkeypatch.setattr(slime.models, "has_native_bf16", lambda cuda=None: True)
+    monkeypatch.setattr(slime.core.model, "has_native_bf16", lambda cuda=None: True)
     mcfg = tiny_model_cfg(dtype="bfloat16")
     w = new_worker(tiny_dense_dir, trainer_cfg(dtype="bfloat16"), algo_cfg(), mcfg)
     try:
@@ -238,7 +238,7 @@ def test_bf16_path(tiny_dense_dir: str, tokenizer, tmp_path, monkeypatch) -> Non
         metrics = w.train_step(make_groups(tokenizer, num_groups=1, n=2), version=0)
         assert metrics["grad_norm"] > 0 and metrics["loss/policy"] == metrics["loss/policy"]
         manifest = w.export_weights(1, str(tmp_path), bucket_mb=64)
-        from slime.weights import read_weights
+        from slime.core.transport import read_weights
 
         assert {v.dtype for _, v in read_weights(manifest)} == {torch.bfloat16}
     finally:
@@ -637,7 +637,7 @@ async def test_ranks_two_ranks_match_one_rank(
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
             assert g["is_ratio/max"] == pytest.approx(r["is_ratio/max"], rel=1e-4)
         manifest = await ranks.export_weights(2, str(tmp_path / "w"), bucket_mb=4)
-        from slime.weights import read_weights
+        from slime.core.transport import read_weights
 
         exported = dict(read_weights(manifest))
         assert set(exported) == set(ref_weights)

@@ -1,4 +1,4 @@
-"""Weight transports (slime/transport.py): shm slots and broadcast groups, end to end on real parts.
+"""Weight transports (slime/core/transport.py): shm slots and broadcast groups, end to end on real parts.
 
 - The auto choice and the backend choice (pure functions).
 - Slots: a version round-trips bit-exactly through a slot and through a gloo broadcast; versions
@@ -32,8 +32,9 @@ import torch
 from conftest import algo_cfg, make_groups, new_worker, restore_weights, token_logprobs, trainer_cfg
 from test_engine import perturbed
 
-from slime.config import Transport
-from slime.transport import (
+from slime.core.checkpoint import checkpoint_tensors
+from slime.core.config import Transport
+from slime.core.transport import (
     BroadcastSender,
     ShmReceiver,
     ShmSender,
@@ -42,8 +43,7 @@ from slime.transport import (
     for_engine,
     open_receiver,
 )
-from slime.types import SamplingParams
-from slime.weights import checkpoint_tensors
+from slime.core.types import SamplingParams
 
 TOL_MEAN = 1e-4
 TOL_MAX = 1e-3
@@ -74,7 +74,7 @@ def test_backend_choice() -> None:
 
 def test_nccl_without_gpus_is_rejected_before_start() -> None:
     from slime import api
-    from slime.validation import validate
+    from slime.core.validation import validate
 
     cfg = api.compose_config(["+experiment=tiny", "weights.backend=nccl"], ".")
     with pytest.raises(ValueError, match="weights.backend=nccl needs GPUs"):
@@ -125,7 +125,7 @@ def test_layout_puts_fused_siblings_back_to_back() -> None:
     """q/k/v and gate/up of one module (arriving in name order, 13-element rows: no natural alignment)
     lie back to back in the engine's fused order; every other tensor starts aligned; the entries keep
     the arrival order (streaming writes rely on it) and no two tensors overlap."""
-    from slime.transport import ALIGN, layout_bytes, plan_layout
+    from slime.core.transport import ALIGN, layout_bytes, plan_layout
 
     def t(rows: int) -> torch.Tensor:
         return torch.zeros(rows, 13)
@@ -202,8 +202,8 @@ def test_gloo_broadcast_round_trips_exactly(tmp_path: Path) -> None:
 
 _JOIN_THEN_DIE = """
 import json, os, sys
-from slime.transport import open_receiver
-from slime.types import WeightChannel
+from slime.core.transport import open_receiver
+from slime.core.types import WeightChannel
 receiver = open_receiver(WeightChannel(**json.loads(sys.argv[1])))
 os._exit(3)  # a process that dies with its group open: its socket closes under the sender
 """

@@ -1,4 +1,4 @@
-"""Config validation (slime/config.py) on configs built in Python: every check rejects the first bad
+"""Config validation (slime/core/config.py) on configs built in Python: every check rejects the first bad
 value with its exact message and accepts the boundary value (pure, fast; `make mutants` runs it)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from slime.config import (
+from slime.core.config import (
     AlgorithmConfig,
     EnvArgs,
     EnvConfig,
@@ -17,8 +17,8 @@ from slime.config import (
     SlimeConfig,
     TrainerConfig,
 )
-from slime.model_facts import count_experts, model_num_experts
-from slime.validation import validate
+from slime.core.model import count_experts, model_num_experts
+from slime.core.validation import validate
 
 
 def _config(**overrides: Any) -> SlimeConfig:
@@ -371,7 +371,7 @@ def test_register_configs_stores_the_schemas_with_open_env_kwargs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from slime.config import BufferConfig, LoggerConfig, RolloutConfig, register_configs
+    from slime.core.config import BufferConfig, LoggerConfig, RolloutConfig, register_configs
 
     register_configs()
     cs = ConfigStore.instance()

@@ -15,7 +15,7 @@ from envs.base import Action
 from envs.reward_fn import RewardFnEnv
 from rollout.chat import ChatFormat
 from slime.api import compose_config
-from slime.types import Task
+from slime.core.types import Task
 
 pytest.importorskip("trl")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from slime.config import AlgorithmConfig
+from slime.core.config import AlgorithmConfig
 
 # Added to standard deviations before dividing, so that a group whose rewards do not vary gets
 # advantage 0 instead of nan.

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slime.types import Group, Trajectory
+from slime.core.types import Group, Trajectory
 from trainer.packing import balance_tokens
 
 

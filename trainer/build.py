@@ -7,7 +7,7 @@ Decisions:
   JIT-compile DeepSpeed's CPU Adam on first use (docs/benchmarks.md has the cost).
 - Precision: `trainer.dtype=bfloat16` uses DeepSpeed's bf16 mode (bf16 weights and compute, fp32
   master weights and optimizer state) where the hardware computes bf16 natively
-  (`slime.models.has_native_bf16`); elsewhere it falls back to fp32 with a logged warning, because
+  (`slime.core.model.has_native_bf16`); elsewhere it falls back to fp32 with a logged warning, because
   emulated bf16 matmuls are several times slower than fp32.
 - Gradient accumulation is owned by the trainer (`managed_gradient_accumulation: false`): each
   optimizer step runs a variable number of micro-batches and ends with one `step()`.
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slime.config import ModelConfig, TrainerConfig
+from slime.core.config import ModelConfig, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def resolve_precision(requested: str, use_cuda: bool) -> bool:
     """Whether to train in bf16 for `trainer.dtype=requested` (already resolved from `auto`);
     warns when bf16 falls back to fp32."""
-    from slime.models import has_native_bf16
+    from slime.core.model import has_native_bf16
 
     if requested != "bfloat16":
         return False

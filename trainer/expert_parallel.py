@@ -12,7 +12,7 @@ Decisions:
 
 - The grouped-expert matmul runs as a loop over local experts (`use_grouped_mm: false`): Triton has no
   CPU backend, and torch's `_grouped_mm` is a CUDA op (on GPUs set both back for speed; not run here).
-- Presets: the model's `model_type` picks AutoEP's preset (`slime.model_facts.AUTOEP_PRESETS`); GLM-4.5/GLM-5
+- Presets: the model's `model_type` picks AutoEP's preset (`slime.core.model.AUTOEP_PRESETS`); GLM-4.5/GLM-5
   MoE blocks (`glm4_moe`) use the DeepSeek-V3 preset, the same block (sigmoid scores, correction bias,
   grouped top-k, shared expert, `routed_scaling_factor`).
 - The optimizer is handed over as a factory: AutoEP replaces the expert parameters inside
@@ -21,7 +21,7 @@ Decisions:
 - Weights out: each AutoEP layer's local experts are all-gathered over its expert-parallel group and put
   back into transformers' in-memory layout (`experts.gate_up_proj` [E, 2F, H] = gate (w1) then up (w3),
   `experts.down_proj` [E, H, F] = w2, `gate.weight`, `gate.e_score_correction_bias`), so that the usual
-  conversion (`slime.weights.to_checkpoint_format`) writes ordinary per-expert checkpoint names.
+  conversion (`slime.core.checkpoint.to_checkpoint_format`) writes ordinary per-expert checkpoint names.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slime.config import TrainerConfig
-from slime.model_facts import AUTOEP_PRESETS
+from slime.core.config import TrainerConfig
+from slime.core.model import AUTOEP_PRESETS
 
 
 def autoep_section(cfg: TrainerConfig, model_type: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@ pushes and checkpoints.
 
 Every function here is a collective under ZeRO-3 and expert parallelism (`collective=True`): all ranks
 call it together (rank 0 writes).
-Checkpoint layout: slime/checkpoint.py.
+Checkpoint layout: slime/core/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from slime.types import WeightManifest
+from slime.core.types import WeightManifest
 
 if TYPE_CHECKING:
-    from slime.transport import WeightSender
+    from slime.core.transport import WeightSender
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
@@ -32,14 +32,14 @@ def full_named_tensors(policy: Any, collective: bool, dtype: torch.dtype) -> Ite
     is collective); otherwise each rank reads its local full copies. Parameters are grouped by decoder
     layer, expert-parallel layers are gathered back into transformers' layout
     (`trainer.expert_parallel.to_transformers_layout`), and each group is converted to the checkpoint
-    layout (`slime.weights.to_checkpoint_format`: tied weights dropped, fused MoE experts split back per
+    layout (`slime.core.checkpoint.to_checkpoint_format`: tied weights dropped, fused MoE experts split back per
     expert), so peak extra memory is one layer. A LoRA policy's layers are merged first
     (`trainer.lora.merge`: W + scale * B @ A under the transformers names, out of place), so the
     tensors are always the plain model's, never peft's `base_layer`/`lora_A` names.
     """
     import deepspeed
 
-    from slime.weights import to_checkpoint_format
+    from slime.core.checkpoint import to_checkpoint_format
     from trainer.expert_parallel import autoep_layers, to_transformers_layout
     from trainer.lora import adapted_scales, merge, unwrap
 
@@ -98,9 +98,9 @@ def export_weights(
     sender: WeightSender | None = None,
 ) -> WeightManifest | None:
     """Write the full policy weights (checkpoint names, `dtype`): into rank 0's `sender`'s next slot
-    (slime/transport.py) when it has one, else as versioned safetensors buckets under `out_dir`
-    (`slime.weights.write_weights`). Rank 0 returns the manifest, the others None."""
-    from slime.weights import write_weights
+    (slime/core/transport.py) when it has one, else as versioned safetensors buckets under `out_dir`
+    (`slime.core.transport.write_weights`). Rank 0 returns the manifest, the others None."""
+    from slime.core.transport import write_weights
 
     if sender is not None:
         # Gathered as they are: the copy into the slot casts, one pass instead of a cast copy first.
@@ -133,7 +133,7 @@ def save_checkpoint(
     completion marker `slime_state.json` with `marker` (step, version, ...). Returns ckpt_dir."""
     import torch.distributed as dist
 
-    from slime import checkpoint as ck
+    from slime.core import checkpoint as ck
     from trainer import lora
 
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -194,7 +194,7 @@ def load_checkpoint(policy: Any, critic: Any, ckpt_dir: str) -> tuple[str, dict[
     """Restore weights and optimizer state of the policy (and critic) from a checkpoint written by
     `save_checkpoint`, or from the latest complete one under a directory of checkpoints.
     Returns (the checkpoint's path, its marker, the client state saved with the policy)."""
-    from slime import checkpoint as ck
+    from slime.core import checkpoint as ck
 
     path = ck.resolve_checkpoint(ckpt_dir)
     marker = ck.read_state(path)

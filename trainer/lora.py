@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slime.config import LORA_ALL_LINEAR, LoraConfig
+from slime.core.config import LORA_ALL_LINEAR, LoraConfig
 
 ADAPTER = "default"  # peft's name for the one adapter
 _PREFIX = "base_model.model."  # what PeftModelForCausalLM puts before the transformers names

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from slime.config import AlgorithmConfig
+from slime.core.config import AlgorithmConfig
 
 LOG_RATIO_CLAMP = 20.0
 # Elements of one [rows, V] float32 slab materialised at a time by the logits functions (64 MiB).

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from slime.config import AlgorithmConfig
+from slime.core.config import AlgorithmConfig
 from trainer.advantages import (
     Moments,
     broadcast_to_tokens,

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from slime.config import TrainerConfig
-from slime.threads import available_cores, core_claims_dir, trainer_threads
+from slime.core.config import TrainerConfig
+from slime.core.cores import available_cores, core_claims_dir, trainer_threads
 
 
 def rank_env(trainer_cfg: TrainerConfig, rank: int) -> dict[str, str]:

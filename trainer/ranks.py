@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
-from slime.types import Group, WeightChannel, WeightManifest
+from slime.core.types import Group, WeightChannel, WeightManifest
 from trainer.batching import shard_groups
 from trainer.process import rank_env
 from trainer.worker import TrainerSpec

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from slime.config import AlgorithmConfig, ModelConfig, TrainerConfig
-from slime.transport import WeightSender
-from slime.types import Group, WeightChannel, WeightManifest
+from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from slime.core.transport import WeightSender
+from slime.core.types import Group, WeightChannel, WeightManifest
 from trainer import objective as obj
 from trainer.batching import SeqRef, flatten_groups, make_micro_batches, minibatch_split, num_micro_batches
 from trainer.flops import ModelFlops
@@ -134,7 +134,7 @@ class TrainerWorker:
         """Join the process group at master_addr:master_port (default for one rank: this host, a free
         port) and build the policy (plus reference model and critic when the algorithm needs them).
         Returns facts for the log: precision, parameters, seconds."""
-        from slime.models import load_tokenizer, resolve_dtype
+        from slime.core.model import load_tokenizer, resolve_dtype
         from trainer.build import build_frozen, build_trainable, load_causal_lm, no_dropout, resolve_precision
         from trainer.flops import measure_peak_flops, model_flops
         from trainer.forward import ValueModel
@@ -524,7 +524,7 @@ class TrainerWorker:
     ) -> WeightChannel:
         """Rank 0: open the trainer's end of the weight transport (shm or broadcast); later
         `export_weights` calls publish through it. Returns what engines need to open their end."""
-        from slime.transport import open_sender
+        from slime.core.transport import open_sender
 
         if self.weight_sender is not None:
             self.weight_sender.close()

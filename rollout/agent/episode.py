@@ -52,8 +52,8 @@ from envs.registry import import_object
 from rollout.agent.session import CallRecord
 from rollout.chat import ChatFormat
 from rollout.episode import Engine, failed_trajectory
-from slime.config import RolloutConfig
-from slime.types import RoutedExperts, Status, Task, Trajectory
+from slime.core.config import RolloutConfig
+from slime.core.types import RoutedExperts, Status, Task, Trajectory
 
 if TYPE_CHECKING:  # the server imports FastAPI: loading an agent (slime.train) must not need it
     from rollout.agent.server import AgentServer

@@ -32,8 +32,8 @@ from typing import Any
 from envs.base import check_tools
 from envs.tool_syntax import parse_tool_calls, strip_tool_calls
 from rollout.agent.session import CanonMessage
-from slime.config import RolloutConfig
-from slime.types import SamplingParams
+from slime.core.config import RolloutConfig
+from slime.core.types import SamplingParams
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 # Request options that change what is generated and that this server cannot honour: rejected, not ignored.

@@ -42,8 +42,8 @@ from rollout.agent import prefix, protocol
 from rollout.agent.protocol import RequestError
 from rollout.agent.session import CallRecord, EpisodeSession
 from rollout.chat import ChatFormat
-from slime.config import RolloutConfig
-from slime.types import SamplingParams
+from slime.core.config import RolloutConfig
+from slime.core.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from slime.types import RoutedExperts
+from slime.core.types import RoutedExperts
 
 # Canonical message: (role, content, ((tool name, arguments JSON), ...), tool_call_id, name).
 CanonMessage = tuple[str, str, tuple[tuple[str, str], ...], str, str]

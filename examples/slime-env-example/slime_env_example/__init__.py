@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from envs.base import Action, Environment, StepResult
-from slime.types import Message, Task
+from slime.core.types import Message, Task
 
 
 class ReverseEnv(Environment):

@@ -299,19 +299,19 @@ class GenerateOutput:
 
 @dataclass
 class WeightManifest:
-    """One version of the policy's weights, as the engines find it (checkpoint names, slime/weights.py).
+    """One version of the policy's weights, as the engines find it (checkpoint names, see
+    slime/core/checkpoint.py), written by one of the transports of slime/core/transport.py:
 
-    transport "files": safetensors `files` (slime.weights.write_weights, checkpoint exports);
-    "shm" / "broadcast": a flat buffer laid out as `tensors` (slime/transport.py), in the slot file
-    `slot` of the engine's weights dir (shm) or sent over the engine's group in chunks of
-    `bucket_bytes` (broadcast).
+    "files": safetensors `files` (one per bucket), on a filesystem the engines read;
+    "shm" / "broadcast": a flat buffer laid out as `tensors`, in the slot file `slot` of the engine's
+    weights dir (shm) or sent over the engine's group in chunks of `bucket_bytes` (broadcast).
     """
 
     version: int
-    files: list[str]  # one safetensors file per bucket, transformers parameter names
+    transport: str  # a weights.transport choice other than auto: files | shm | broadcast
     num_bytes: int
     num_tensors: int
-    transport: str = "files"
+    files: list[str] = field(default_factory=list)  # files: absolute paths, in load order
     slot: str = ""  # shm: the slot file's name, relative to the weights dir
     # The flat buffer's layout: (name, dtype, shape, byte offset) per tensor, in load order.
     tensors: list[tuple[str, str, Sequence[int], int]] = field(default_factory=list)
@@ -320,7 +320,7 @@ class WeightManifest:
 
 @dataclass
 class WeightChannel:
-    """How one engine receives pushed weights (slime/transport.py `open_receiver`); sent when it starts.
+    """How one engine receives pushed weights (slime/core/transport.py `open_receiver`); sent when it starts.
 
     shm: the weights dir holding trainer rank 0's slot files (the same path on the same node).
     broadcast: trainer rank 0's TCPStore at host:port, the engine's group `key` of `world` ranks

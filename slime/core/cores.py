@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from slime.config import RolloutConfig
+from slime.core.config import RolloutConfig
 
 
 def available_cores(ray_num_cpus: int = 0) -> int:

@@ -1,33 +1,33 @@
-"""Weight transports: how one version of the policy's weights gets from trainer rank 0 into the engines.
+"""Weight transports: how one version of the policy's weights gets from trainer rank 0 into an engine.
 
-Both transports carry a *flat buffer*: every tensor of a version (checkpoint names and layout, see
-`slime.weights`) at a fixed, 64-byte aligned offset of one contiguous byte array, listed in the
-manifest's `tensors` as (name, dtype, shape, offset); the q/k/v and gate/up weights of one module lie
-back to back, as an engine fuses them (`plan_layout`). The layout is planned on the first publish and
-kept: every later version is copied into memory that is already allocated and touched, with no
-serialisation (one copy per tensor, plus a cast where the export dtype differs).
+These are the strategies of the weight push (slime/weight_push.py owns the push end to end: it
+chooses one, opens both ends, publishes each version and delivers it). Each has a trainer end
+(`WeightSender`, hosted by trainer rank 0, written to by trainer/export.py) and an engine end
+(`WeightReceiver`, in the process that loads the weights: vLLM's worker through
+rollout/engines/vllm_ext.py, or the transformers engine in-process), opened once from the
+`WeightChannel` the sender returns. Names are checkpoint names (slime/core/checkpoint.py).
 
-Trainer rank 0 (`WeightSender`, driven by trainer/export.py and trainer/worker.py):
-- `WeightSlots` holds two flat buffers, files `slot-<token>-<i>.bin` in the weights dir (/dev/shm by
-  default), and writes versions into them alternately. The fleet's remembered manifest (what it loads
-  into a restarted engine) is always one of the two newest versions: pushes are serialised and a push
-  replaces it before the next publish, so a slot is never written while an engine reads it.
-- `ShmSender` (weights.transport=shm): `publish` writes the slot; engines on the same node map the
-  same file. `send` has nothing to do.
-- `BroadcastSender` (weights.transport=broadcast): `publish` writes the slot (kept there for re-sends
-  to restarted engines); `send` broadcasts the slot's bytes in chunks of `trainer.weight_bucket_mb`
-  over one torch.distributed group per engine: trainer rank 0 (group rank 0) and the engine's workers
-  (ranks 1.., one per tensor-parallel worker), gloo on CPU, NCCL on GPUs, set up on a TCPStore that
-  rank 0 hosts. A group per engine, so an engine that restarts joins a group of its own and is sent
-  the last version alone; gloo's broadcast sends from the root to every peer anyway. The groups are
-  standalone process groups beside DeepSpeed's default one.
+- `shm`: `ShmSender.publish` copies the version into the next of two flat buffers in files under the
+  weights dir (/dev/shm by default; slime/core/flat_buffer.py); engines on the same node map the same
+  file (`ShmReceiver`: views of the mapping, no copy before the engine's own load). `send` has
+  nothing to do.
+- `broadcast`: `BroadcastSender.publish` writes the slot the same way (kept there for re-sends to
+  restarted engines); `send` broadcasts its bytes in chunks of `trainer.weight_bucket_mb` over one
+  torch.distributed group per engine: trainer rank 0 (group rank 0) and the engine's workers (ranks
+  1.., one per tensor-parallel worker), gloo on CPU, NCCL on GPUs, set up on a TCPStore that rank 0
+  hosts. A group per engine, so an engine that restarts joins a group of its own and is sent the last
+  version alone; gloo's broadcast sends from the root to every peer anyway. `BroadcastReceiver` joins
+  its group and receives into a flat buffer of its own (allocated once and reused). Nothing but bytes
+  and the layout cross: no file path.
+- `files`: `FilesSender.publish` writes the version as safetensors buckets into
+  `<weights dir>/v<version>/` (`write_weights`, atomically renamed into place; the two newest versions
+  are kept); the manifest lists their paths and `FilesReceiver` memory-maps them (`read_weights`). For
+  engines on nodes that share a filesystem with rank 0 (weights.dir on it), and for tools and tests
+  that hand an engine a version without a trainer.
 
-Engine end (`WeightReceiver`, in the process that loads the weights: vLLM's worker through
-rollout/vllm_ext.py, or the transformers engine in-process), opened once from a `WeightChannel`:
-- `ShmReceiver` maps the slot file named in the manifest, looked up in its own weights dir, once per
-  file, and returns views of it: no copy before the engine's own load.
-- `BroadcastReceiver` joins its group and receives into a flat buffer of its own (allocated once and
-  reused), then returns views of it. Nothing but bytes and the layout cross: no file path.
+The two newest versions stay loadable in every transport: pushes are serialised and the push's
+remembered manifest (what it loads into a restarted engine) is replaced before the trainer publishes
+the next version, so a slot is never written while an engine reads it.
 
 `choose_transport` makes weights.transport=auto's choice from Ray node ids.
 """
@@ -35,31 +35,34 @@ rollout/vllm_ext.py, or the transformers engine in-process), opened once from a 
 from __future__ import annotations
 
 import datetime
+import json
 import os
-import secrets
+import re
+import shutil
 import socket
-from collections.abc import Iterable, Sequence
+import tempfile
+import time
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from slime.config import CommBackend, Transport
-from slime.types import WeightChannel, WeightManifest
+from slime.core.checkpoint import MiB, write_buckets
+from slime.core.config import CommBackend, Transport
+from slime.core.flat_buffer import WeightSlots, _map_file, _nbytes, flat_views, layout_bytes
+from slime.core.types import WeightChannel, WeightManifest
 
 if TYPE_CHECKING:
     import torch
 
-ALIGN = 64  # byte alignment of every tensor in a flat buffer (a cache line; enough for any dtype)
-MiB = 1 << 20
-
-# (name, dtype name, shape, byte offset): one tensor of a flat buffer. Lists, not tuples, after a
-# trip through msgpack or JSON; both are accepted.
-TensorEntry = tuple[str, str, Sequence[int], int]
+_VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
 def choose_transport(setting: str, trainer_node: str | None, engine_nodes: Sequence[str | None]) -> Transport:
     """weights.transport resolved: `auto` is shm when every engine runs on trainer rank 0's Ray node
     (a node id that is None, outside Ray, counts as this node), else broadcast; shm and broadcast are
-    kept. Raises ValueError for shm with an engine on another node (it would find no slot file)."""
+    kept, and so is files. Raises ValueError for shm with an engine on another node (it would find no
+    slot file)."""
     kind = Transport(setting)
     off_node = [i for i, node in enumerate(engine_nodes) if node != trainer_node]
     if kind is Transport.auto:
@@ -77,181 +80,6 @@ def choose_backend(setting: str, trainer_gpus: float, engine_gpus: float) -> str
     if CommBackend(setting) is CommBackend.auto:
         return CommBackend.nccl.value if trainer_gpus > 0 and engine_gpus > 0 else CommBackend.gloo.value
     return CommBackend(setting).value
-
-
-# ------------------------------------------------------------------------------------ flat buffers
-def _dtype(name: str) -> torch.dtype:
-    import torch
-
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown tensor dtype {name!r} in a weight manifest")
-    return dtype
-
-
-def _nbytes(dtype: str, shape: Sequence[int]) -> int:
-    n = _dtype(dtype).itemsize
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-# Sibling modules whose weights an inference engine fuses into one parameter (vLLM's qkv_proj and
-# gate_up_proj of Llama-family models), in the fused order: laid out back to back.
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def _fusion_key(name: str) -> tuple[str, int, str] | None:
-    """(parent module, fusion group, attribute) of a fused-group member's tensor name, else None."""
-    parts = name.split(".")
-    if len(parts) < 2:
-        return None
-    for i, group in enumerate(FUSED):
-        if parts[-2] in group:
-            return (".".join(parts[:-2]), i, parts[-1])
-    return None
-
-
-def plan_layout(
-    tensors: Sequence[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
-) -> list[TensorEntry]:
-    """The flat-buffer layout of `tensors`: entries in their order (the order versions arrive in),
-    floating-point tensors stored as `dtype` when given. Each tensor starts at an ALIGN-byte aligned
-    offset, except that the members of a `FUSED` group of one module (same dtype) follow each other
-    in the group's order with no gap, so an engine can use them as its fused parameter in place
-    (rollout/cpu_alias.py)."""
-    stored: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, t in tensors:
-        if name in stored:
-            raise ValueError(f"weight {name!r} appears twice in one version")
-        kind = str(dtype if dtype is not None and t.is_floating_point() else t.dtype).removeprefix("torch.")
-        stored[name] = (kind, tuple(int(d) for d in t.shape))
-    groups: dict[tuple[str, int, str], list[str]] = {}
-    for name in stored:
-        key = _fusion_key(name)
-        if key is not None:
-            groups.setdefault(key, []).append(name)
-    offsets: dict[str, int] = {}
-    offset = 0
-    for name in stored:  # units (a tensor, or a whole fused group) in order of first appearance
-        if name in offsets:
-            continue
-        key = _fusion_key(name)
-        unit = [name]
-        if key is not None and len({stored[m][0] for m in groups[key]}) == 1:
-            order = FUSED[key[1]]
-            unit = sorted(groups[key], key=lambda m: order.index(m.split(".")[-2]))
-        for member in unit:
-            offsets[member] = offset
-            offset += _nbytes(*stored[member])
-        offset = -(-offset // ALIGN) * ALIGN
-    return [(name, kind, shape, offsets[name]) for name, (kind, shape) in stored.items()]
-
-
-def layout_bytes(entries: Sequence[TensorEntry]) -> int:
-    """The size of the flat buffer a layout needs (the end of its furthest tensor)."""
-    return max((int(offset) + _nbytes(dtype, shape) for _, dtype, shape, offset in entries), default=0)
-
-
-def flat_views(buf: torch.Tensor, entries: Sequence[TensorEntry]) -> list[tuple[str, torch.Tensor]]:
-    """(name, view) of every tensor of a flat buffer: `buf` is uint8 [>= layout_bytes(entries)]; the
-    views share its memory (copy them into place; the next version overwrites them)."""
-    out = []
-    for name, dtype, shape, offset in entries:
-        start = int(offset)
-        out.append((name, buf[start : start + _nbytes(dtype, shape)].view(_dtype(dtype)).view(tuple(shape))))
-    return out
-
-
-def _map_file(path: str, nbytes: int, create: bool) -> torch.Tensor:
-    """uint8 [nbytes] tensor over a shared mapping of `path` (created, or grown, when `create`)."""
-    import torch
-
-    if create:
-        # Reserve the pages now: a write into a mapping of a full tmpfs kills the process (SIGBUS).
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, max(nbytes, 1))
-        except OSError as e:
-            raise OSError(
-                e.errno,
-                f"{path}: cannot reserve {nbytes / MiB:.0f} MiB for a weight slot ({e.strerror}); "
-                "point weights.dir at a filesystem with room for two copies of the weights",
-            ) from e
-        finally:
-            os.close(fd)
-    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-
-
-class WeightSlots:
-    """Two flat buffers in files under `root`, written alternately (trainer rank 0).
-
-    `write` takes the tensors of one version in a fixed order (names, dtypes and shapes must be the
-    same in every version; the first call plans the layout and creates the files). Tensors are copied
-    one at a time as a generator yields them, so a gathering generator keeps its memory to one layer.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.entries: list[TensorEntry] | None = None
-        self.nbytes = 0
-        self.buffers: list[torch.Tensor] = []
-        self.names: list[str] = []
-        self._token = secrets.token_hex(4)  # a new sender never reuses an old sender's mapped files
-        self._next = 0
-
-    def write(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
-    ) -> tuple[int, list[TensorEntry]]:
-        """Copy one version into the next slot, casting floating-point tensors to `dtype` on the way
-        (one pass: no cast copy beforehand); returns (slot index, layout)."""
-        import torch
-
-        slot = self._next
-        with torch.no_grad():
-            if self.entries is None:
-                tensors = [(n, t.detach()) for n, t in named_tensors]
-                self._create(plan_layout(tensors, dtype))
-                for (_, view), (_, t) in zip(
-                    flat_views(self.buffers[slot], self.entries), tensors, strict=True
-                ):
-                    view.copy_(t)
-            else:
-                self._write_streaming(named_tensors, slot)
-        self._next = 1 - slot
-        return slot, list(self.entries)
-
-    def _write_streaming(self, named_tensors: Iterable[tuple[str, torch.Tensor]], slot: int) -> None:
-        assert self.entries is not None
-        views = flat_views(self.buffers[slot], self.entries)
-        count = 0
-        for name, t in named_tensors:
-            if count >= len(views) or views[count][0] != name:
-                expected = views[count][0] if count < len(views) else "nothing more"
-                raise ValueError(f"weights changed between versions: got {name!r}, expected {expected!r}")
-            view = views[count][1]
-            if view.shape != t.shape:
-                raise ValueError(f"weight {name!r} changed shape: {tuple(t.shape)} != {tuple(view.shape)}")
-            view.copy_(t.detach())
-            count += 1
-        if count != len(views):
-            raise ValueError(f"weights changed between versions: {len(views) - count} tensors missing")
-
-    def _create(self, entries: list[TensorEntry]) -> None:
-        os.makedirs(self.root, exist_ok=True)
-        self.entries = entries
-        self.nbytes = layout_bytes(entries)
-        self.names = [f"slot-{self._token}-{i}.bin" for i in range(2)]
-        self.buffers = [_map_file(os.path.join(self.root, n), self.nbytes, create=True) for n in self.names]
-
-    def close(self) -> None:
-        """Unmap the buffers and remove the files."""
-        self.buffers = []
-        for name in self.names:
-            try:
-                os.remove(os.path.join(self.root, name))
-            except FileNotFoundError:
-                pass
 
 
 # ------------------------------------------------------------------------------------ trainer end
@@ -399,16 +227,47 @@ class BroadcastSender:
         self.slots.close()
 
 
+class FilesSender:
+    """weights.transport=files: versions as safetensors buckets under the weights dir."""
+
+    def __init__(self, weights_dir: str, bucket_mb: int, timeout_s: float) -> None:
+        self.weights_dir = weights_dir
+        self.bucket_mb = bucket_mb
+        self.channel = WeightChannel(
+            transport=Transport.files.value, weights_dir=weights_dir, timeout_s=timeout_s
+        )
+
+    def publish(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+        dtype: torch.dtype | None = None,
+    ) -> WeightManifest:
+        return write_weights(named_tensors, version, self.weights_dir, self.bucket_mb, dtype=dtype)
+
+    def accept(self, key: str, ranks: int) -> None:
+        """Nothing to set up: the manifest names the files."""
+
+    def send(self, manifest: WeightManifest, keys: Sequence[str]) -> dict[str, str]:
+        """Nothing to send: the files are written."""
+        return {}
+
+    def close(self) -> None:
+        shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
 def open_sender(
     transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
 ) -> WeightSender:
-    """Trainer rank 0's end of `transport` (shm or broadcast; resolve auto with `choose_transport`)."""
+    """Trainer rank 0's end of `transport` (resolve auto with `choose_transport` first)."""
     kind = Transport(transport)
     if kind is Transport.shm:
         return ShmSender(weights_dir, timeout_s)
     if kind is Transport.broadcast:
         return BroadcastSender(weights_dir, bucket_mb, backend, timeout_s)
-    raise ValueError(f"open_sender needs shm or broadcast, got {transport!r} (resolve auto first)")
+    if kind is Transport.files:
+        return FilesSender(weights_dir, bucket_mb, timeout_s)
+    raise ValueError(f"open_sender needs shm, broadcast or files, got {transport!r} (resolve auto first)")
 
 
 def _publish(
@@ -425,10 +284,9 @@ def _publish(
     slot, entries = slots.write(named_tensors, dtype)
     manifest = WeightManifest(
         version=version,
-        files=[],
+        transport=kind.value,
         num_bytes=sum(_nbytes(d, s) for _, d, s, _ in entries),
         num_tensors=len(entries),
-        transport=kind.value,
         slot=slots.names[slot] if kind is Transport.shm else "",
         tensors=entries,
         bucket_bytes=bucket_bytes,
@@ -519,23 +377,131 @@ def open_receiver(channel: WeightChannel, worker_rank: int = 0) -> WeightReceive
         return ShmReceiver(channel.weights_dir)
     if channel.transport == Transport.broadcast.value:
         return BroadcastReceiver(channel, 1 + worker_rank)
+    if channel.transport == Transport.files.value:
+        return FilesReceiver()
     raise ValueError(f"unknown weight channel transport {channel.transport!r}")
 
 
 def manifest_tensors(
     manifest: WeightManifest, receiver: WeightReceiver | None
 ) -> Iterable[tuple[str, torch.Tensor]]:
-    """The (name, tensor) pairs of a manifest at the engine's end: read from its safetensors files
-    (transport "files"), or through the engine's receiver (which must match the manifest)."""
-    if manifest.transport == "files":
-        from slime.weights import read_weights
-
+    """The (name, tensor) pairs of a manifest at the engine's end: through the engine's receiver
+    (which must match the manifest). A files manifest names its own files, so any engine reads one,
+    opened or not."""
+    if manifest.transport == Transport.files.value:
         return read_weights(manifest)
     if receiver is None:
         raise RuntimeError(
             f"a {manifest.transport} weight manifest needs the engine's weight channel (open_weights first)"
         )
     return receiver.receive(manifest)
+
+
+class FilesReceiver:
+    """Reads a files manifest's safetensors files (memory-mapped)."""
+
+    def receive(self, manifest: WeightManifest) -> list[tuple[str, torch.Tensor]]:
+        return list(read_weights(manifest))
+
+    def close(self) -> None:
+        """Nothing held: the mappings live as long as the tensors."""
+
+
+# ------------------------------------------------------------------------------------ files on disk
+def version_dir(out_dir: str, version: int) -> str:
+    """The directory holding one version's buckets."""
+    return os.path.join(out_dir, f"v{version:08d}")
+
+
+def _prune_versions(out_dir: Path, keep: int) -> None:
+    versions = []
+    for entry in out_dir.iterdir():
+        m = _VERSION_DIR.match(entry.name)
+        if m and entry.is_dir():
+            versions.append((int(m.group(1)), entry))
+        elif (
+            entry.name.startswith(".tmp-v") and entry.is_dir() and time.time() - entry.stat().st_mtime > 3600
+        ):
+            shutil.rmtree(entry, ignore_errors=True)  # left by a writer that died; an hour is plenty
+    versions.sort()
+    for _, path in versions[: max(0, len(versions) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_weights(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    version: int,
+    out_dir: str,
+    bucket_mb: int = 512,
+    *,
+    dtype: torch.dtype | None = None,
+    skip: Collection[str] = (),
+    keep: int = 2,
+) -> WeightManifest:
+    """Write `named_tensors` as safetensors buckets of about `bucket_mb` MiB into `<out_dir>/v<version>/`
+    (the files transport); returns its manifest (absolute file paths, in load order).
+
+    - dtype: cast floating-point tensors (e.g. torch.bfloat16 halves the bytes); None keeps them as given.
+    - skip: names to leave out (e.g. tied weights a caller's gathered dict still holds).
+    - keep: how many newest version directories to keep after writing (>= 1): an engine must load a
+      manifest before `keep` newer versions are written.
+    A version directory appears atomically (written under a temporary name, then renamed), so a reader
+    never sees half a version; rewriting an existing version replaces it. Bucketing, casting and tie
+    detection (a tensor sharing storage with one already written is skipped, as save_pretrained does)
+    as in `slime.core.checkpoint.write_buckets`.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    if bucket_mb <= 0:
+        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = Path(version_dir(str(root), version))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-v{version:08d}-", dir=root))
+    try:
+        buckets = write_buckets(
+            named_tensors,
+            tmp,
+            bucket_mb * MiB,
+            lambda i: f"bucket-{i:05d}.safetensors",
+            dtype=dtype,
+            skip=skip,
+            metadata={"format": "pt", "slime_version": str(version)},
+        )
+        names = [n for b in buckets for n in b.names]
+        total_bytes = sum(b.num_bytes for b in buckets)
+        files = [b.file for b in buckets]
+        (tmp / "manifest.json").write_text(
+            json.dumps({"version": version, "files": files, "num_bytes": total_bytes, "names": names})
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune_versions(root, keep)
+    return WeightManifest(
+        version=version,
+        transport=Transport.files.value,
+        num_bytes=total_bytes,
+        num_tensors=len(names),
+        files=[str(final / f) for f in files],
+    )
+
+
+def read_weights(manifest: WeightManifest) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from a files manifest, file by file in order.
+
+    Tensors are memory-mapped from the files (read-only views: copy them into place, don't modify
+    them); they stay valid after the files are deleted, as the mapping keeps the pages alive.
+    """
+    from safetensors import safe_open
+
+    for path in manifest.files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
 
 
 def for_engine(channel: WeightChannel, key: str, ranks: int) -> WeightChannel:

@@ -8,7 +8,7 @@
   strings, and `cfg.algorithm.name == "grpo"` keeps working.
 - `opt(default, help)` declares a field with its one-line description; `python -m slime.config_docs`
   writes docs/config.md from these dataclasses.
-- Each section's `validate()` holds its own checks; `slime.validation.validate(cfg)` runs them all plus
+- Each section's `validate()` holds its own checks; `slime.core.validation.validate(cfg)` runs them all plus
   the checks that span sections. They raise ValueError naming the keys to change, before Ray or any
   actor starts.
 """
@@ -32,7 +32,7 @@ def opt(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
 
     `default` may be a value, MISSING (required), a list/dict (copied per instance) or a dataclass
     type (a fresh instance per config). `choices` lists the allowed values of a non-enum field
-    (`slime.validation.validate` checks them); an enum-typed field's choices are its members.
+    (`slime.core.validation.validate` checks them); an enum-typed field's choices are its members.
     """
     meta = {"help": help, "choices": choices}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
@@ -85,6 +85,7 @@ class Transport(enum.StrEnum):
     auto = "auto"
     shm = "shm"
     broadcast = "broadcast"
+    files = "files"
 
 
 class CommBackend(enum.StrEnum):
@@ -220,7 +221,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """Which policy to train; resolved to a local transformers checkpoint by `slime.models`."""
+    """Which policy to train; resolved to a local transformers checkpoint by `slime.core.model`."""
 
     name: str = opt(MISSING, "label used in logs and the checkpoint export")
     source: ModelSource = opt(MISSING, "where the weights come from")
@@ -675,12 +676,13 @@ class EvalConfig:
 
 @dataclass
 class WeightsConfig:
-    """Weight pushes from trainer rank 0 to the engines (slime/transport.py)."""
+    """Weight pushes from trainer rank 0 to the engines (slime/weight_push.py, slime/core/transport.py)."""
 
     transport: Transport = opt(
         Transport.auto,
         "shm: shared-memory slots engines on trainer rank 0's node map; broadcast: torch.distributed "
-        "groups, for engines on any node; auto: shm when every engine is on that node, else broadcast",
+        "groups, for engines on any node; files: safetensors files in weights.dir, for engines on nodes "
+        "that share that filesystem; auto: shm when every engine is on that node, else broadcast",
     )
     backend: CommBackend = opt(
         CommBackend.auto, "broadcast backend; auto: nccl when trainer ranks and engines have GPUs, else gloo"

@@ -1,6 +1,6 @@
 """The checks that span config sections, run once before Ray or any actor starts.
 
-`validate(cfg)` runs the choices check, each section's own `validate()` (slime/config.py), then the
+`validate(cfg)` runs the choices check, each section's own `validate()` (slime/core/config.py), then the
 combinations across sections that could never make progress. They raise ValueError naming the keys
 to change.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from slime.config import (
+from slime.core.config import (
     CHOICES,
     SECTIONS,
     Advantage,
@@ -20,7 +20,7 @@ from slime.config import (
     Transport,
     _require,
 )
-from slime.model_facts import AUTOEP_PRESETS, model_num_experts, model_type_of
+from slime.core.model import AUTOEP_PRESETS, model_num_experts, model_type_of
 
 
 def validate(cfg: SlimeConfig) -> None:
