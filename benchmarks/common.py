@@ -1,6 +1,6 @@
 """What the trainer benchmarks (lora.py, packing.py, shared_prefix.py) and the others share: the
 command-line options every trainer benchmark takes, the model they run on, and one bench
-`TrainerWorker` (DeepSpeed, world size 1, GRPO)."""
+`TrainerRank` (DeepSpeed, world size 1, GRPO)."""
 
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ def resolve_model_dir(args: argparse.Namespace) -> str:
 def trainer_worker(
     model_dir: str, args: argparse.Namespace, *, lr: float, dtype: str = "float32", lora_rank: int = 0
 ) -> Any:
-    """A `TrainerWorker` (not set up yet) on `model_dir` with `--micro-batch` and `--threads`, GRPO,
+    """A `TrainerRank` (not set up yet) on `model_dir` with `--micro-batch` and `--threads`, GRPO,
     seed 0; LoRA adapters of rank `lora_rank` when > 0, else every weight trains."""
     from slime.core.config import AlgorithmConfig, LoraConfig, ModelConfig, TrainerConfig
-    from trainer.worker import TrainerSpec, TrainerWorker
+    from trainer.rank import TrainerRank, TrainerSpec
 
     tcfg = TrainerConfig(
         steps=1, lr=lr, micro_batch_size=args.micro_batch, dtype=dtype, threads_per_rank=args.threads
     )
     model = ModelConfig(name="bench", lora=LoraConfig(r=lora_rank))
-    return TrainerWorker(TrainerSpec(model_dir, model, tcfg, AlgorithmConfig(name="grpo"), 0))
+    return TrainerRank(TrainerSpec(model_dir, model, tcfg, AlgorithmConfig(name="grpo"), 0))

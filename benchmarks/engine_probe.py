@@ -16,7 +16,7 @@ from typing import Any
 
 
 async def forward_tokens(engine: Any) -> int:
-    """Tokens `engine` (a started `rollout.engine.VLLMEngine`) has run forward passes on (prefills,
+    """Tokens `engine` (a started `rollout.engines.vllm.VLLMEngine`) has run forward passes on (prefills,
     re-prefills, decode steps) since the first call, which starts the count.
 
     Reaches past the engine's public API: it sends `_count_forward_tokens` to the worker through the

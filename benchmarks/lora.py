@@ -3,7 +3,7 @@
     python -m benchmarks.lora                         # SmolLM2-135M, fp32, r=16 on the default targets
     python -m benchmarks.lora --model-dir DIR --rank 8 --seqs 32 --reps 3
 
-Two `TrainerWorker`s (DeepSpeed ZeRO-1, world size 1) on the same batch (benchmarks/shared_prefix.py's
+Two `TrainerRank`s (DeepSpeed ZeRO-1, world size 1) on the same batch (benchmarks/shared_prefix.py's
 calculator prompts with random replies): one trains every weight, one only LoRA adapters. Their steps
 alternate, `--reps` each after a warm-up step, so a busy machine slows both alike. Printed per setting:
 trainable parameters, AdamW state (both moments, bytes), median step seconds and the ratio.

@@ -6,7 +6,7 @@
 The batch is agentic-shaped: the calculator env's real first prompt (system prompt, tool list, one
 worked example, the question; `benchmarks.shared_prefix`), groups of 4, and replies whose lengths
 vary the way multi-turn agent episodes do (log-uniform between `--min-reply` and `--max-reply`
-tokens). One `TrainerWorker` (DeepSpeed, world size 1, lr 0 so every setting sees the same weights)
+tokens). One `TrainerRank` (DeepSpeed, world size 1, lr 0 so every setting sees the same weights)
 runs `train_step` in each of the four settings (trainer.pack x trainer.share_prefix), in turn
 (every other round in reverse order), `--reps` times; printed: median step seconds, real tokens per second, `perf/mfu`, and the loss and
 gradient norm (the same step computed four ways: they agree).

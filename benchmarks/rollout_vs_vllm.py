@@ -11,7 +11,7 @@ One process, one model, the same dtype, thread count and engine arguments on bot
 - asyncllm: the same requests straight into that engine's `AsyncLLM` (its core in a process of its
             own, outputs streamed), consumed without slime's per-token work;
 - slime:    `VLLMEngine.generate` as rollout workers call it: one asyncio task per request, all at once;
-- episodes: `rollout.episode.run_group` on the same engine, as one rollout worker runs its groups (the
+- episodes: `rollout.episode.run_env_group` on the same engine, as one rollout worker runs its groups (the
             calculator env with the agentic experiment's settings: three worked examples, two turns,
             64 tokens a turn, temperature 0.7), all groups at once. Its bare counterpart replays the
             requests those episodes made, one `LLM.generate` per turn; the episodes also spend time in
@@ -65,7 +65,8 @@ def bare_llm(model_dir: str, threads: int, kv_gib: int, max_model_len: int) -> A
     import torch
     from vllm import LLM
 
-    from rollout.engine_common import scoped_env, thread_env
+    from rollout.engines.base import scoped_env
+    from slime.core.cores import thread_env
 
     torch.set_num_threads(threads)
     env = {
@@ -146,7 +147,7 @@ class Recorder:
 
 async def run_episodes(engine: Any, setup: tuple, group_size: int) -> tuple[int, float, list[list]]:
     """(tokens generated, seconds, the requests made, by turn) of all groups run at once."""
-    from rollout.episode import run_group
+    from rollout.episode import run_env_group
     from slime.core.types import SamplingParams
 
     factory, tasks, chat, cfg = setup
@@ -156,7 +157,7 @@ async def run_episodes(engine: Any, setup: tuple, group_size: int) -> tuple[int,
     rec = Recorder(engine)
     t0 = time.perf_counter()
     groups = await asyncio.gather(
-        *(run_group(rec, factory, t, group_size, chat, cfg, sampling) for t in tasks)
+        *(run_env_group(rec, factory, t, group_size, chat, cfg, sampling) for t in tasks)
     )
     secs = time.perf_counter() - t0
     # A request's turn: how many distinct earlier prompts it extends (its episode's earlier turns).
@@ -215,7 +216,7 @@ async def measure(args: argparse.Namespace, model_dir: str, work: str) -> tuple[
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rollout.engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
     from slime.core.checkpoint import checkpoint_tensors
     from slime.core.transport import write_weights
     from slime.core.types import SamplingParams
@@ -317,7 +318,7 @@ def report(args: argparse.Namespace, model_dir: str, rows: dict, upd: dict) -> N
     if rows["episodes"]:
         print(f"{'bare, the episodes turn by turn':<36} {tps('replay'):>8.1f} {'':>7}")
         print(
-            f"{'slime episodes (run_group)':<36} {tps('episodes'):>8.1f} {ratio('episodes', 'replay'):>7.2f}"
+            f"{'slime episodes (run_env_group)':<36} {tps('episodes'):>8.1f} {ratio('episodes', 'replay'):>7.2f}"
         )
     if upd["none"]:
         base = med(r["wall_s"] for r in upd["none"])

@@ -39,7 +39,7 @@ async def _round(engine, prompts: list[list[int]], max_tokens: int, seed: int) -
 
 
 async def main(args: argparse.Namespace) -> None:
-    from rollout.engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
     from slime.core.model import load_tokenizer
 
     model_dir = config_model_dir(args.model, os.environ.get("SLIME_CACHE_DIR", "~/.cache/slime"))

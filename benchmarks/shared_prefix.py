@@ -5,7 +5,7 @@
 
 The batch is what `+experiment=agentic` trains on: the calculator env's real first prompt (system
 prompt, tool list, one worked example, the question) rendered by the model's chat format, groups of 4
-replies of `--reply-tokens` tokens sampled from the vocabulary. One `TrainerWorker` (DeepSpeed,
+replies of `--reply-tokens` tokens sampled from the vocabulary. One `TrainerRank` (DeepSpeed,
 world size 1, lr 0 so both settings see the same weights) runs `train_step` with `share_prefix` off
 and on, alternating, `--reps` times each; printed: median step seconds, the ratio, real tokens per
 second, and the loss/grad-norm of both (they agree: the same step, computed two ways).

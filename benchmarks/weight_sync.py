@@ -9,7 +9,7 @@ engine on this node, over each way a push can go:
 - shm:       weights.transport=shm (a slot in /dev/shm the engine maps; slime/core/transport.py);
 - broadcast: weights.transport=broadcast (a gloo group; bytes over loopback TCP here);
 - alias:     shm with rollout.weight_alias (the engine's parameters are views of the slot, its
-             linear layers use torch's GEMM: rollout/cpu_alias.py); run last, it changes the engine.
+             linear layers use torch's GEMM: rollout/engines/cpu_alias.py); run last, it changes the engine.
 Per push (median of --reps after two warm-up pushes, so both slots are touched):
 - gather:    the trainer's `full_named_tensors` alone, cast to the export dtype (as the files path
              gathers; shm and broadcast gather without the cast and cast in the slot copy);
@@ -77,11 +77,11 @@ def _worker_counters(worker: Any) -> tuple[float, int]:
 
 def _trainer(model_dir: str, dtype: str, threads: int) -> Any:
     from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
-    from trainer.worker import TrainerSpec, TrainerWorker
+    from trainer.rank import TrainerRank, TrainerSpec
 
     tcfg = TrainerConfig(steps=1, micro_batch_size=4, dtype="float32", zero_stage=1, threads_per_rank=threads)
     mcfg = ModelConfig(name="bench", source="pretrained", path=model_dir, dtype=dtype)
-    w = TrainerWorker(TrainerSpec(model_dir, mcfg, tcfg, AlgorithmConfig(name="grpo"), seed=0))
+    w = TrainerRank(TrainerSpec(model_dir, mcfg, tcfg, AlgorithmConfig(name="grpo"), seed=0))
     w.setup()
     return w
 
@@ -177,7 +177,7 @@ class CopyBaseline:
 
 
 async def run(model_dir: str, dtype: str, reps: int, threads: int, bucket_mb: int) -> dict[str, Any]:
-    from rollout.engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
     from slime.core.transport import for_engine
 
     w = _trainer(model_dir, dtype, threads)

@@ -14,7 +14,8 @@ it with `EnvClass(**env.kwargs)`):
 - optional `async def close(self) -> None` -- called once when the episode ends, however it ended.
 
 Subclassing `Environment` is convenient but not required: `check_environment_class` checks the shape
-of any class (plugins included) and names exactly what is wrong.
+of any class (plugins included) and names exactly what is wrong. Everything an environment needs
+imports from here: `from envs.base import Action, Environment, Message, StepResult, Task, ...`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ from typing import Any, ClassVar
 
 from envs.tool_syntax import ToolCall, strip_tool_calls
 from slime.core.types import Message, Task
+
+__all__ = [
+    "Action",
+    "Environment",
+    "Message",
+    "StepResult",
+    "Task",
+    "ToolCall",
+    "check_environment_class",
+    "function_tool",
+    "tool_message",
+]
 
 
 @dataclass

@@ -28,7 +28,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "target": "envs.target:TargetEnv",
     "reward_fn": "envs.reward_fn:RewardFnEnv",
     "flaky": "envs.flaky:FlakyEnv",
-    # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent/episode.py).
+    # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent/runner.py).
     "openai_agent": "envs.openai_agent:OpenAIAgentEnv",
 }
 

@@ -31,7 +31,7 @@ import dataclasses
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from envs.base import (
     Action,
@@ -44,18 +44,9 @@ from envs.base import (
 )
 from envs.tool_syntax import CALL_FORMAT_HINT
 from rollout.chat import ChatFormat
+from rollout.engines.base import Engine
 from slime.core.config import RolloutConfig
 from slime.core.types import GenerateOutput, RoutedExperts, SamplingParams, Status, Task, Trajectory
-
-
-class Engine(Protocol):
-    """What the loop needs from an inference engine."""
-
-    version: int
-
-    async def generate(
-        self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None
-    ) -> GenerateOutput: ...
 
 
 class EpisodeError(Exception):
@@ -301,7 +292,7 @@ def failed_trajectory(task: Task, start_version: int, error: str) -> Trajectory:
     )
 
 
-async def run_group(
+async def run_env_group(
     engine: Engine,
     env_factory: Callable[[], Any],
     task: Task,

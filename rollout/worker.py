@@ -9,16 +9,15 @@ per-epoch shuffled) dataset -> run `group_size` episodes concurrently -> put the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import random
 import time
 from typing import Any
 
-from rollout.engine_common import set_thread_budget
+from rollout.engines import Engine, make_engine
 from slime.core.config import EnvConfig, ModelConfig, RolloutConfig
-from slime.core.cores import available_cores, core_claims_dir, engine_threads
+from slime.core.cores import CoreClaim, available_cores, engine_threads, set_thread_budget
 from slime.core.types import Group, SamplingParams, Task, Trajectory, WeightChannel, WeightManifest
 
 
@@ -44,13 +43,12 @@ class TaskSchedule:
 class GenerationClock:
     """Wall seconds during which the worker had episodes in flight, its engine's weight loads left
     out: the generation time G of `perf/overlap_efficiency` (slime/metrics.py). Concurrent episodes
-    count once. While anything is in flight it also keeps the worker's core claim: a file in
-    `claim_path` holding the engine's thread count, which trainer ranks with auto threads leave to the
-    engine (trainer/process.py CoreShare). Event-loop thread only."""
+    count once. While anything is in flight it also holds the worker's `CoreClaim`
+    (slime/core/cores.py), so trainer ranks with auto threads leave those cores to the engine.
+    Event-loop thread only."""
 
-    def __init__(self, claim_path: str | None, threads: int) -> None:
-        self.claim_path = claim_path
-        self.threads = threads
+    def __init__(self, claim: CoreClaim) -> None:
+        self.claim = claim
         self._in_flight = 0
         self._paused = 0
         self._busy_s = 0.0
@@ -65,16 +63,14 @@ class GenerationClock:
     def enter(self) -> None:
         self._tick()
         self._in_flight += 1
-        if self._in_flight == 1 and self.claim_path is not None:
-            os.makedirs(os.path.dirname(self.claim_path), exist_ok=True)
-            with open(self.claim_path, "w", encoding="ascii") as f:
-                f.write(str(self.threads))
+        if self._in_flight == 1:
+            self.claim.claim()
 
     def exit(self) -> None:
         self._tick()
         self._in_flight -= 1
         if self._in_flight == 0:
-            self.release()
+            self.claim.release()
 
     def pause(self) -> None:
         self._tick()
@@ -89,21 +85,6 @@ class GenerationClock:
         self._tick()
         busy, self._busy_s = self._busy_s, 0.0
         return busy
-
-    def release(self) -> None:
-        """Withdraw the core claim."""
-        if self.claim_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.claim_path)
-
-    def close(self) -> None:
-        """Withdraw the claim (also with episodes in flight) and remove the node's claims folder once
-        it is empty: on a node other than the driver's nothing else would (the controller clears its
-        own node's folder)."""
-        self.release()
-        if self.claim_path is not None:
-            with contextlib.suppress(OSError):  # not empty: another worker still claims, and cleans up
-                os.rmdir(os.path.dirname(self.claim_path))
 
 
 class RolloutWorker:
@@ -128,11 +109,11 @@ class RolloutWorker:
         self.env_cfg = env_cfg
         self.seed = seed
         self.work_dir = work_dir
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self._stopping = False
         self._tokens = 0
         self._episodes_done = 0
-        self.clock = GenerationClock(None, rollout_cfg.threads_per_worker)
+        self.clock = GenerationClock(CoreClaim(None, rollout_cfg.threads_per_worker))
 
     async def start(self) -> dict[str, Any]:
         """Build the engine, tokenizer, chat format, environment class and task schedule."""
@@ -140,7 +121,7 @@ class RolloutWorker:
             threads = engine_threads(self.cfg, 0, available_cores())
             self.cfg = dataclasses.replace(self.cfg, threads_per_worker=threads)
         set_thread_budget(self.cfg.threads_per_worker)
-        self.clock = GenerationClock(_claim_path(self.index), self.cfg.threads_per_worker)
+        self.clock = GenerationClock(CoreClaim.for_worker(self.index, self.cfg.threads_per_worker))
         from envs.dataset import load_tasks
         from envs.registry import load_env_class
         from rollout.chat import ChatFormat
@@ -166,7 +147,7 @@ class RolloutWorker:
         from envs.openai_agent import uses_agent
 
         if uses_agent(self.env_cls):  # env=openai_agent: black-box agent code drives the episodes
-            from rollout.agent.episode import load_agent
+            from rollout.agent.runner import load_agent
             from rollout.agent.server import AgentServer
 
             self.agent_fn = load_agent(self.env_cfg.agent)
@@ -191,7 +172,7 @@ class RolloutWorker:
             seed=seed,
         )
 
-    async def run_group(self, task: Task, ticket: int, start_version: int) -> Group:
+    async def _generate_group(self, task: Task, ticket: int, start_version: int) -> Group:
         trajs = await self._episodes(task, self.cfg.group_size, self._sampling(ticket))
         self._tokens += sum(t.num_generated for t in trajs)
         self._episodes_done += len(trajs)
@@ -200,8 +181,8 @@ class RolloutWorker:
         )
 
     async def _episodes(self, task: Task, n: int, sampling: SamplingParams) -> list[Trajectory]:
-        from rollout.agent.episode import run_agent_group
-        from rollout.episode import run_group
+        from rollout.agent.runner import run_agent_group
+        from rollout.episode import run_env_group
 
         self.clock.enter()
         try:
@@ -209,7 +190,7 @@ class RolloutWorker:
                 return await run_agent_group(
                     self.engine, self.agent_server, self.chat, task, n, self.agent_fn, self.cfg
                 )
-            return await run_group(
+            return await run_env_group(
                 self.engine,
                 lambda: self.env_cls(**self.env_cfg.kwargs),
                 task,
@@ -242,7 +223,7 @@ class RolloutWorker:
             if admitted is None:  # buffer closed (the run is over), or this worker was replaced
                 return
             ticket, version = admitted
-            group = await self.run_group(self.schedule(ticket), ticket, version)
+            group = await self._generate_group(self.schedule(ticket), ticket, version)
             await buffer.put.remote(group)
 
     async def run(self, buffer: Any, incarnation: int = 0) -> None:
@@ -276,55 +257,14 @@ class RolloutWorker:
 
     async def stop(self) -> None:
         self._stopping = True
-        self.clock.close()
+        self.clock.claim.close()
         if getattr(self, "agent_server", None) is not None:
             await self.agent_server.stop()
         if self.engine is not None:
             await self.engine.shutdown()
 
 
-def _claim_path(index: int) -> str | None:
-    """Where worker `index` of this Ray job claims its engine's cores on its node (None outside Ray)."""
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    ctx = ray.get_runtime_context()
-    return os.path.join(core_claims_dir(ctx.get_node_id(), ctx.get_job_id()), f"worker{index}")
-
-
 def _ray_node_id() -> str | None:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def make_engine(
-    model_dir: str,
-    model_cfg: ModelConfig,
-    cfg: RolloutConfig,
-    seed: int,
-    work_dir: str,
-    capture_routes: bool = False,
-) -> Any:
-    """The configured engine: vLLM by default, transformers generate only as a fallback. Both get the
-    same settings (rollout/engine_common.py); each uses the ones that apply to it."""
-    options: dict[str, Any] = {
-        "dtype": model_cfg.dtype,
-        "max_model_len": cfg.max_model_len,
-        "kv_cache_gib": cfg.kv_cache_gib,
-        "enforce_eager": cfg.enforce_eager,
-        "seed": seed,
-        "tensor_parallel_size": cfg.tensor_parallel_size,
-        "work_dir": work_dir,
-        "num_threads": cfg.threads_per_worker,
-        "capture_routes": capture_routes,
-        "weight_alias": cfg.weight_alias,
-    }
-    if cfg.engine == "vllm":
-        from rollout.engine import VLLMEngine
-
-        return VLLMEngine(model_dir, **options)
-    from rollout.hf_engine import TransformersEngine
-
-    return TransformersEngine(model_dir, **options)

@@ -1,7 +1,7 @@
 """The controller: the asynchronous RL loop, top to bottom (docs/architecture.md follows one batch).
 
     RolloutWorker x N (rollout/worker.py; Ray actors supervised by slime/fleet.py; one vLLM engine
-        |              each, rollout/engine.py; max_concurrent_groups episode loops, rollout/episode.py)
+        |              each, rollout/engines/vllm.py; max_concurrent_groups episode loops, rollout/episode.py)
         |  acquire() ticket  (blocks: admission window = (version + max_staleness + 1) * B + refunds)
         |  run group_size episodes of task[ticket]  (envs/: the environment contract and built-ins)
         v  put(group)
@@ -9,13 +9,12 @@
         |  get_batch(B, version)  (blocks until B fresh groups: the trainer's only wait)
         v
     Controller (this module, driver process)
-        |  train_step(batch, version)  -> TrainerRanks (trainer/ranks.py -> trainer/worker.py per rank)
+        |  train_step(batch, version)  -> TrainerRanks (trainer/ranks.py -> trainer/rank.py per rank)
         |  version += 1
-        |  export_weights(version) -> rank 0 copies the weights into a shared-memory slot, returns the
-        |      manifest (trainer/export.py, slime/core/transport.py; weights.transport shm or broadcast)
-        |  update_weights(manifest) on every live worker (engines pause between decoding steps, map or
-        |      receive the slot, reload, resume: in-flight episodes keep going, later tokens carry the
-        |      new version)
+        |  push.publish(version) (slime/weight_push.py): rank 0 writes the weights through its transport
+        |      (weights.transport shm, broadcast or files), every live worker's engine loads them
+        |      between decoding steps and resumes: in-flight episodes keep going, later tokens carry
+        |      the new version
         |  set_version(version) on the buffer -> widens the admission window by B
         v  step_row -> metrics.jsonl + wandb (slime/metrics.py); checkpoint every save_every steps
 
@@ -42,16 +41,17 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from slime.core import checkpoint as ck
 from slime.core.config import SlimeConfig
-from slime.core.cores import available_cores, core_claims_dir, engine_threads
+from slime.core.cores import available_cores, engine_threads, remove_claims
 from slime.fleet import RolloutFleet
+from slime.weight_push import WeightPush
 
 if TYPE_CHECKING:
     from slime.core.config import RayConfig
@@ -61,9 +61,6 @@ from slime.metrics import MetricsLogger, StepTimes, step_row, truncate_from_step
 
 log = logging.getLogger("slime")
 
-CKPT_PREFIX = "step_"
-CONTROLLER_STATE = "controller_state.json"  # buffer tickets and groups, wandb run id
-PARTIAL_SUFFIX = ".partial"  # a checkpoint being written; renamed to its final name once complete
 TRAINED_LOG = "trained.jsonl"  # under <run_dir>/buffer/: the tickets and tasks of every step's batch
 
 
@@ -127,6 +124,7 @@ class Controller:
         self.version = 0
         self.start_step = 0
         self.fleet: RolloutFleet | None = None  # None when replaying recorded groups
+        self.push: WeightPush | None = None  # likewise
         self._tokenizer: Any = None  # loaded on the first sample log
         self._t_last = 0.0  # when the previous step ended (perf_counter)
         self.steps_done = 0  # optimizer steps completed, counting those before a resume
@@ -154,8 +152,8 @@ class Controller:
 
         from slime.buffer import ReplayBuffer
         from slime.fleet import RolloutFleet
+        from trainer.rank import TrainerSpec
         from trainer.ranks import TrainerRanks
-        from trainer.worker import TrainerSpec
 
         cfg = self.cfg
         self.buffer = (
@@ -192,16 +190,19 @@ class Controller:
         )
         log.info("started the trainer and rollout workers in %.1fs: %s", time.perf_counter() - t0, starts)
         if self.fleet is not None:
-            await self._open_weights([s["node_id"] for s in starts])
+            self.push = WeightPush(cfg, self.trainer, self.fleet)
+            self.fleet.rejoin = self.push.rejoin
+            await self._supervised(self.push.open([s["node_id"] for s in starts]))
         if cfg.resume:
             self.start_step, self.version = await self.trainer.load_checkpoint(cfg.resume)
             self.steps_done = self.start_step
-            self._resume_state = read_controller_state(cfg.resume)
+            self._resume_state = ck.read_controller_state(cfg.resume)
             if self._resume_state:
                 await self.buffer.restore.remote(self._resume_state["buffer"])
             else:
-                log.warning("resume=%s has no %s: tickets start again at 0", cfg.resume, CONTROLLER_STATE)
-            await self._push_weights()  # engines started from the base model: bring them up to date
+                log.warning("resume=%s has no %s: tickets start again at 0", cfg.resume, ck.CONTROLLER_STATE)
+            if self.push is not None:  # engines started from the base model: bring them up to date
+                await self._supervised(self.push.publish(self.version))
             await self.buffer.set_version.remote(self.version)
 
     async def shutdown(self) -> None:
@@ -215,10 +216,9 @@ class Controller:
         finally:
             self.trainer.shutdown()
             ray.kill(self.buffer)
-            shutil.rmtree(self._weights_dir(), ignore_errors=True)  # /dev/shm is RAM: leave nothing behind
-            # Core claims of workers that died without withdrawing them.
-            ctx = ray.get_runtime_context()
-            shutil.rmtree(core_claims_dir(ctx.get_node_id(), ctx.get_job_id()), ignore_errors=True)
+            if self.push is not None:
+                self.push.close()
+            remove_claims()  # of workers that died without withdrawing them
 
     # -- supervision -----------------------------------------------------------------------------
     async def _supervised(self, awaitable: Any, interruptible: bool = False) -> Any:
@@ -245,36 +245,6 @@ class Controller:
         raise _StopNow
 
     # -- the loop --------------------------------------------------------------------------------
-    async def _push_weights(self) -> tuple[float, dict[str, float]]:
-        t0 = time.perf_counter()
-        manifest = await self.trainer.export_weights(
-            self.version, self._weights_dir(), self.cfg.trainer.weight_bucket_mb
-        )
-        export_s = time.perf_counter() - t0
-        load_s = await self.fleet.update_weights(manifest) if self.fleet else 0.0
-        return time.perf_counter() - t0, {
-            "time/export_s": export_s,
-            "time/engine_load_s": load_s,
-            "sync/bytes": float(manifest.num_bytes),
-        }
-
-    def _weights_dir(self) -> str:
-        base = self.cfg.weights.dir or ("/dev/shm" if os.path.isdir("/dev/shm") else self.cfg.run_dir)
-        return os.path.join(base, f"slime-weights-{os.getpid()}")
-
-    async def _open_weights(self, engine_nodes: list[str | None]) -> None:
-        """Choose the weight transport (weights.transport, by Ray node ids) and open both ends."""
-        from slime.core.transport import choose_backend, choose_transport
-
-        cfg = self.cfg
-        kind = choose_transport(cfg.weights.transport, await self.trainer.node_id(), engine_nodes)
-        backend = choose_backend(cfg.weights.backend, cfg.trainer.gpus_per_rank, cfg.rollout.gpus_per_worker)
-        channel = await self.trainer.open_weights(
-            kind, self._weights_dir(), cfg.trainer.weight_bucket_mb, backend, cfg.weights.timeout_s
-        )
-        await self._supervised(self.fleet.connect_weights(channel, self.trainer))
-        log.info("weights: %s transport (%s)", kind, backend if kind == "broadcast" else self._weights_dir())
-
     async def _next_batch(self, replay: list[Group] | None, step: int) -> tuple[list[Group], float]:
         b = self.cfg.trainer.batch_groups
         if replay is not None:
@@ -296,7 +266,9 @@ class Controller:
 
     async def _publish(self) -> tuple[float, dict[str, float]]:
         """Push the new weights to every engine, then let the buffer admit the next version's work."""
-        sync_s, sync_info = await self._supervised(self._push_weights())
+        if self.push is None:  # replaying recorded groups: no engine to push to
+            return 0.0, {}
+        sync_s, sync_info = await self._supervised(self.push.publish(self.version))
         await self.buffer.set_version.remote(self.version)
         return sync_s, sync_info
 
@@ -336,23 +308,17 @@ class Controller:
         A kill at any moment leaves either no `step_N` or a complete one, so the previous checkpoint
         stays the latest loadable; `trainer.keep_checkpoints` bounds how many are kept.
         """
-        root = os.path.join(self.cfg.run_dir, "checkpoints")
-        final = os.path.join(root, f"{CKPT_PREFIX}{steps_done:06d}")
+        final = ck.checkpoint_dir(self.cfg.run_dir, steps_done)
         if self.last_checkpoint == final:
             return final  # this step's checkpoint is already written
-        partial = final + PARTIAL_SUFFIX
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-write
+        partial = ck.partial_dir(final)
         await self._supervised(self.trainer.save_checkpoint(partial, steps_done, self.version))
         state = {
             "buffer": await self.buffer.snapshot.remote(self._batch_abandoned),
             "wandb_run_id": self._logger.wandb_run_id if self._logger else None,
         }
-        with open(os.path.join(partial, CONTROLLER_STATE), "w", encoding="utf-8") as f:
-            json.dump(state, f)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same name
-        os.rename(partial, final)
-        self.last_checkpoint = final
-        prune_checkpoints(root, self.cfg.trainer.keep_checkpoints)
+        ck.write_controller_state(partial, state)
+        self.last_checkpoint = ck.publish(partial, final, self.cfg.trainer.keep_checkpoints)
         return final
 
     async def run(self) -> list[dict[str, Any]]:
@@ -525,24 +491,6 @@ def _stop_on_signals(controller: Controller, timeout_s: float) -> Iterator[None]
 
 async def _nothing() -> None:
     return None
-
-
-def read_controller_state(ckpt_dir: str) -> dict[str, Any]:
-    """The controller's part of a checkpoint ({} for checkpoints written before it existed)."""
-    path = os.path.join(ckpt_dir, CONTROLLER_STATE)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def prune_checkpoints(root: str, keep: int) -> None:
-    """Delete all but the newest `keep` complete `step_N` checkpoints under `root` (0 keeps all)."""
-    if keep <= 0:
-        return
-    done = sorted(d for d in os.listdir(root) if d.startswith(CKPT_PREFIX) and not d.endswith(PARTIAL_SUFFIX))
-    for name in done[:-keep]:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def to_dict(cfg: SlimeConfig) -> dict[str, Any]:

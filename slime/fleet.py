@@ -1,19 +1,17 @@
-"""The rollout fleet: the worker actors, kept alive, fed the current weights.
+"""The rollout fleet: the worker actors, kept alive.
 
     start()            every worker builds its engine (in parallel)
     run(buffer)        one episode loop per worker, each watched by a supervisor task
-    connect_weights()  open every worker's end of the weight transport (slime/core/transport.py)
-    update_weights(m)  push manifest m to every live worker; remembered for restarts
+    live() / restart() which workers take pushes now; have one restarted (slime/weight_push.py)
+    evaluate(), stats() held-out episodes and counters of the live workers
     failure            a future that raises once a worker died more often than allowed
 
 When a worker or its engine dies (killed, out of memory, a crash inside vLLM) or its loop raises,
 its supervisor hands the worker's tickets in flight back to the buffer (they are generated again,
-never trained twice), has Ray restart the actor, starts its engine, opens its end of the weight
-transport again (broadcast: a new group of its own), loads the latest weights and resumes its loop;
-`rollout/restarts` counts these. A worker that dies during a push is skipped by that push, and one
-that is up but failed to load it (its engine died, its broadcast broke) is restarted the same way, so
-the others' versions never wait on it. A worker that fails more than `rollout.max_restarts` times ends the
-run with its last error.
+never trained twice), has Ray restart the actor, starts its engine, lets the weight push bring it to
+the latest version (`rejoin`: its end of the transport opened again, the remembered manifest loaded)
+and resumes its loop; `rollout/restarts` counts these. A worker that fails more than
+`rollout.max_restarts` times ends the run with its last error.
 """
 
 from __future__ import annotations
@@ -23,12 +21,12 @@ import json
 import logging
 import os
 import time
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from slime.core.config import SlimeConfig, Transport
+from slime.core.config import SlimeConfig
 from slime.core.model import count_experts
-from slime.core.transport import for_engine
-from slime.core.types import Group, Task, WeightChannel, WeightManifest
+from slime.core.types import Group, Task
 
 log = logging.getLogger("slime")
 
@@ -37,14 +35,6 @@ def is_moe(model_dir: str) -> bool:
     """Whether the resolved checkpoint in `model_dir` is a mixture-of-experts model."""
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         return count_experts(json.load(f)) > 0
-
-
-class WeightSource(Protocol):
-    """Trainer rank 0's end of a broadcast, as the fleet drives it (trainer.ranks.TrainerRanks)."""
-
-    async def accept_weights(self, key: str, ranks: int) -> None: ...
-
-    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]: ...
 
 
 class RolloutFleet:
@@ -81,15 +71,10 @@ class RolloutFleet:
         ]
         self.restarts = [0] * len(self.workers)
         self._live = [True] * len(self.workers)  # False while a worker restarts: no pushes, no stats
-        # The remembered manifest stays loadable: the trainer keeps the two newest versions, and a push
-        # replaces this one before the trainer publishes the next (slime/core/transport.py).
-        self._manifest: WeightManifest | None = None
-        self._channel: WeightChannel | None = None
-        self._source: WeightSource | None = None
-        self._engine_ranks = cfg.rollout.tensor_parallel_size if cfg.rollout.engine == "vllm" else 1
-        self._keys = [""] * len(self.workers)  # broadcast: each worker's current group
-        self._push_lock = asyncio.Lock()  # a restart's weight load never interleaves with a push
-        self._load_errors: dict[int, str] = {}  # why update_weights had a worker restarted
+        self._load_errors: dict[int, str] = {}  # why the weight push had a worker restarted
+        # Called with a restarted worker's index before it takes work again: the weight push brings
+        # it to the latest version and marks it live (WeightPush.rejoin).
+        self.rejoin: Callable[[int], Awaitable[None]] | None = None
         self._supervisors: list[asyncio.Task] = []
         self._closing = False
         self.failure: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -142,18 +127,14 @@ class RolloutFleet:
         if not died:
             ray.kill(worker, no_restart=False)  # its loop raised but the actor is up: restart it too
         await self._call_when_back(worker.start)
-        async with self._push_lock:
-            await self._connect(index)
-            if self._manifest is not None:
-                _, failed = await self._deliver(self._manifest, [index])
-                if failed:
-                    raise failed[index]
-            self._live[index] = True
+        if self.rejoin is not None:
+            await self.rejoin(index)  # marks it live under the push's lock
+        else:
+            self.mark_live(index)
         log.warning(
-            "rollout worker %d back in %.1fs at version %s; %d tickets in flight generated again",
+            "rollout worker %d back in %.1fs; %d tickets in flight generated again",
             index,
             time.perf_counter() - t0,
-            self._manifest.version if self._manifest else 0,
             len(lost),
         )
 
@@ -170,73 +151,23 @@ class RolloutFleet:
                 if attempt + 1 == attempts:
                     raise
 
-    async def connect_weights(self, channel: WeightChannel, source: WeightSource) -> None:
-        """Open every worker's end of the weight transport whose trainer end returned `channel`;
-        restarted workers open theirs again."""
-        self._channel, self._source = channel, source
-        await asyncio.gather(*(self._connect(i) for i in range(len(self.workers))))
+    def live(self) -> list[int]:
+        """Indices of the workers that are up and serving (not restarting)."""
+        return [i for i, ok in enumerate(self._live) if ok]
 
-    async def _connect(self, index: int) -> None:
-        channel, worker = self._channel, self.workers[index]
-        if channel is None:
-            return
-        if channel.transport != Transport.broadcast:
-            await worker.open_weights.remote(channel)
-            return
-        assert self._source is not None
-        key = f"worker{index}-start{self.restarts[index]}"  # a restarted engine joins a new group
-        await asyncio.gather(
-            self._source.accept_weights(key, self._engine_ranks),
-            worker.open_weights.remote(for_engine(channel, key, self._engine_ranks)),
-        )
-        self._keys[index] = key
+    def mark_live(self, index: int) -> None:
+        self._live[index] = True
 
-    async def _deliver(
-        self, manifest: WeightManifest, indices: list[int]
-    ) -> tuple[list[float], dict[int, BaseException]]:
-        """Load `manifest` on workers `indices` (broadcast: trainer rank 0 sends while they receive).
-        Returns the load seconds of those that loaded it and the error of each that did not (died
-        meanwhile, or its load or its share of the broadcast failed); one failure never stops the
-        others' loads."""
-        loads = asyncio.gather(
-            *(self.workers[i].update_weights.remote(manifest) for i in indices), return_exceptions=True
-        )
-        unreached: dict[str, str] = {}
-        if manifest.transport == Transport.broadcast:
-            assert self._source is not None, "broadcast manifest before connect_weights"
-            unreached, results = await asyncio.gather(
-                self._source.send_weights(manifest, [self._keys[i] for i in indices]), loads
-            )
-        else:
-            results = await loads
-        seconds: list[float] = []
-        failed: dict[int, BaseException] = {}
-        for i, result in zip(indices, results, strict=True):
-            if isinstance(result, BaseException):
-                failed[i] = result
-            elif self._keys[i] in unreached:
-                failed[i] = RuntimeError(f"weight broadcast failed: {unreached[self._keys[i]]}")
-            else:
-                seconds.append(result)
-        return seconds, failed
-
-    async def update_weights(self, manifest: WeightManifest) -> float:
-        """Load `manifest` on every live worker; returns the slowest engine's load time. A worker
-        that fails to load it is restarted (and then loads the manifest remembered here)."""
+    def restart(self, index: int, reason: str, died: bool) -> None:
+        """Take worker `index` out of service; its supervisor brings it back. A worker that `died` is
+        being restarted by Ray already; one that is up is killed so Ray restarts it, with `reason`
+        logged as its failure."""
         import ray
-        from ray.exceptions import RayActorError
 
-        async with self._push_lock:
-            self._manifest = manifest
-            live = [i for i, ok in enumerate(self._live) if ok]
-            seconds, failed = await self._deliver(manifest, live)
-            for i, error in failed.items():
-                log.warning("rollout worker %d did not load version %d: %s", i, manifest.version, error)
-                self._live[i] = False
-                if not isinstance(error, RayActorError):  # up, but its engine is not at this version
-                    self._load_errors[i] = f"loading weight version {manifest.version}: {error}"
-                    ray.kill(self.workers[i], no_restart=False)  # its supervisor restarts it
-            return max(seconds, default=0.0)
+        self._live[index] = False
+        if not died:
+            self._load_errors[index] = reason
+            ray.kill(self.workers[index], no_restart=False)
 
     async def evaluate(self, tasks: list[Task], n: int, temperature: float, top_p: float) -> list[Group]:
         """Held-out episodes on the live workers, tasks dealt round-robin; returns their groups."""

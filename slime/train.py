@@ -61,7 +61,7 @@ def check_env(cfg: SlimeConfig) -> int:
     from envs.openai_agent import uses_agent
 
     if uses_agent(env_cls):
-        from rollout.agent.episode import load_agent
+        from rollout.agent.runner import load_agent
 
         load_agent(cfg.env.agent)  # a wrong env.agent fails here, not inside a worker
     elif cfg.env.agent:
@@ -76,12 +76,12 @@ def resolve_resume(resume: str, run_dir: str) -> str:
     """`resume=auto`: the latest complete checkpoint of this run dir ("" when there is none yet, so
     the same command starts a run and continues it); `resume=PATH`: that checkpoint, or the latest
     complete one under PATH."""
-    from slime.core.checkpoint import latest_checkpoint, resolve_checkpoint
+    from slime.core.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, resolve_checkpoint
 
     if not resume:
         return ""
     if resume == "auto":
-        latest = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+        latest = latest_checkpoint(os.path.join(run_dir, CHECKPOINTS_DIR))
         log.info("resume=auto: %s", latest or "no checkpoint yet, starting fresh")
         return latest or ""
     try:

@@ -85,7 +85,7 @@ def tokenizer(cache_dir: str):
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def engine(tiny_dense_dir: str, tmp_path_factory: pytest.TempPathFactory):
     """A started float32 VLLMEngine on tiny_dense, shared by the whole session."""
-    from rollout.engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
 
     eng = VLLMEngine(
         tiny_dense_dir,
@@ -214,11 +214,11 @@ def algo_cfg(**kw) -> AlgorithmConfig:
 def new_worker(
     model_dir: str, tcfg: TrainerConfig, acfg: AlgorithmConfig, model_cfg: ModelConfig | None = None
 ):
-    """A set-up in-process `TrainerWorker` (seed 0) on `model_dir`; `model_cfg` defaults to
+    """A set-up in-process `TrainerRank` (seed 0) on `model_dir`; `model_cfg` defaults to
     `tiny_model_cfg()`. Modules that build one use the `in_process_trainer` fixture."""
-    from trainer.worker import TrainerSpec, TrainerWorker
+    from trainer.rank import TrainerRank, TrainerSpec
 
-    w = TrainerWorker(TrainerSpec(model_dir, model_cfg or tiny_model_cfg(), tcfg, acfg, seed=0))
+    w = TrainerRank(TrainerSpec(model_dir, model_cfg or tiny_model_cfg(), tcfg, acfg, seed=0))
     w.setup()
     return w
 
@@ -274,4 +274,11 @@ async def restore_weights(engine, model_dir: str) -> None:
     from slime.core.types import WeightManifest
 
     original = [os.path.join(model_dir, "model.safetensors")]
-    await engine.update_weights(WeightManifest(engine.version + 1, original, 0, 0))
+    await engine.update_weights(WeightManifest(engine.version + 1, "files", 0, 0, files=original))
+
+
+def publish_files(rank, version: int, out_dir: str, bucket_mb: int):
+    """An in-process `TrainerRank`'s weights as `version`, published through the files transport
+    under `out_dir` (a manifest any engine loads, and `read_weights` reads)."""
+    rank.open_weights("files", out_dir, bucket_mb, "gloo", 60)
+    return rank.publish_weights(version)

@@ -105,7 +105,7 @@ async def progress(engine, request_id: str, n: int = 4) -> None:
 
 def test_import_is_light():
     code = (
-        "import sys, rollout.engine, rollout.hf_engine, slime.core.transport; "
+        "import sys, rollout.engines.vllm, rollout.engines.hf, slime.core.transport; "
         "bad = [m for m in ('vllm', 'torch', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -352,7 +352,7 @@ async def test_update_abort_mode_applies_new_weights(engine, tokenizer, tiny_den
 
 async def test_tiny_moe_in_vllm(tiny_moe_dir, tokenizer, tmp_path):
     """Qwen3-MoE loads, generates, and hot-reloads (checkpoint-format expert names) in vLLM on CPU."""
-    from rollout.engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
 
     hf = load_hf(tiny_moe_dir)
     eng = VLLMEngine(
@@ -391,7 +391,7 @@ async def test_tiny_moe_in_vllm(tiny_moe_dir, tokenizer, tmp_path):
 
 
 async def test_transformers_engine(tiny_dense_dir, tokenizer, hf_dense, original_manifest, tmp_path):
-    from rollout.hf_engine import TransformersEngine
+    from rollout.engines.hf import TransformersEngine
 
     eng = TransformersEngine(tiny_dense_dir, dtype="float32", max_batch_size=8)
     await eng.start()

@@ -150,7 +150,7 @@ def test_registry_entry_points(monkeypatch):
 
 
 def test_cli_list_and_check(capsys):
-    from slime.envs import main
+    from envs.__main__ import main
 
     assert main(["list"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from envs.calculator import CalculatorEnv
 from envs.flaky import FlakyEnv
 from envs.guess_number import GuessNumberEnv
 from rollout.chat import ChatFormat
-from rollout.episode import run_episode, run_group
+from rollout.episode import run_env_group, run_episode
 from slime.core.config import RolloutConfig
 from slime.core.types import GenerateOutput, SamplingParams, Status, Task, Trajectory
 
@@ -392,7 +392,7 @@ async def test_flaky_containment_100_episodes(chat):
     tasks = FlakyEnv.make_tasks(25, seed=0)
     engine = ScriptedEngine(chat, lambda _: "ok")
     c = cfg(step_timeout_s=0.2, max_turns=4)
-    groups = await asyncio.gather(*(run_group(engine, factory, t, 4, chat, c, SAMPLING) for t in tasks))
+    groups = await asyncio.gather(*(run_env_group(engine, factory, t, 4, chat, c, SAMPLING) for t in tasks))
     trajs = [t for g in groups for t in g]
     assert len(trajs) == len(envs) == 100
 
@@ -436,14 +436,14 @@ async def test_run_group_is_concurrent_and_contains_factory_errors(chat):
     engine = ScriptedEngine(chat, lambda _: "50")
     task = Task(id="t", prompt="Guess.", env_args={"target": 50})
     sp = dataclasses.replace(SAMPLING, seed=5)
-    trajs = await run_group(engine, lambda: GuessNumberEnv(), task, 6, chat, cfg(), sp)
+    trajs = await run_env_group(engine, lambda: GuessNumberEnv(), task, 6, chat, cfg(), sp)
     assert [t.status for t in trajs] == [Status.COMPLETED] * 6 and engine.max_in_flight == 6
     assert sorted(c[1].seed for c in engine.calls) == sorted(5 + i * 1_000_003 for i in range(6))
 
     def bad_factory():
         raise ValueError("no such kwarg")
 
-    trajs = await run_group(engine, bad_factory, task, 3, chat, cfg(), SAMPLING)
+    trajs = await run_env_group(engine, bad_factory, task, 3, chat, cfg(), SAMPLING)
     assert all(
         t.status is Status.FAILED and "env construction raised ValueError" in t.info["error"] for t in trajs
     )
@@ -457,7 +457,7 @@ async def test_engine_errors_propagate(chat):
             raise ConnectionError("engine died")
 
     with pytest.raises(ConnectionError):
-        await run_group(
+        await run_env_group(
             Dead(), GuessNumberEnv, Task(id="t", prompt="x", env_args={"target": 1}), 3, chat, cfg(), SAMPLING
         )
     with pytest.raises(ConnectionError):
@@ -524,7 +524,7 @@ async def test_real_engine_guess_number(engine, chat):
     rec = Recording(engine)
     task = GuessNumberEnv.make_tasks(1, seed=0)[0]
     c = cfg(max_turns=4, max_tokens_per_turn=8, max_total_tokens=1024)
-    trajs = await run_group(
+    trajs = await run_env_group(
         rec,
         lambda: GuessNumberEnv(max_guesses=4),
         task,

@@ -67,12 +67,12 @@ def test_step_mfu_counts_every_forward(pack: bool, tiny_dense_dir: str, in_proce
     """`perf/mfu` = the FLOPs of the step's forwards (training 3x, proximal and reference 1x each,
     real tokens only, the shared prefix once) / (step seconds x measured peak)."""
     from trainer.batching import flatten_groups
-    from trainer.worker import TrainerSpec, TrainerWorker
+    from trainer.rank import TrainerRank, TrainerSpec
 
     tcfg = TrainerConfig(steps=1, lr=0.0, micro_batch_size=3, dtype="float32", threads_per_rank=1, pack=pack)
     # Two minibatches: proximal logprobs are scored first; kl_coef > 0: a reference forward too.
     algo = AlgorithmConfig(name="grpo", kl_coef=0.1, num_minibatches=2)
-    w = TrainerWorker(TrainerSpec(tiny_dense_dir, MODEL_CFG, tcfg, algo, seed=0))
+    w = TrainerRank(TrainerSpec(tiny_dense_dir, MODEL_CFG, tcfg, algo, seed=0))
     w.setup()
     rng = random.Random(1)
     prompt = [rng.randrange(100, 4000) for _ in range(9)]

@@ -24,7 +24,7 @@ import torch
 from test_engine import TOL_MAX, TOL_MEAN, hf_logprobs, load_hf, perturbed, progress
 
 from benchmarks.engine_probe import forward_tokens
-from rollout.engine_common import check_kv_after_update
+from rollout.engines.base import check_kv_after_update
 from slime.core.checkpoint import checkpoint_tensors
 from slime.core.transport import write_weights
 from slime.core.types import SamplingParams
@@ -168,7 +168,7 @@ async def test_abort_mode_prefills_again_with_kv_keep(engine, tokenizer, models,
 async def test_transformers_engine_kv_after_update(tiny_dense_dir, tokenizer, models, manifest, kv):
     """The transformers engine does both: keep goes on over its old KV cache, recompute ends the rows,
     which are resubmitted and prefilled with the new weights."""
-    from rollout.hf_engine import TransformersEngine
+    from rollout.engines.hf import TransformersEngine
 
     old, new = models
     eng = TransformersEngine(tiny_dense_dir, dtype="float32", max_batch_size=4)

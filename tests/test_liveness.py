@@ -10,8 +10,8 @@ import pytest
 from conftest import make_group, make_trajectory
 
 from slime.buffer import ReplayBuffer
-from slime.controller import prune_checkpoints
 from slime.core.checkpoint import STATE_FILE, latest_checkpoint
+from slime.core.checkpoint import prune as prune_checkpoints
 from slime.core.config import BufferConfig
 from slime.train import resolve_resume
 

@@ -18,6 +18,7 @@ from conftest import (
     algo_cfg,
     make_groups,
     new_worker,
+    publish_files,
     restore_weights,
     safetensors_dir,
     tiny_model_cfg,
@@ -185,7 +186,7 @@ def test_only_adapters_train_and_the_exports_are_merged(
 
         w.train_step(make_groups(tokenizer), version=0)
         assert optimizer_state_numel(w.policy) == 2 * w.num_trainable  # AdamW's two moments
-        manifest = w.export_weights(1, str(tmp_path / "weights"), bucket_mb=1)
+        manifest = publish_files(w, 1, str(tmp_path / "weights"), 1)
         ckpt = w.save_checkpoint(str(tmp_path / "step_000001"), step=1, version=1)
     finally:
         w.close()
@@ -250,7 +251,7 @@ async def test_pushed_adapter_reaches_the_engine(tiny_dense_dir: str, tokenizer,
     try:
         w.train_step(make_groups(tokenizer), version=0)
         assert w.forward.shared_prefix_forwards > 0
-        manifest = w.export_weights(engine.version + 1, str(tmp_path / "weights"), bucket_mb=1)
+        manifest = publish_files(w, engine.version + 1, str(tmp_path / "weights"), 1)
         await engine.update_weights(manifest)
         try:
             out = await engine.generate(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=3))

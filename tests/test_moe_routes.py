@@ -159,7 +159,7 @@ def agreement(routes: RoutedExperts, ref: np.ndarray) -> tuple[int, int]:
 
 
 def _start(model_dir: str, work_dir: str):
-    from rollout.engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
 
     return VLLMEngine(
         model_dir,

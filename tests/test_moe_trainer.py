@@ -260,9 +260,9 @@ def test_router_metrics_and_aux_loss_values(tiny_moe_dir):
 
 
 def new_worker(model_dir: str, tcfg: TrainerConfig, acfg: AlgorithmConfig):
-    from trainer.worker import TrainerSpec, TrainerWorker
+    from trainer.rank import TrainerRank, TrainerSpec
 
-    w = TrainerWorker(TrainerSpec(model_dir, MODEL_CFG, tcfg, acfg, seed=0))
+    w = TrainerRank(TrainerSpec(model_dir, MODEL_CFG, tcfg, acfg, seed=0))
     w.setup()
     return w
 
@@ -409,8 +409,8 @@ async def test_expert_parallel_matches_one_rank(stage, tiny_moe_dir, tokenizer, 
     the exported weights equal the one-rank export (abs 2e-4 after one AdamW step at lr 1e-3)."""
     from slime.core.config import MoeConfig
     from slime.core.transport import read_weights
+    from trainer.rank import TrainerSpec
     from trainer.ranks import TrainerRanks
-    from trainer.worker import TrainerSpec
 
     acfg = algo_cfg(loss_agg="token_mean")
     batch = make_groups(tokenizer, num_groups=2, n=4, seed=7)
@@ -438,7 +438,8 @@ async def test_expert_parallel_matches_one_rank(stage, tiny_moe_dir, tokenizer, 
         assert got["loss/policy"] == pytest.approx(ref["loss/policy"], rel=1e-4, abs=1e-6)
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
         assert got["moe/load_cv"] == pytest.approx(ref["moe/load_cv"], rel=1e-4)
-        manifest = await ranks.export_weights(1, str(tmp_path / "w"), bucket_mb=4)
+        await ranks.open_weights("files", str(tmp_path / "w"), 4, "gloo", 60)
+        manifest = await ranks.publish_weights(1)
         exported = dict(read_weights(manifest))
         assert set(exported) == set(ref_weights)
         for k, v in exported.items():

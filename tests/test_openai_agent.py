@@ -23,14 +23,14 @@ import pytest_asyncio
 from openai import AsyncOpenAI, BadRequestError, NotFoundError
 
 from envs.calculator import CALCULATOR_TOOL, CalculatorEnv
-from rollout.agent.episode import (
+from rollout.agent.protocol import assistant_message
+from rollout.agent.runner import (
     AgentLoadError,
     build_segments,
     coerce_agent_result,
     load_agent,
     run_agent_group,
 )
-from rollout.agent.protocol import assistant_message
 from rollout.agent.server import AgentServer
 from rollout.agent.session import CallRecord
 from rollout.chat import ChatFormat

@@ -1,6 +1,6 @@
 """Overlap of generation and training: `perf/overlap_efficiency` (slime/metrics.py), the rollout
 worker's generation clock and core claims (rollout/worker.py), and the automatic thread budgets
-(slime/core/config.py, trainer/process.py CoreShare). No engine, trainer or Ray: the parts alone."""
+(slime/core/config.py, slime/core/cores.py). No engine, trainer or Ray: the parts alone."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ from conftest import make_group, make_trajectory
 import rollout.worker as rollout_worker
 from rollout.worker import GenerationClock
 from slime.core.config import RolloutConfig
-from slime.core.cores import available_cores, engine_threads, trainer_threads
+from slime.core.cores import (
+    CoreClaim,
+    CoreShare,
+    available_cores,
+    engine_threads,
+    set_thread_budget,
+    trainer_threads,
+)
 from slime.metrics import StepTimes, overlap_efficiency, step_row
-from trainer.process import CoreShare, set_thread_budget
 
 
 # ------------------------------------------------------------------------------------ the metric
@@ -68,7 +74,7 @@ def fake_time(monkeypatch: pytest.MonkeyPatch) -> FakeTime:
 
 def test_clock_counts_concurrent_episodes_once_and_skips_weight_loads(fake_time: FakeTime, tmp_path) -> None:
     claim = tmp_path / "claims" / "worker0"
-    clock = GenerationClock(str(claim), threads=3)
+    clock = GenerationClock(CoreClaim(str(claim), threads=3))
     fake_time.now += 5  # idle: not counted
     clock.enter()
     assert claim.read_text() == "3"  # claimed while anything is in flight
@@ -89,25 +95,26 @@ def test_clock_counts_concurrent_episodes_once_and_skips_weight_loads(fake_time:
     assert clock.take() == 0.0
 
 
-def test_closing_the_clock_withdraws_the_claim_and_the_empty_folder(tmp_path) -> None:
+def test_closing_a_claim_withdraws_it_and_the_empty_folder(tmp_path) -> None:
     folder = tmp_path / "claims"
-    first, second = GenerationClock(str(folder / "worker0"), 1), GenerationClock(str(folder / "worker1"), 1)
+    first = GenerationClock(CoreClaim(str(folder / "worker0"), 1))
+    second = GenerationClock(CoreClaim(str(folder / "worker1"), 1))
     first.enter()
     second.enter()
-    first.close()  # stopped with an episode in flight: the claim goes, the folder stays for worker1
+    first.claim.close()  # stopped with an episode in flight: the claim goes, the folder stays for worker1
     assert sorted(p.name for p in folder.iterdir()) == ["worker1"]
-    second.close()
+    second.claim.close()
     assert not folder.exists()  # no leftovers in /dev/shm on any node
 
 
 def test_clock_without_a_claims_folder_only_counts(fake_time: FakeTime) -> None:
-    clock = GenerationClock(None, threads=1)
+    clock = GenerationClock(CoreClaim(None, threads=1))
     clock.enter()
     fake_time.now += 3
     assert clock.take() == 3.0  # so far, while still in flight
     fake_time.now += 1
     clock.exit()
-    clock.close()
+    clock.claim.close()
     assert clock.take() == 1.0
 
 
@@ -158,7 +165,10 @@ def test_fixed_thread_budget_has_no_share(restore_threads, monkeypatch) -> None:
 
     # Outside Ray, also when the suite's shared Ray cluster is up in this process.
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    assert set_thread_budget(1) is None and torch.get_num_threads() == 1
-    share = set_thread_budget(0)  # auto outside Ray: the whole machine, nothing to watch
-    assert share is not None and share.claims_dir is None
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    set_thread_budget(1)
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    share = CoreShare.in_this_process(1)  # auto outside Ray: the whole machine, nothing to watch
+    assert share.claims_dir is None and share.adjust() == available_cores()
     assert torch.get_num_threads() == available_cores()

@@ -406,11 +406,11 @@ def test_probe_catches_attention_that_ignores_the_packing(tiny_dense_dir: str) -
 def test_packed_train_step_matches_padded(tiny_dense_dir: str, in_process_trainer) -> None:
     """One DeepSpeed rank (lr 0, so the weights stay): loss, gradient norm, entropy and the KL to
     the reference agree packed and padded, with and without the shared prefix; the packed path ran."""
-    from trainer.worker import TrainerSpec, TrainerWorker
+    from trainer.rank import TrainerRank, TrainerSpec
 
     tcfg = TrainerConfig(steps=1, lr=0.0, micro_batch_size=3, dtype="float32", threads_per_rank=1)
     algo = AlgorithmConfig(name="grpo", kl_coef=0.1, entropy_coef=0.01)
-    w = TrainerWorker(TrainerSpec(tiny_dense_dir, MODEL_CFG, tcfg, algo, seed=0))
+    w = TrainerRank(TrainerSpec(tiny_dense_dir, MODEL_CFG, tcfg, algo, seed=0))
     info = w.setup()
     rng = random.Random(0)
     groups = []

@@ -85,7 +85,7 @@ async def test_plugin_env_runs_in_the_episode_loop(plugin_path: str, monkeypatch
     """In-process, through the registry and the real episode loop on the session engine."""
     from envs.registry import load_env_class
     from rollout.chat import ChatFormat
-    from rollout.episode import run_group
+    from rollout.episode import run_env_group
     from slime.core.config import RolloutConfig
     from slime.core.types import SamplingParams, Status
 
@@ -95,7 +95,7 @@ async def test_plugin_env_runs_in_the_episode_loop(plugin_path: str, monkeypatch
     cfg = RolloutConfig(max_turns=1, max_tokens_per_turn=16, max_total_tokens=256)
     # The random model never writes <|im_end|>; a space ends its turn instead, so step() runs.
     sampling = SamplingParams(max_tokens=16, stop=[" "], seed=0)
-    trajs = await run_group(engine, cls, task, 3, ChatFormat(tokenizer), cfg, sampling)
+    trajs = await run_env_group(engine, cls, task, 3, ChatFormat(tokenizer), cfg, sampling)
     assert all(t.status in (Status.COMPLETED, Status.TRUNCATED) for t in trajs), [t.info for t in trajs]
     completed = [t for t in trajs if t.status == Status.COMPLETED]
     assert completed, [t.info for t in trajs]

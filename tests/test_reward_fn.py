@@ -20,7 +20,7 @@ from envs.dataset import load_tasks
 from envs.registry import load_env_class
 from envs.reward_fn import RewardFnEnv, load_reward_function
 from rollout.chat import ChatFormat
-from rollout.episode import run_group
+from rollout.episode import run_env_group
 from slime.core.config import DatasetConfig, EnvConfig, RolloutConfig
 from slime.core.types import SamplingParams, Status, Task
 
@@ -247,7 +247,7 @@ async def test_a_raising_reward_fails_only_its_episode(chat):
     engine = ScriptedEngine(chat, ["5", "boom", "5", "5"])
     cfg = RolloutConfig(max_turns=1, max_tokens_per_turn=16, max_total_tokens=256, step_timeout_s=5.0)
     env_kwargs = {"reward": [f"{HERE}:boom_on_boom", CORRECT], "reward_weights": [0.5, 1.0]}
-    trajs = await run_group(
+    trajs = await run_env_group(
         engine, lambda: RewardFnEnv(**env_kwargs), ARITH, 4, chat, cfg, SamplingParams(max_tokens=16)
     )
     failed = [t for t in trajs if t.status is Status.FAILED]

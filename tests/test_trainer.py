@@ -1,6 +1,6 @@
 """The DeepSpeed trainer on tiny models: real DeepSpeed (gloo, CPU), real transformers models.
 
-In-process tests drive `TrainerWorker` with world size 1 (one process group for the module, torn
+In-process tests drive `TrainerRank` with world size 1 (one process group for the module, torn
 down at the end so later tests see a clean process); `test_ranks_*` runs `TrainerRanks` with two Ray
 ranks and compares against one rank. No op is JIT-compiled (the trainer avoids DeepSpeed's CPU Adam
 and shared-memory comm op).
@@ -16,6 +16,7 @@ from conftest import (
     algo_cfg,
     make_groups,
     new_worker,
+    publish_files,
     restore_weights,
     safetensors_dir,
     tiny_model_cfg,
@@ -105,7 +106,7 @@ def test_dense_step_and_export(stage: int, tiny_dense_dir: str, tokenizer, tmp_p
         changed = [k for k in before if not torch.equal(before[k], after[k])]
         assert len(changed) == len(before), set(before) - set(changed)
 
-        manifest = w.export_weights(1, str(tmp_path / "weights"), bucket_mb=1)
+        manifest = publish_files(w, 1, str(tmp_path / "weights"), 1)
         assert len(manifest.files) > 1  # 1 MiB buckets split the 12 MiB model
         shapes = manifest_shapes(manifest)
         assert shapes == checkpoint_shapes(tiny_dense_dir)
@@ -159,7 +160,9 @@ async def test_checkpoint_roundtrip_and_hf_export(tiny_dense_dir: str, tokenizer
         prompt = tokenizer.encode("Once upon a time there was a cat")
         files = sorted(os.path.join(hf, f) for f in os.listdir(hf) if f.endswith(".safetensors"))
         num_bytes = sum(t.numel() * t.element_size() for t in exported.values())
-        await engine.update_weights(WeightManifest(engine.version + 1, files, num_bytes, len(exported)))
+        await engine.update_weights(
+            WeightManifest(engine.version + 1, "files", num_bytes, len(exported), files=files)
+        )
         try:
             out = await engine.generate(prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=3))
             ours = token_logprobs(w.policy, prompt + out.token_ids, len(prompt))
@@ -237,7 +240,7 @@ def test_bf16_path(tiny_dense_dir: str, tokenizer, tmp_path, monkeypatch) -> Non
         assert w.bf16 and next(w.policy.module.parameters()).dtype == torch.bfloat16
         metrics = w.train_step(make_groups(tokenizer, num_groups=1, n=2), version=0)
         assert metrics["grad_norm"] > 0 and metrics["loss/policy"] == metrics["loss/policy"]
-        manifest = w.export_weights(1, str(tmp_path), bucket_mb=64)
+        manifest = publish_files(w, 1, str(tmp_path), 64)
         from slime.core.transport import read_weights
 
         assert {v.dtype for _, v in read_weights(manifest)} == {torch.bfloat16}
@@ -259,7 +262,7 @@ def test_moe_step_and_export(stage: int, tiny_moe_dir: str, tokenizer, tmp_path)
         assert metrics["grad_norm"] > 0 and metrics["loss/policy"] == metrics["loss/policy"]
         after = full_state(w)
         assert any(not torch.equal(before[k], after[k]) for k in before)  # experts trained
-        manifest = w.export_weights(1, str(tmp_path / "w"), bucket_mb=8)
+        manifest = publish_files(w, 1, str(tmp_path / "w"), 8)
         # Checkpoint layout (per-expert tensors, as on disk and as vLLM loads), not transformers'
         # in-memory fused `experts.gate_up_proj`.
         assert manifest_shapes(manifest) == checkpoint_shapes(tiny_moe_dir)
@@ -586,8 +589,8 @@ async def test_ranks_two_ranks_match_one_rank(
 ) -> None:
     """Two Ray ranks take the same steps as one rank, for every loss aggregation: the loss is
     normalised over the global batch (units and the seq_sum_norm constant all-reduced)."""
+    from trainer.rank import TrainerSpec
     from trainer.ranks import TrainerRanks
-    from trainer.worker import TrainerSpec
 
     acfg = algo_cfg(loss_agg=loss_agg)
     # Groups of 6 and 2 trajectories: the ranks get 8 and 4 sequences (4 and 2 micro-batches), so
@@ -636,7 +639,8 @@ async def test_ranks_two_ranks_match_one_rank(
                 assert g[key] == pytest.approx(r[key], rel=1e-4, abs=1e-6), key
             assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-3)
             assert g["is_ratio/max"] == pytest.approx(r["is_ratio/max"], rel=1e-4)
-        manifest = await ranks.export_weights(2, str(tmp_path / "w"), bucket_mb=4)
+        await ranks.open_weights("files", str(tmp_path / "w"), 4, "gloo", 60)
+        manifest = await ranks.publish_weights(2)
         from slime.core.transport import read_weights
 
         exported = dict(read_weights(manifest))

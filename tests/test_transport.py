@@ -281,7 +281,7 @@ async def test_broadcast_push_reaches_an_engine_with_its_own_weights_dir(
         shm = trainer.open_weights("shm", str(trainer_dir), 1, "gloo", 60)
         await engine.open_weights(dataclasses.replace(shm, weights_dir=str(engine_dir)))
         trainer.train_step(make_groups(tokenizer, seed=0), version=0)
-        manifest = trainer.export_weights(engine.version + 1, str(trainer_dir), 1)
+        manifest = trainer.publish_weights(engine.version + 1)
         assert manifest.transport == "shm"
         with pytest.raises(Exception, match="set weights.transport=broadcast"):
             await engine.update_weights(manifest)
@@ -294,7 +294,7 @@ async def test_broadcast_push_reaches_an_engine_with_its_own_weights_dir(
         for step in (1, 2):  # two versions: both slots, each sent over the group
             trainer.train_step(make_groups(tokenizer, seed=step), version=step)
             version = engine.version + 1
-            manifest = trainer.export_weights(version, str(trainer_dir), 1)
+            manifest = trainer.publish_weights(version)
             assert manifest.transport == "broadcast" and manifest.slot == "" and not manifest.files
             shutil.rmtree(trainer_dir, ignore_errors=True)  # the trainer sends from its mapping; no file
             assert not trainer_dir.exists()  # is left that anything could read
@@ -316,7 +316,7 @@ async def test_shm_push_from_the_trainer(trainer, engine, tokenizer, tiny_dense_
         await engine.open_weights(channel)
         trainer.train_step(make_groups(tokenizer, seed=3), version=3)
         version = engine.version + 1
-        manifest = trainer.export_weights(version, str(tmp_path), 64)
+        manifest = trainer.publish_weights(version)
         await engine.update_weights(manifest)
         assert engine.last_update["refreshed"] == ["lm_head"]
         await assert_engine_serves_trainer(engine, trainer, tokenizer, tiny_dense_dir, version)
@@ -368,7 +368,7 @@ async def push_both_ways(eng, model_dir: str, tokenizer, tmp_path: Path) -> list
 
 def aliasing_engine(model_dir: str, work_dir: Path):
     """A float32, one-thread vLLM engine asked to serve pushed weights from the shm slot."""
-    from rollout.engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
 
     return VLLMEngine(
         model_dir, dtype="float32", kv_cache_gib=1, work_dir=str(work_dir), num_threads=1, weight_alias=True
@@ -378,7 +378,7 @@ def aliasing_engine(model_dir: str, work_dir: Path):
 async def test_moe_in_vllm_both_transports(tiny_moe_dir, tokenizer, tmp_path) -> None:
     """Per-expert checkpoint names; the CPU experts are repacked after each push (stale packed
     experts would give errors of ~0.04). Asked for weight aliases, the MoE engine keeps vLLM's
-    reload (rollout/cpu_alias.py covers dense layers only)."""
+    reload (rollout/engines/cpu_alias.py covers dense layers only)."""
     eng = aliasing_engine(tiny_moe_dir, tmp_path / "moe")
     await eng.start()
     try:
@@ -432,7 +432,7 @@ async def test_weight_alias_serves_each_version_from_its_slot(tiny_dense_dir, to
 
 
 async def test_transformers_engine_both_transports(tiny_dense_dir, tokenizer, tmp_path) -> None:
-    from rollout.hf_engine import TransformersEngine
+    from rollout.engines.hf import TransformersEngine
 
     eng = TransformersEngine(tiny_dense_dir, dtype="float32", max_batch_size=4)
     await eng.start()

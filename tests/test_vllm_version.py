@@ -2,7 +2,7 @@
 
 import pytest
 
-from rollout.vllm_version import OVERRIDE_ENV, TESTED, check_vllm_version, installed_vllm
+from rollout.engines.vllm_version import OVERRIDE_ENV, TESTED, check_vllm_version, installed_vllm
 
 
 @pytest.mark.parametrize("version", [f"{TESTED}.0", f"{TESTED}.3", f"{TESTED}.0+cpu"])
@@ -26,5 +26,5 @@ def test_the_override_lets_an_untested_release_through(monkeypatch):
 
 
 def test_the_installed_vllm_is_the_tested_release():
-    # The `cpu` extra pins it; a drift here means pyproject.toml and rollout/vllm_version.py disagree.
+    # The `cpu` extra pins it; a drift here means pyproject.toml and rollout/engines/vllm_version.py disagree.
     assert check_vllm_version(installed_vllm())

@@ -1,9 +1,9 @@
-"""Full weights out of a DeepSpeed policy (ZeRO-3 gathered, expert-parallel experts gathered), weight
-pushes and checkpoints.
+"""Full weights out of a DeepSpeed policy (ZeRO-3 gathered, expert-parallel experts gathered), for
+weight pushes and checkpoints.
 
 Every function here is a collective under ZeRO-3 and expert parallelism (`collective=True`): all ranks
 call it together (rank 0 writes).
-Checkpoint layout: slime/core/checkpoint.py.
+The checkpoint layout and weight names: slime/core/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from slime.core import checkpoint as ck
 from slime.core.types import WeightManifest
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ def full_named_tensors(policy: Any, collective: bool, dtype: torch.dtype) -> Ite
     """
     import deepspeed
 
-    from slime.core.checkpoint import to_checkpoint_format
     from trainer.expert_parallel import autoep_layers, to_transformers_layout
     from trainer.lora import adapted_scales, merge, unwrap
 
@@ -64,7 +64,7 @@ def full_named_tensors(policy: Any, collective: bool, dtype: torch.dtype) -> Ite
             }
         if lora_scales:
             full = merge(full, lora_scales, dtype)
-        yield from to_checkpoint_format(unwrap(module), full).items()
+        yield from ck.to_checkpoint_format(unwrap(module), full).items()
 
 
 def layer_groups(entries: list[tuple[str, Tensor]]) -> list[tuple[str, list[tuple[str, Tensor]]]]:
@@ -88,30 +88,21 @@ def _drain(tensors: Iterator[Any]) -> None:
 
 
 def export_weights(
-    policy: Any,
-    rank: int,
-    collective: bool,
-    dtype: torch.dtype,
-    version: int,
-    out_dir: str,
-    bucket_mb: int,
-    sender: WeightSender | None = None,
+    policy: Any, rank: int, collective: bool, dtype: torch.dtype, version: int, sender: WeightSender | None
 ) -> WeightManifest | None:
-    """Write the full policy weights (checkpoint names, `dtype`): into rank 0's `sender`'s next slot
-    (slime/core/transport.py) when it has one, else as versioned safetensors buckets under `out_dir`
-    (`slime.core.transport.write_weights`). Rank 0 returns the manifest, the others None."""
-    from slime.core.transport import write_weights
-
-    if sender is not None:
-        # Gathered as they are: the copy into the slot casts, one pass instead of a cast copy first.
-        tensors = full_named_tensors(policy, collective, next(policy.module.parameters()).dtype)
-        return sender.publish(tensors, version, dtype)
-    tensors = full_named_tensors(policy, collective, dtype)
-    if rank == 0:
-        return write_weights(tensors, version, out_dir, bucket_mb, dtype=dtype)
-    if collective:
-        _drain(tensors)
-    return None
+    """Publish the full policy weights (checkpoint names, cast to `dtype` on the way) through rank 0's
+    `sender` (slime/core/transport.py). Every rank gathers when `collective`; rank 0 returns the
+    manifest, the others None."""
+    if rank != 0:
+        if collective:
+            _drain(full_named_tensors(policy, collective, dtype))
+        return None
+    if sender is None:
+        raise RuntimeError("trainer rank 0 has no weight transport: open_weights() before export_weights()")
+    # Gathered as they are: the copy into the transport casts, one pass instead of a cast copy first.
+    return sender.publish(
+        full_named_tensors(policy, collective, next(policy.module.parameters()).dtype), version, dtype
+    )
 
 
 def save_checkpoint(
@@ -133,7 +124,6 @@ def save_checkpoint(
     completion marker `slime_state.json` with `marker` (step, version, ...). Returns ckpt_dir."""
     import torch.distributed as dist
 
-    from slime.core import checkpoint as ck
     from trainer import lora
 
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -160,18 +150,15 @@ def save_checkpoint(
     return ckpt_dir
 
 
-RNG_DIR = "rng"  # <ckpt>/rng/rank<r>.pt: each rank's Python, NumPy and torch RNG states
-
-
 def save_rng_state(ckpt_dir: str, rank: int) -> None:
     """This rank's random states, so a resumed run draws what the uninterrupted one would have."""
     import random
 
     import numpy as np
 
-    os.makedirs(os.path.join(ckpt_dir, RNG_DIR), exist_ok=True)
+    os.makedirs(os.path.join(ckpt_dir, ck.RNG_DIR), exist_ok=True)
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save(state, os.path.join(ckpt_dir, RNG_DIR, f"rank{rank}.pt"))
+    torch.save(state, os.path.join(ckpt_dir, ck.RNG_DIR, f"rank{rank}.pt"))
 
 
 def load_rng_state(ckpt_dir: str, rank: int) -> bool:
@@ -180,7 +167,7 @@ def load_rng_state(ckpt_dir: str, rank: int) -> bool:
 
     import numpy as np
 
-    path = os.path.join(ckpt_dir, RNG_DIR, f"rank{rank}.pt")
+    path = os.path.join(ckpt_dir, ck.RNG_DIR, f"rank{rank}.pt")
     if not os.path.exists(path):
         return False
     state = torch.load(path, weights_only=False)  # our own file: Python and NumPy states are tuples
@@ -194,7 +181,6 @@ def load_checkpoint(policy: Any, critic: Any, ckpt_dir: str) -> tuple[str, dict[
     """Restore weights and optimizer state of the policy (and critic) from a checkpoint written by
     `save_checkpoint`, or from the latest complete one under a directory of checkpoints.
     Returns (the checkpoint's path, its marker, the client state saved with the policy)."""
-    from slime.core import checkpoint as ck
 
     path = ck.resolve_checkpoint(ckpt_dir)
     marker = ck.read_state(path)

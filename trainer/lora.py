@@ -2,7 +2,7 @@
 
 Contracts:
 
-- `wrap(model, cfg)` runs before `deepspeed.initialize` (trainer/worker.py). It returns peft's
+- `wrap(model, cfg)` runs before `deepspeed.initialize` (trainer/rank.py). It returns peft's
   `PeftModelForCausalLM` around the transformers model with every base parameter frozen, so
   `trainer.build._adamw` puts only the adapters in the optimizer and DeepSpeed keeps gradients and
   optimizer state for them only. Every adapted layer must be an `nn.Linear` inside a decoder layer

@@ -2,7 +2,7 @@
 
 Tensors in, tensors out: nothing here builds a model or needs DeepSpeed; collectives go through a
 `trainer.process.Collectives` (identities for one rank), so all of it runs in unit tests
-(tests/test_objective.py). The rank (trainer/worker.py) runs the forwards and the backward.
+(tests/test_objective.py). The rank (trainer/rank.py) runs the forwards and the backward.
 
 Decisions:
 

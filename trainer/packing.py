@@ -10,7 +10,7 @@ padding, not in its matmuls nor in its attention. Attention stays within each se
   transformers' own packed-sequence support for sdpa (position ids restarting at 0, no attention mask)
   builds one [N, N] block-diagonal mask and computes all N^2 scores: 10-12x slower than one causal
   sdpa call per sequence for 8 x 430 tokens on this CPU (`python -m benchmarks.packing`). Models on
-  other attention kernels (eager, flash-attention) train padded (trainer/worker.py says so).
+  other attention kernels (eager, flash-attention) train padded (trainer/rank.py says so).
 - Position ids are each token's position in its own sequence, so rotary embeddings are unchanged.
 - Prefix tree (`pack(..., share=True)`): rows that begin alike (a group's prompt, a system prompt
   every group shares, a reply sampled twice) share one segment for those tokens, and each segment

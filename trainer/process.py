@@ -1,4 +1,5 @@
-"""A trainer rank's process: its environment, thread budget, process group and collectives.
+"""A trainer rank's process: its environment, process group and collectives (its thread budget:
+slime/core/cores.py).
 
 Nothing here writes `os.environ` at import. What a rank needs as environment variables before torch
 or DeepSpeed start (OpenMP's thread count, DeepSpeed's accelerator, LOCAL_RANK) reaches its Ray actor
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from slime.core.config import TrainerConfig
-from slime.core.cores import available_cores, core_claims_dir, trainer_threads
+from slime.core.cores import available_cores, trainer_threads
 
 
 def rank_env(trainer_cfg: TrainerConfig, rank: int) -> dict[str, str]:
@@ -38,86 +39,6 @@ def rank_env(trainer_cfg: TrainerConfig, rank: int) -> dict[str, str]:
     if cpu:
         env["DS_ACCELERATOR"] = "cpu"
     return env
-
-
-def set_thread_budget(threads: int, num_ranks: int = 1) -> CoreShare | None:
-    """Give this process `threads` intra-op threads: two busy processes on two cores with torch's
-    default thread count ran several times slower (docs/benchmarks.md). For 0 (auto) inside a Ray job,
-    returns the `CoreShare` that the rank consults before each forward; None when the count is fixed."""
-    if threads:
-        torch.set_num_threads(threads)
-        return None
-    share = CoreShare(available_cores(_ray_cpus()), num_ranks, _claims_dir())
-    share.adjust()
-    return share
-
-
-class CoreShare:
-    """Auto threads for a trainer rank: the cores that busy rollout engines on this node do not claim.
-
-    A rollout worker with episodes in flight keeps a file holding its engine's thread count in
-    `claims_dir` (rollout/worker.py). `adjust()` sums those claims and sets this thread's torch
-    intra-op threads to `trainer_threads(0, num_ranks, cores, claimed)`: in a synchronous run the
-    engines are idle while the trainer trains, so the rank gets the whole machine; in an asynchronous
-    one it gets the engines' cores back as soon as they run out of work. OpenMP thread counts are
-    per calling thread, so `adjust` must run on the thread that runs the forward and backward.
-    """
-
-    def __init__(self, cores: int, num_ranks: int, claims_dir: str | None) -> None:
-        self.cores = cores
-        self.num_ranks = num_ranks
-        self.claims_dir = claims_dir
-        self.threads = 0  # as last set
-
-    def claimed(self) -> int:
-        """Threads the busy engines claim now (0 without a claims folder)."""
-        if self.claims_dir is None:
-            return 0
-        total = 0
-        try:
-            entries = list(os.scandir(self.claims_dir))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            try:
-                with open(entry.path, encoding="ascii") as f:
-                    total += int(f.read() or 0)
-            except (FileNotFoundError, ValueError):  # released, or being written, just now
-                continue
-        return total
-
-    def before_forward(self, *_: Any) -> None:
-        """A forward pre-hook (returns None, so the inputs stay as they are)."""
-        self.adjust()
-
-    def adjust(self) -> int:
-        """Set this thread's torch threads to the cores not claimed now; returns the count."""
-        threads = trainer_threads(0, self.num_ranks, self.cores, self.claimed())
-        if threads != self.threads:
-            torch.set_num_threads(threads)
-            self.threads = threads
-        return threads
-
-
-def _ray_cpus() -> int:
-    """The CPUs of the Ray cluster this process runs in (0 outside Ray)."""
-    try:
-        import ray
-    except ImportError:
-        return 0
-    return int(ray.cluster_resources().get("CPU", 0)) if ray.is_initialized() else 0
-
-
-def _claims_dir() -> str | None:
-    """The core claims folder of this process's Ray job on its node (None outside Ray)."""
-    try:
-        import ray
-    except ImportError:
-        return None
-    if not ray.is_initialized():
-        return None
-    ctx = ray.get_runtime_context()
-    return core_claims_dir(ctx.get_node_id(), ctx.get_job_id())
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The trainer as Ray actors: one `TrainerWorker` per data-parallel rank.
+"""The trainer as Ray actors: one `TrainerRank` per data-parallel rank.
 
 The controller talks only to `TrainerRanks`. Every method fans out to all ranks (they run
 collectives together) and awaits them; the first rank to fail fails the call with its rank in the
@@ -18,7 +18,7 @@ from typing import Any
 from slime.core.types import Group, WeightChannel, WeightManifest
 from trainer.batching import shard_groups
 from trainer.process import rank_env
-from trainer.worker import TrainerSpec
+from trainer.rank import TrainerSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ class TrainerRanks:
     def __init__(self, spec: TrainerSpec) -> None:
         import ray
 
-        from trainer.worker import TrainerWorker
+        from trainer.rank import TrainerRank
 
         cfg = spec.trainer
         self.num_ranks = cfg.num_ranks
-        actor_cls = ray.remote(TrainerWorker)
+        actor_cls = ray.remote(TrainerRank)
         self.actors = [
             actor_cls.options(
                 num_cpus=cfg.num_cpus_per_rank,
@@ -85,9 +85,10 @@ class TrainerRanks:
         results = await self._all("train_step", [([groups[i] for i in s], version) for s in shards])
         return results[0]
 
-    async def export_weights(self, version: int, out_dir: str, bucket_mb: int) -> WeightManifest:
-        """Full weights of `version` as buckets under out_dir (rank 0 writes; all ranks gather)."""
-        results = await self._all("export_weights", [(version, out_dir, bucket_mb)] * self.num_ranks)
+    # -- the trainer end of the weight push (slime/weight_push.py); rank 0 hosts the sender ----------
+    async def publish_weights(self, version: int) -> WeightManifest:
+        """Publish the full weights as `version` through rank 0's transport (all ranks gather)."""
+        results = await self._all("publish_weights", [(version,)] * self.num_ranks)
         manifest = results[0]
         if manifest is None:
             raise RuntimeError("trainer rank 0 returned no weight manifest")
@@ -100,7 +101,7 @@ class TrainerRanks:
     async def open_weights(
         self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
     ) -> WeightChannel:
-        """Open rank 0's end of the weight transport; `export_weights` then publishes through it."""
+        """Open rank 0's end of the weight transport; `publish_weights` then publishes through it."""
         ref = self.actors[0].open_weights.remote(transport, weights_dir, bucket_mb, backend, timeout_s)
         return await self._one(0, "open_weights", ref)
 

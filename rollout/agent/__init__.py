@@ -7,5 +7,5 @@ agent function runs against it.
 - `prefix.py`: prompt ids for a request, reusing an earlier call's ids token-exactly where the
   conversation continues it.
 - `server.py`: `AgentServer`, the routes and sessions served inside the rollout worker.
-- `episode.py`: loading the agent function, running its episodes, turning calls into trajectories.
+- `runner.py`: loading the agent function, running its episodes, turning calls into trajectories.
 """

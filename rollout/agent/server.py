@@ -15,7 +15,7 @@ Request and response formats: rollout/agent/protocol.py. Prompt ids continue ear
 token-exactly where the conversation does (rollout/agent/prefix.py); either way they are recorded
 exactly as sent to the engine. Every successful call is recorded in its session as a `CallRecord`
 (rollout/agent/session.py): the prompt ids, the generated ids exactly as the engine produced them
-(never re-tokenised), their logprobs and versions; rollout/agent/episode.py turns them into
+(never re-tokenised), their logprobs and versions; rollout/agent/runner.py turns them into
 trajectories.
 
 An engine exception inside a call answers 500 to the agent and is kept on the session

@@ -68,7 +68,7 @@ def plan_layout(
     floating-point tensors stored as `dtype` when given. Each tensor starts at an ALIGN-byte aligned
     offset, except that the members of a `FUSED` group of one module (same dtype) follow each other
     in the group's order with no gap, so an engine can use them as its fused parameter in place
-    (rollout/cpu_alias.py)."""
+    (rollout/engines/cpu_alias.py)."""
     stored: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, t in tensors:
         if name in stored:

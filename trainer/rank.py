@@ -1,7 +1,7 @@
 """One DeepSpeed trainer rank: a transformers causal LM (dense or MoE) under ZeRO 0-3.
 
-`TrainerWorker` is a plain class: tests drive it in-process (world size 1), and `trainer.ranks`
-wraps it in a Ray actor per rank. All ranks must call `setup`, `train_step`, `export_weights`,
+`TrainerRank` is a plain class: tests drive it in-process (world size 1), and `trainer.ranks`
+wraps it in a Ray actor per rank. All ranks must call `setup`, `train_step`, `publish_weights`,
 `save_checkpoint` and `load_checkpoint` together (they contain collectives).
 
 The parts, each in its own module: the process (threads, process group: trainer/process.py),
@@ -73,7 +73,7 @@ class TrainerSpec:
             )
 
 
-class TrainerWorker:
+class TrainerRank:
     """One data-parallel trainer rank.
 
     Construction is cheap (no DeepSpeed, no process group); `setup()` joins the process group and
@@ -134,16 +134,22 @@ class TrainerWorker:
         """Join the process group at master_addr:master_port (default for one rank: this host, a free
         port) and build the policy (plus reference model and critic when the algorithm needs them).
         Returns facts for the log: precision, parameters, seconds."""
+        from slime.core.cores import CoreShare, set_thread_budget
         from slime.core.model import load_tokenizer, resolve_dtype
         from trainer.build import build_frozen, build_trainable, load_causal_lm, no_dropout, resolve_precision
         from trainer.flops import measure_peak_flops, model_flops
         from trainer.forward import ValueModel
         from trainer.packing import use_segment_attention
-        from trainer.process import free_port, join_process_group, local_rank_env, set_thread_budget
+        from trainer.process import free_port, join_process_group, local_rank_env
 
         t0 = time.perf_counter()
         spec, cfg = self.spec, self.cfg
-        cores = set_thread_budget(cfg.threads_per_rank, cfg.num_ranks)
+        cores: CoreShare | None = None  # auto threads: rechecked before each forward
+        if cfg.threads_per_rank:
+            set_thread_budget(cfg.threads_per_rank)
+        else:
+            cores = CoreShare.in_this_process(cfg.num_ranks)
+            cores.adjust()
         if master_addr is None or master_port is None:
             if self.world_size > 1:
                 raise ValueError("setup() of a rank in a group of several needs master_addr and master_port")
@@ -281,7 +287,7 @@ class TrainerWorker:
         num_minibatches optimizer steps. Returns metrics reduced over all ranks (the same on every
         rank); `loss/policy` is the global minibatch loss averaged over the optimizer steps."""
         if self.policy is None:
-            raise RuntimeError("TrainerWorker.setup() must run before train_step()")
+            raise RuntimeError("TrainerRank.setup() must run before train_step()")
         if not groups:
             raise ValueError(f"trainer rank {self.rank} got no groups (batch_groups must be >= num_ranks)")
         t0 = time.perf_counter()
@@ -497,20 +503,15 @@ class TrainerWorker:
 
         return full_named_tensors(self.policy, self._collective_export, dtype)
 
-    def export_weights(self, version: int, out_dir: str, bucket_mb: int) -> WeightManifest | None:
-        """Write the full policy weights (checkpoint names, `model.dtype`) as versioned buckets.
-        All ranks call this; rank 0 writes and returns the manifest, the others return None."""
+    # -- the trainer end of the weight push (slime/weight_push.py drives it; rank 0 hosts the sender)
+    def publish_weights(self, version: int) -> WeightManifest | None:
+        """Publish the full policy weights (checkpoint names, `model.dtype`) as `version` through
+        rank 0's transport (`open_weights` first). All ranks call this (gathering may be collective);
+        rank 0 returns the manifest, the others None."""
         from trainer.export import export_weights
 
         return export_weights(
-            self.policy,
-            self.rank,
-            self._collective_export,
-            self.export_dtype,
-            version,
-            out_dir,
-            bucket_mb,
-            self.weight_sender,
+            self.policy, self.rank, self._collective_export, self.export_dtype, version, self.weight_sender
         )
 
     def node_id(self) -> str | None:
@@ -522,8 +523,8 @@ class TrainerWorker:
     def open_weights(
         self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
     ) -> WeightChannel:
-        """Rank 0: open the trainer's end of the weight transport (shm or broadcast); later
-        `export_weights` calls publish through it. Returns what engines need to open their end."""
+        """Rank 0: open the trainer's end of the weight transport (shm, broadcast or files); later
+        `publish_weights` calls publish through it. Returns what engines need to open their end."""
         from slime.core.transport import open_sender
 
         if self.weight_sender is not None:
