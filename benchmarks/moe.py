@@ -12,7 +12,7 @@
   numerical, not policy change) with routing_replay=rollout and =none (routes returned and compared,
   not replayed), in the default precision
   (bf16 where native) and in fp32; means over the steps.
-- push: glm5_tiny on two ranks with EP size 2: `export_weights` (all-gather of the experts + bucketed
+- push: glm5_tiny on two ranks with EP size 2: `publish_weights` (all-gather of the experts + bucketed
   safetensors on /dev/shm) and the engine's `update_weights` of that manifest, vs `copy_` of the same
   bytes into an already-allocated buffer.
 """
@@ -195,9 +195,10 @@ async def push(cache_dir: str, reps: int, work: str) -> dict[str, Any]:
         await ranks.setup()
         await engine.start()
         manifest = None
+        await ranks.open_weights("files", os.path.join(work, "weights"), 64, "gloo", 600)
         for v in range(1, reps + 1):
             t0 = time.perf_counter()
-            manifest = await ranks.export_weights(v, os.path.join(work, "weights"), bucket_mb=64)
+            manifest = await ranks.publish_weights(v)
             gather.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             await engine.update_weights(manifest)

@@ -5,7 +5,7 @@
 
 A real DeepSpeed trainer rank (in this process, ZeRO-1, float32 master weights) pushes to a real vLLM
 engine on this node, over each way a push can go:
-- files:     today's safetensors path (`slime.core.transport.write_weights` + the engine reading the files);
+- files:     weights.transport=files (safetensors buckets, `slime.core.transport.write_weights`, the engine reading the files);
 - shm:       weights.transport=shm (a slot in /dev/shm the engine maps; slime/core/transport.py);
 - broadcast: weights.transport=broadcast (a gloo group; bytes over loopback TCP here);
 - alias:     shm with rollout.weight_alias (the engine's parameters are views of the slot, its
@@ -13,7 +13,7 @@ engine on this node, over each way a push can go:
 Per push (median of --reps after two warm-up pushes, so both slots are touched):
 - gather:    the trainer's `full_named_tensors` alone, cast to the export dtype (as the files path
              gathers; shm and broadcast gather without the cast and cast in the slot copy);
-- publish:   the trainer's `export_weights` (gather + copy into the slot, or serialise into files);
+- publish:   the trainer's `publish_weights` (gather + copy into the slot, or serialise into files);
 - send:      broadcast only, the trainer's send (the engine receives at the same time);
 - pause:     the engine pausing its scheduler; then, inside the engine's worker:
   receive (map the slot / receive the bytes / open the files), reload (vLLM's layerwise reload,
@@ -91,8 +91,6 @@ async def _push(
 ) -> dict[str, float]:
     import cloudpickle
 
-    from slime.core.transport import write_weights
-
     counters = cloudpickle.dumps(_worker_counters)
     repack0, engine_faults0 = (await engine.collective_rpc(counters))[0]
     t0 = time.perf_counter()
@@ -102,12 +100,7 @@ async def _push(
 
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
-    if how == "files":
-        manifest = write_weights(
-            w.full_named_tensors(w.export_dtype), version, out_dir, bucket_mb, dtype=w.export_dtype
-        )
-    else:
-        manifest = w.export_weights(version, out_dir, bucket_mb)
+    manifest = w.publish_weights(version)
     publish = time.perf_counter() - t0
     publish_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     if how == "broadcast":
@@ -194,16 +187,15 @@ async def run(model_dir: str, dtype: str, reps: int, threads: int, bucket_mb: in
             out_dir = os.path.join(work, how)
             if how == "alias":
                 engine.settings = dataclasses.replace(engine.settings, weight_alias=True)
-            if how != "files":
-                transport = "shm" if how == "alias" else how
-                channel = w.open_weights(transport, out_dir, bucket_mb, "gloo", 600)
-                if how == "broadcast":
-                    channel = for_engine(channel, "engine", 1)
-                    await asyncio.gather(
-                        asyncio.to_thread(w.accept_weights, "engine", 1), engine.open_weights(channel)
-                    )
-                else:
-                    await engine.open_weights(channel)
+            transport = "shm" if how == "alias" else how
+            channel = w.open_weights(transport, out_dir, bucket_mb, "gloo", 600)
+            if how == "broadcast":
+                channel = for_engine(channel, "engine", 1)
+                await asyncio.gather(
+                    asyncio.to_thread(w.accept_weights, "engine", 1), engine.open_weights(channel)
+                )
+            else:
+                await engine.open_weights(channel)
             rows = []
             for rep in range(reps + 2):
                 version += 1

@@ -24,6 +24,8 @@ Builders (plain functions; test modules import them with `from conftest import .
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -282,3 +284,24 @@ def publish_files(rank, version: int, out_dir: str, bucket_mb: int):
     under `out_dir` (a manifest any engine loads, and `read_weights` reads)."""
     rank.open_weights("files", out_dir, bucket_mb, "gloo", 60)
     return rank.publish_weights(version)
+
+
+# ------------------------------------------------------------------ the suite's documented duration
+_SUITE_T0 = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """After a full run (more than 500 tests), print the measured wall time next to docs/testing.md's
+    figure, and say so when it drifted by more than a third (update the page then)."""
+    ran = sum(len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error"))
+    if ran < 500:
+        return
+    text = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
+    m = re.search(r"the whole suite[^\n]*?about (\d+) minutes", text)
+    took = (time.monotonic() - _SUITE_T0) / 60
+    if m is None:
+        terminalreporter.write_line(f"suite: {took:.1f} min; docs/testing.md states no duration")
+        return
+    stated = int(m.group(1))
+    drift = "" if abs(took - stated) <= stated / 3 else "  <- drifted: update docs/testing.md"
+    terminalreporter.write_line(f"suite: {took:.1f} min measured, docs/testing.md says about {stated}{drift}")

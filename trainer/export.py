@@ -87,7 +87,7 @@ def _drain(tensors: Iterator[Any]) -> None:
         pass
 
 
-def export_weights(
+def publish_weights(
     policy: Any, rank: int, collective: bool, dtype: torch.dtype, version: int, sender: WeightSender | None
 ) -> WeightManifest | None:
     """Publish the full policy weights (checkpoint names, cast to `dtype` on the way) through rank 0's
@@ -98,7 +98,7 @@ def export_weights(
             _drain(full_named_tensors(policy, collective, dtype))
         return None
     if sender is None:
-        raise RuntimeError("trainer rank 0 has no weight transport: open_weights() before export_weights()")
+        raise RuntimeError("trainer rank 0 has no weight transport: open_weights() before publish_weights()")
     # Gathered as they are: the copy into the transport casts, one pass instead of a cast copy first.
     return sender.publish(
         full_named_tensors(policy, collective, next(policy.module.parameters()).dtype), version, dtype

@@ -508,9 +508,9 @@ class TrainerRank:
         """Publish the full policy weights (checkpoint names, `model.dtype`) as `version` through
         rank 0's transport (`open_weights` first). All ranks call this (gathering may be collective);
         rank 0 returns the manifest, the others None."""
-        from trainer.export import export_weights
+        from trainer.export import publish_weights
 
-        return export_weights(
+        return publish_weights(
             self.policy, self.rank, self._collective_export, self.export_dtype, version, self.weight_sender
         )
 

@@ -139,8 +139,7 @@ def _check_routing_replay(cfg: SlimeConfig) -> None:
         "set algorithm.routing_replay=none",
     )
     _require(
-        replay != RoutingReplay.rollout
-        or (cfg.rollout.engine == Engine.vllm and cfg.rollout.capture_routes),
+        replay != RoutingReplay.rollout or (cfg.rollout.engine == Engine.vllm and cfg.rollout.capture_routes),
         f"algorithm.routing_replay={replay.value} needs the engine's routes, which rollout.engine=vllm captures "
         "with rollout.capture_routes=true: set those, or algorithm.routing_replay=none",
     )
