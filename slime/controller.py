@@ -101,13 +101,17 @@ def _with_engine_threads(cfg: SlimeConfig) -> SlimeConfig:
 
 
 def ray_init_options(cfg: RayConfig, log_to_driver: bool = True) -> dict[str, Any]:
-    """`ray.init` keyword arguments for the `ray` section: join `address`, or start a local cluster
-    with `num_cpus` whose worker processes run at `worker_niceness` (Ray's own default, 15, makes
-    slime's engines and trainer ranks, which are the whole job, yield to every other process)."""
+    """`ray.init` keyword arguments for the `ray` section: join `address` ("auto": the running
+    cluster), or start a private local cluster with `num_cpus` whose worker processes run at
+    `worker_niceness` (Ray's own default, 15, makes slime's engines and trainer ranks, which are the
+    whole job, yield to every other process)."""
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": log_to_driver}
     if cfg.address:
         options["address"] = cfg.address  # the cluster's own settings hold there
         return options
+    # A private cluster: without an address Ray would join whatever RAY_ADDRESS or the last
+    # `ray start` (/tmp/ray/ray_current_cluster) names, a dead cluster's leftovers included.
+    options["address"] = "local"
     if cfg.num_cpus:
         options["num_cpus"] = cfg.num_cpus
     options["_system_config"] = {"worker_niceness": cfg.worker_niceness}

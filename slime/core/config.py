@@ -638,7 +638,10 @@ class LoggerConfig:
 class RayConfig:
     """Where Ray runs."""
 
-    address: str = opt("", '"" starts a local cluster; "auto" joins a running one')
+    address: str = opt(
+        "",
+        '"" starts a private local cluster (RAY_ADDRESS is ignored); "auto" joins the running one; or HOST:PORT',
+    )
     num_cpus: int = opt(0, "CPUs for a local cluster (0 = all)")
     worker_niceness: int = opt(
         0, "nice (0-19) of a local cluster's engines and trainer ranks (Ray's default: 15)"
