@@ -125,7 +125,7 @@ def test_layout_puts_fused_siblings_back_to_back() -> None:
     """q/k/v and gate/up of one module (arriving in name order, 13-element rows: no natural alignment)
     lie back to back in the engine's fused order; every other tensor starts aligned; the entries keep
     the arrival order (streaming writes rely on it) and no two tensors overlap."""
-    from slime.core.transport import ALIGN, layout_bytes, plan_layout
+    from slime.core.flat_buffer import ALIGN, layout_bytes, plan_layout
 
     def t(rows: int) -> torch.Tensor:
         return torch.zeros(rows, 13)

@@ -9,7 +9,7 @@ with torch's `F.linear` on those plain weights, so loading a version is pointing
 the other slot: no copy, no repack. The cost is decode speed where oneDNN's packed GEMM beats torch's
 (measured in docs/benchmarks.md).
 
-Contract with the trainer's slot layout (`slime.core.transport.plan_layout`): the tensors of one fused vLLM
+Contract with the trainer's slot layout (`slime.core.flat_buffer.plan_layout`): the tensors of one fused vLLM
 parameter (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`, as the model's
 `packed_modules_mapping` lists them) lie next to each other in that order with no padding between
 them, in the engine's dtype. The two slots alternate, and a slot is written only after every live

@@ -253,7 +253,7 @@ class FilesSender:
         return {}
 
     def close(self) -> None:
-        shutil.rmtree(self.weights_dir, ignore_errors=True)
+        """The files stay for engines still reading them (the weight push removes its weights dir)."""
 
 
 def open_sender(
