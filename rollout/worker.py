@@ -198,6 +198,7 @@ class RolloutWorker:
                 self.chat,
                 self.cfg,
                 sampling,
+                self.env_cfg,
             )
         finally:
             self.clock.exit()

@@ -8,8 +8,16 @@ ticket before starting a group, and tickets are issued only while
 where `version` is the policy version the engines already serve and `refunded` counts groups that were
 admitted but will never be trained on (dropped). Batch k (trained at version k) consumes tickets
 [k*B, (k+1)*B) in FIFO order, so a group admitted at version v is trained at a version <= v +
-max_staleness unless it finishes late; those slip-throughs are dropped at `get_batch` ("stale").
-With max_staleness=0 exactly one batch is in flight per version: the synchronous on-policy baseline.
+max_staleness unless it finishes late. What happens to the tokens of a late group that are then
+more than max_staleness versions old is `buffer.stale_tokens`, applied in `get_batch`: `keep` trains
+them (each token against the behaviour logprobs of the version that sampled it), `mask` leaves them
+out of the loss (counted in `rollout/tokens_lost/stale`); either way the group, its reward and its
+fresher tokens are trained, so slow episodes are never wasted. `drop_group` (before partial rollouts)
+drops the whole group and refunds its ticket. With max_staleness=0 exactly one batch is in flight per
+version: the synchronous on-policy baseline.
+
+Tokens lost: every generated token that will never be trained is counted by reason in `stats()`
+(`rollout/tokens_lost/<reason>`: failed episodes, stale tokens, zero-variance and overflow drops).
 
 Every accepted group can be appended to `groups.jsonl` so a run can be replayed into the trainer alone.
 The class is plain asyncio (unit-testable); `slime.controller` hosts it in a Ray actor.
@@ -24,7 +32,7 @@ import os
 import time
 from typing import Any
 
-from slime.core.config import BufferConfig
+from slime.core.config import BufferConfig, StaleTokens
 from slime.core.types import Group, Status
 
 
@@ -58,6 +66,7 @@ class ReplayBuffer:
         self._handed_out: list[Group] = []  # the batch of the latest get_batch call
         self._cond = asyncio.Condition()
         self._dropped: collections.Counter[str] = collections.Counter()  # since last stats()
+        self._tokens_lost: collections.Counter[str] = collections.Counter()  # since last stats()
         self._failed_episodes = 0
         self._failure_reasons: collections.Counter[str] = collections.Counter()
         self._episodes = 0
@@ -124,9 +133,12 @@ class ReplayBuffer:
             self._cond.notify_all()
 
     # -- data in -------------------------------------------------------------------------------------
-    def _drop(self, reason: str, n: int = 1) -> None:
-        self._dropped[reason] += n
-        self.refunded += n
+    def _drop(self, reason: str, groups: list[Group]) -> None:
+        """Refund `groups` (dropped for `reason`): their tickets widen the window, their generated
+        tokens are lost."""
+        self._dropped[reason] += len(groups)
+        self.refunded += len(groups)
+        self._tokens_lost[reason] += sum(t.num_generated for g in groups for t in g.trajectories)
 
     async def put(self, group: Group) -> bool:
         """Accept a finished group; returns False when it was dropped (the ticket is refunded)."""
@@ -135,13 +147,14 @@ class ReplayBuffer:
             self._episodes += len(group.trajectories)
             failed = [t for t in group.trajectories if t.status == Status.FAILED]
             self._failed_episodes += len(failed)
+            self._tokens_lost["failed"] += sum(t.num_generated for t in failed)
             for t in failed:
                 self._failure_reasons[str(t.info.get("error", "unknown"))[:80]] += 1
             # Failed episodes carry no learning signal about the policy (their reward is an env
             # failure, not an outcome), so they never reach the trainer.
             group.trajectories = [t for t in group.trajectories if t.status != Status.FAILED]
             if len(group.trajectories) < self.min_group_size:
-                self._drop("failed")
+                self._drop("failed", [group])
                 self._failed_in_a_row += 1
                 # Failed groups are refunded, so a broken env would spin forever: give up loudly.
                 if self._failed_in_a_row >= max(8, 4 * self.batch_groups) and self.failure is None:
@@ -151,12 +164,11 @@ class ReplayBuffer:
                         f"(check env.name / env.kwargs / the environment code): {reasons}"
                     )
             elif self.drop_zero_variance and len(set(group.rewards)) <= 1 and not self._gen_cap_reached():
-                self._drop("zero_variance")
+                self._drop("zero_variance", [group])
                 self._zero_variance_since_batch += 1
             else:
                 if len(self._groups) >= self.cfg.max_groups:
-                    self._groups.pop(0)
-                    self._drop("overflow")
+                    self._drop("overflow", [self._groups.pop(0)])
                 self._groups.append(group)
                 self._failed_in_a_row = 0
                 if self._record is not None:
@@ -190,13 +202,30 @@ class ReplayBuffer:
 
     # -- data out ------------------------------------------------------------------------------------
     def _drop_stale(self, version: int) -> None:
-        keep = [g for g in self._groups if version - g.min_version <= self.cfg.max_staleness]
-        if len(keep) < len(self._groups):
-            self._drop("stale", len(self._groups) - len(keep))
+        """stale_tokens=drop_group: drop every group with a token older than the bound."""
+        keep, stale = [], []
+        for g in self._groups:
+            (keep if version - g.min_version <= self.cfg.max_staleness else stale).append(g)
+        if stale:
+            self._drop("stale", stale)
             # The refunds widen the admission window: wake the workers blocked in acquire(), or a
             # trainer waiting for replacements waits forever (this runs inside get_batch's wait).
             self._cond.notify_all()
         self._groups = keep
+
+    def _mask_stale(self, batch: list[Group], version: int) -> None:
+        """stale_tokens=mask: take the generated tokens more than max_staleness versions older than
+        `version` out of the loss (their episode, reward and fresher tokens stay)."""
+        oldest = version - self.cfg.max_staleness
+        for traj in (t for g in batch for t in g.trajectories):
+            stale = [
+                i
+                for i, (m, v) in enumerate(zip(traj.loss_mask, traj.versions, strict=True))
+                if m and v < oldest
+            ]
+            for i in stale:
+                traj.loss_mask[i] = 0
+            self._tokens_lost["stale"] += len(stale)
 
     async def get_batch(self, n: int, version: int) -> tuple[list[Group], float]:
         """Wait until n fresh groups are ready; return the n oldest (by ticket) and seconds waited."""
@@ -205,7 +234,8 @@ class ReplayBuffer:
             self._handed_out = []  # this call's batch, until the next call (see snapshot)
 
             def ready() -> bool:
-                self._drop_stale(version)
+                if self.cfg.stale_tokens == StaleTokens.drop_group:
+                    self._drop_stale(version)
                 return self.closed or self.failure is not None or len(self._groups) >= n
 
             await self._cond.wait_for(ready)
@@ -215,6 +245,8 @@ class ReplayBuffer:
                 raise RuntimeError("replay buffer closed before a full batch was ready")
             self._groups.sort(key=lambda g: g.ticket)
             batch, self._groups = self._groups[:n], self._groups[n:]
+            if self.cfg.stale_tokens == StaleTokens.mask:
+                self._mask_stale(batch, version)
             self._handed_out = batch
             self._zero_variance_since_batch = 0
             # Dropping stale groups refunded tickets: let workers start replacements.
@@ -233,7 +265,11 @@ class ReplayBuffer:
             out[f"buffer/dropped_{reason}"] = self._dropped.get(reason, 0)
         out["buffer/kept_zero_variance"] = self._kept_zero_variance
         out["episode/failure_reasons"] = dict(self._failure_reasons)
+        out["rollout/tokens_lost"] = sum(self._tokens_lost.values())
+        for reason in ("stale", "failed", "zero_variance", "overflow"):
+            out[f"rollout/tokens_lost/{reason}"] = self._tokens_lost.get(reason, 0)
         self._kept_zero_variance = 0
+        self._tokens_lost.clear()
         self._dropped.clear()
         self._failed_episodes = 0
         self._episodes = 0

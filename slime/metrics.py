@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slime.core.config import LoggerConfig
-from slime.core.types import Group
+from slime.core.types import Group, Trajectory
 
 
 def _mean(xs: list[float]) -> float:
@@ -30,25 +30,71 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
+def _quantile(xs: list[float], q: float) -> float:
+    """The q-quantile of xs by the nearest-rank method (0 for none)."""
+    if not xs:
+        return 0.0
+    ordered = sorted(xs)
+    return float(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))])
+
+
+def episodes(trajs: list[Trajectory]) -> list[list[Trajectory]]:
+    """Trajectories by episode, in order: the segments of one episode (same `episode_id`) together,
+    any other trajectory alone."""
+    by_key: dict[Any, list[Trajectory]] = {}
+    for t in trajs:
+        by_key.setdefault(t.episode_id or id(t), []).append(t)
+    return list(by_key.values())
+
+
 def batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
-    """Reward, length, turn, tool and staleness statistics of the trajectories trained at `version`."""
+    """Reward, length, turn, tool, context and staleness statistics of the batch trained at `version`.
+
+    Episode-level figures count each episode once however many segments a context limit split it
+    into (reward, turns, tool calls and errors, context tokens, response length summed over its
+    segments); token-level figures (staleness) take every generated token.
+    """
     trajs = [t for g in groups for t in g.trajectories]
-    rewards = [t.reward for t in trajs]
+    eps = episodes(trajs)
+    first = [e[0] for e in eps]
+    rewards = [t.reward for t in first]
+    tool_calls = [float(t.info.get("tool_calls", 0)) for t in first]
+    # Tool errors: calls the loop could not parse, plus those the environment reports as failed.
+    tool_errors = [
+        float(t.info.get("malformed_tool_calls", 0)) + float((t.info.get("env") or {}).get("tool_errors", 0))
+        for t in first
+    ]
+    context = [float(e[0].info.get("context_tokens", max(len(s.token_ids) for s in e))) for e in eps]
+    # Tokens the loss uses (buffer.stale_tokens=mask took the stale ones out), and every generated
+    # token (version >= 0; prompt and env tokens carry -1) however old.
     staleness = [version - v for t in trajs for v, m in zip(t.versions, t.loss_mask, strict=True) if m]
+    generated = [version - v for t in trajs for v in t.versions if v >= 0]
     seq_stale = [version - t.min_version for t in trajs]
+    partial = [e for e in eps if len({v for s in e for v in s.versions if v >= 0}) > 1]
+    lengths = [float(sum(s.num_generated for s in e)) for e in eps]
     return {
         "reward/mean": _mean(rewards),
         "reward/std": _std(rewards),
         "reward/max": max(rewards, default=0.0),
-        "response/len_mean": _mean([t.num_generated for t in trajs]),
-        "response/len_max": max((t.num_generated for t in trajs), default=0),
-        "episode/turns_mean": _mean([t.turns for t in trajs]),
-        "episode/tool_calls_mean": _mean([float(t.info.get("tool_calls", 0)) for t in trajs]),
-        "episode/truncated_frac": _mean([float(t.status.value == "truncated") for t in trajs]),
+        "response/len_mean": _mean(lengths),
+        "response/len_max": max(lengths, default=0.0),
+        "episode/turns_mean": _mean([float(t.turns) for t in first]),
+        "episode/tool_calls_mean": _mean(tool_calls),
+        "episode/tool_calls_p50": _quantile(tool_calls, 0.5),
+        "episode/tool_calls_p90": _quantile(tool_calls, 0.9),
+        "episode/tool_calls_max": max(tool_calls, default=0.0),
+        "episode/tool_errors_mean": _mean(tool_errors),
+        "episode/context_tokens_mean": _mean(context),
+        "episode/context_tokens_max": max(context, default=0.0),
+        "episode/truncated_frac": _mean([float(t.status.value == "truncated") for t in first]),
+        "episode/segments_mean": _mean([float(len(e)) for e in eps]),
         "staleness/mean": _mean([float(s) for s in staleness]),
         "staleness/max": float(max(staleness, default=0)),
         "staleness/seq_max": float(max(seq_stale, default=0)),
+        "staleness/token_max": float(max(generated, default=0)),
+        "rollout/partial_episodes": float(len(partial)),
         "batch/trajectories": float(len(trajs)),
+        "batch/episodes": float(len(eps)),
     }
 
 
@@ -183,7 +229,7 @@ METRIC_SECTIONS = (
 )
 
 # Columns of a sample row (wandb table and samples.jsonl).
-SAMPLE_COLUMNS = ("step", "task", "prompt", "response", "reward", "status", "turns")
+SAMPLE_COLUMNS = ("step", "task", "prompt", "response", "reward", "status", "turns", "tool_calls", "segments")
 
 
 def define_sections(run: Any) -> None:
@@ -195,25 +241,52 @@ def define_sections(run: Any) -> None:
     run.define_metric("*", step_metric="step")
 
 
-def sample_rows(step: int, groups: list[Group], decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
-    """One row per group (its first trajectory): the whole decoded conversation, untruncated.
+def render_turns(t: Trajectory, decode: Callable[[list[int]], str]) -> str:
+    """Everything after the first prompt, span by span: each generated turn opened by the policy
+    version(s) that produced it (`[v3]`, or `[v3->v4]` for a turn a weight push reached mid-way),
+    environment messages as the chat template renders them."""
+    out: list[str] = []
+    start = t.prompt_len
+    n = len(t.token_ids)
+    while start < n:
+        generated = bool(t.loss_mask[start]) or t.versions[start] >= 0
+        end = start
+        while end < n and (bool(t.loss_mask[end]) or t.versions[end] >= 0) == generated:
+            end += 1
+        text = decode(t.token_ids[start:end])
+        if generated:
+            vs = [v for v in t.versions[start:end] if v >= 0]
+            tag = f"[v{vs[0]}]" if vs[0] == vs[-1] else f"[v{vs[0]}->v{vs[-1]}]"
+            text = f"{tag} {text}"
+        out.append(text)
+        start = end
+    return "".join(out)
 
-    `prompt` is the first prompt (system message, tools, task) and `response` everything after it:
-    every assistant turn and every environment message appended between turns, with the chat
-    template's markers as `decode` renders them. Also the task id, reward, status and turns.
+
+def sample_rows(step: int, groups: list[Group], decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
+    """One row per group (the last segment of its first episode): the whole decoded conversation,
+    untruncated.
+
+    `prompt` is the segment's first prompt (system message, tools, task; under a context limit, the
+    compacted context) and `response` everything after it: every assistant turn tagged with the
+    policy version that generated it (`render_turns`), and every environment message appended
+    between turns, with the chat template's markers as `decode` renders them. Also the task id,
+    reward, status, turns, tool calls and segments.
     """
     rows = []
     for g in groups:
-        t = g.trajectories[0]
+        t = episodes(g.trajectories)[0][-1]
         rows.append(
             {
                 "step": step,
                 "task": g.task.id,
                 "prompt": decode(t.token_ids[: t.prompt_len]),
-                "response": decode(t.token_ids[t.prompt_len :]),
+                "response": render_turns(t, decode),
                 "reward": t.reward,
                 "status": t.status.value,
                 "turns": t.turns,
+                "tool_calls": int(t.info.get("tool_calls", 0)),
+                "segments": t.segment + 1,
             }
         )
     return rows

@@ -43,14 +43,18 @@ async def test_admission_window_sync_and_async():
         assert await _try_acquire(buf) == ((staleness + 1) * 2, 1)
 
 
+DROP = "drop_group"  # the policy before partial rollouts: a late group is dropped whole
+
+
 async def test_staleness_bound_drops_and_refunds():
-    buf = ReplayBuffer(BufferConfig(max_staleness=1, record=False), batch_groups=1)
+    buf = ReplayBuffer(BufferConfig(max_staleness=1, record=False, stale_tokens=DROP), batch_groups=1)
     await buf.put(_group(0, version=0))
     await buf.put(_group(1, version=2))
     batch, _ = await buf.get_batch(1, version=2)  # version-0 group is 2 versions old: dropped
     assert [g.ticket for g in batch] == [1]
     stats = buf.stats()
     assert stats["buffer/dropped_stale"] == 1
+    assert stats["rollout/tokens_lost/stale"] == 4  # two episodes of two generated tokens
     assert buf.refunded == 1  # a replacement may be admitted
 
 
@@ -120,7 +124,7 @@ async def test_env_that_always_fails_ends_the_run_with_its_reason():
 
 async def test_a_group_exactly_at_the_staleness_bound_is_kept_one_past_it_dropped():
     # max_staleness 1, one group per batch: the admission window is (version + 2) tickets.
-    buf = ReplayBuffer(BufferConfig(max_staleness=1, record=False), batch_groups=1)
+    buf = ReplayBuffer(BufferConfig(max_staleness=1, record=False, stale_tokens=DROP), batch_groups=1)
     assert [await _try_acquire(buf) for _ in range(3)] == [(0, 0), (1, 0), None]
     for ticket in range(3):
         await buf.put(_group(ticket, version=ticket))
@@ -179,7 +183,7 @@ async def test_a_dead_workers_waiting_acquire_takes_no_ticket_after_its_restart(
 
 
 async def test_a_stale_drop_while_the_trainer_waits_wakes_blocked_workers():
-    buf = ReplayBuffer(BufferConfig(max_staleness=0, record=False), batch_groups=1)
+    buf = ReplayBuffer(BufferConfig(max_staleness=0, record=False, stale_tokens=DROP), batch_groups=1)
     assert await _try_acquire(buf) == (0, 0)
     waiter = asyncio.create_task(buf.acquire())
     await buf.put(_group(0, version=0))
@@ -234,6 +238,12 @@ async def test_stats_count_since_the_previous_call():
         "buffer/dropped_overflow": 0,
         "buffer/kept_zero_variance": 0,
         "episode/failure_reasons": {"unknown": 1},
+        # 2 tokens of the failed episode, 2 + 2 of the two left in the dropped group
+        "rollout/tokens_lost": 6,
+        "rollout/tokens_lost/stale": 0,
+        "rollout/tokens_lost/failed": 2,
+        "rollout/tokens_lost/zero_variance": 4,
+        "rollout/tokens_lost/overflow": 0,
     }
     again = buf.stats()
     assert (again["episode/failed"], again["episode/count"], again["buffer/dropped_zero_variance"]) == (
@@ -362,3 +372,34 @@ async def test_kept_zero_variance_counts_since_the_previous_stats():
     assert [await buf.put(_group(t, 0, rewards=(1.0, 1.0))) for t in range(3)] == [False, True, True]
     assert buf.stats()["buffer/kept_zero_variance"] == 2
     assert buf.stats()["buffer/kept_zero_variance"] == 0
+
+
+def _spanning(ticket: int, versions: list[int]) -> Group:
+    """One episode whose generated tokens (one per entry) were sampled at `versions`: an episode that
+    ran through weight pushes."""
+    t = make_trajectory([1, 2], list(range(3, 3 + len(versions))), reward=1.0, version=versions[0])
+    t.versions[2:] = versions
+    fresh = make_trajectory([1, 2], [3], reward=0.0, version=versions[-1])  # a sibling that ended quickly
+    return make_group([t, fresh], task_id=f"task{ticket}", ticket=ticket)
+
+
+async def test_partial_rollouts_keep_the_late_group_and_its_stale_tokens():
+    buf = ReplayBuffer(BufferConfig(max_staleness=1, record=False, stale_tokens="keep"), batch_groups=1)
+    await buf.put(_spanning(0, [0, 0, 2, 3]))  # began at version 0, finished at 3
+    batch, _ = await asyncio.wait_for(buf.get_batch(1, version=3), 1)
+    assert [g.ticket for g in batch] == [0]
+    assert batch[0].trajectories[0].loss_mask == [0, 0, 1, 1, 1, 1]  # every token trained
+    stats = buf.stats()
+    assert stats["buffer/dropped_stale"] == 0 and stats["rollout/tokens_lost"] == 0 and buf.refunded == 0
+
+
+async def test_partial_rollouts_mask_exactly_the_tokens_past_the_bound():
+    buf = ReplayBuffer(BufferConfig(max_staleness=1, record=False, stale_tokens="mask"), batch_groups=1)
+    await buf.put(_spanning(0, [0, 1, 2, 3]))
+    batch, _ = await asyncio.wait_for(buf.get_batch(1, version=3), 1)
+    # Trained at 3 with bound 1: versions 2 and 3 stay, 1 is one past the bound, 0 two past.
+    assert batch[0].trajectories[0].loss_mask == [0, 0, 0, 0, 1, 1]
+    assert batch[0].rewards == [1.0, 0.0]  # the group and its reward are kept
+    stats = buf.stats()
+    assert stats["rollout/tokens_lost/stale"] == 2 and stats["rollout/tokens_lost"] == 2
+    assert stats["buffer/dropped_stale"] == 0 and buf.refunded == 0

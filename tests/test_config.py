@@ -291,6 +291,13 @@ def test_validate_checks_choices_of_configs_built_in_python():
             ["rollout.weight_alias=true", "weights.transport=broadcast"],
             ["rollout.weight_alias", "weights.transport"],
         ),
+        # segments of one episode cannot share GAE's value bootstrapping
+        (
+            ["algorithm=ppo", "rollout.context_policy=recent_tools"],
+            ["algorithm.advantage=gae", "rollout.context_policy=recent_tools"],
+        ),
+        (["rollout.keep_tool_results=-1"], ["rollout.keep_tool_results"]),
+        (["env.tool_latency_s=-1"], ["env.tool_latency_s"]),
     ],
 )
 def test_combinations_that_cannot_make_progress_are_rejected(overrides, keys):

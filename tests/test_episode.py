@@ -130,7 +130,7 @@ CALL = '<tool_call>[{"name": "calculator", "arguments": {"expression": "(47 - 19
 async def test_calculator_episode_is_token_exact(chat):
     engine = ScriptedEngine(chat, [CALL, "The calculator says 3. Answer: 3"], bump_version=True)
     env = CalculatorEnv()
-    traj = await run_episode(engine, env, CALC_TASK, chat, cfg(), SAMPLING)
+    (traj,) = await run_episode(engine, env, CALC_TASK, chat, cfg(), SAMPLING)
     assert traj.status is Status.COMPLETED and traj.reward == 1.0 and traj.turns == 2
     assert traj.info["tool_calls"] == 1 and traj.info["end_reason"] == "done" and traj.info["env"]["correct"]
     assert_token_exact(traj, engine)
@@ -161,7 +161,7 @@ async def test_calculator_episode_is_token_exact(chat):
 async def test_tool_errors_go_back_to_the_model(chat):
     bad = '<tool_call>[{"name": "calculator", "arguments": {"expression": "__import__(\'os\')"}}, {"name": "web", "arguments": {}}]</tool_call>'
     engine = ScriptedEngine(chat, [bad, "Answer: 3"])
-    traj = await run_episode(engine, CalculatorEnv(tool_bonus=0.2), CALC_TASK, chat, cfg(), SAMPLING)
+    (traj,) = await run_episode(engine, CalculatorEnv(tool_bonus=0.2), CALC_TASK, chat, cfg(), SAMPLING)
     text = chat.tokenizer.decode(traj.token_ids)
     assert "Error: unsupported element Call" in text and "Error: unknown tool 'web'" in text
     assert traj.status is Status.COMPLETED and traj.info["tool_calls"] == 2
@@ -173,7 +173,7 @@ async def test_malformed_tool_call_error_message(chat):
     engine = ScriptedEngine(
         chat, ['<tool_call>{"name": "calculator", "arguments": {</tool_call>', CALL, "Answer: 3"]
     )
-    traj = await run_episode(engine, CalculatorEnv(tool_bonus=0.5), CALC_TASK, chat, cfg(), SAMPLING)
+    (traj,) = await run_episode(engine, CalculatorEnv(tool_bonus=0.5), CALC_TASK, chat, cfg(), SAMPLING)
     assert traj.status is Status.COMPLETED and traj.turns == 3 and traj.reward == 1.0
     assert traj.info["malformed_tool_calls"] == 1 and traj.info["tool_calls"] == 1
     assert "could not be parsed (invalid JSON" in chat.tokenizer.decode(traj.token_ids)
@@ -182,7 +182,7 @@ async def test_malformed_tool_call_error_message(chat):
 
 async def test_malformed_tool_call_end_episode(chat):
     engine = ScriptedEngine(chat, ['<tool_call>{"name": "calculator"', "never used"])
-    traj = await run_episode(
+    (traj,) = await run_episode(
         engine, CalculatorEnv(), CALC_TASK, chat, cfg(on_malformed_tool_call="end_episode"), SAMPLING
     )
     assert traj.status is Status.COMPLETED and traj.reward == 0.0 and traj.turns == 1
@@ -191,7 +191,9 @@ async def test_malformed_tool_call_end_episode(chat):
 
 async def test_require_tool_call_reminds_the_model(chat):
     engine = ScriptedEngine(chat, ["Answer: 3", CALL, "Answer: 3"])
-    traj = await run_episode(engine, CalculatorEnv(require_tool_call=True), CALC_TASK, chat, cfg(), SAMPLING)
+    (traj,) = await run_episode(
+        engine, CalculatorEnv(require_tool_call=True), CALC_TASK, chat, cfg(), SAMPLING
+    )
     assert traj.turns == 3 and traj.reward == 1.0
     assert "Use the calculator tool before giving the final answer." in chat.tokenizer.decode(traj.token_ids)
 
@@ -214,7 +216,7 @@ async def test_guess_number_binary_search(chat):
     for target in (1, 37, 100):
         task = Task(id=f"g{target}", prompt="Guess my number between 1 and 100.", env_args={"target": target})
         engine = ScriptedEngine(chat, bisect_reply)
-        traj = await run_episode(
+        (traj,) = await run_episode(
             engine, GuessNumberEnv(max_guesses=7, shaping=0.5), task, chat, cfg(max_turns=10), SAMPLING
         )
         assert traj.status is Status.COMPLETED and traj.info["env"]["solved"]
@@ -235,7 +237,7 @@ async def test_truncation_by_length_scores_the_cut_off_reply(chat):
 
     engine = ScriptedEngine(chat, [CALL + " and more words " * 20])
     task = Task(id="t", prompt="Guess.", env_args={"target": 5})
-    traj = await run_episode(engine, Recorder(), task, chat, cfg(max_tokens_per_turn=40), SAMPLING)
+    (traj,) = await run_episode(engine, Recorder(), task, chat, cfg(max_tokens_per_turn=40), SAMPLING)
     assert traj.status is Status.TRUNCATED and traj.info["end_reason"] == "length"
     assert traj.num_generated == 40 and traj.turns == 1 and traj.reward == 0.25
     assert len(seen) == 1 and seen[0].tool_calls == [] and seen[0].content.startswith("<tool_call>")
@@ -246,7 +248,7 @@ async def test_max_total_tokens(chat):
     task = Task(id="t", prompt="Guess.", env_args={"target": 5})
     engine = ScriptedEngine(chat, lambda _: "50")
     c = cfg(max_turns=100, max_total_tokens=120, max_tokens_per_turn=16)
-    traj = await run_episode(engine, GuessNumberEnv(max_guesses=100), task, chat, c, SAMPLING)
+    (traj,) = await run_episode(engine, GuessNumberEnv(max_guesses=100), task, chat, c, SAMPLING)
     assert traj.status is Status.TRUNCATED and traj.info["end_reason"] == "max_total_tokens"
     assert len(traj.token_ids) <= 120 and traj.turns > 1
     assert_token_exact(traj, engine)
@@ -258,13 +260,15 @@ async def test_max_total_tokens(chat):
 async def test_max_turns(chat):
     task = Task(id="t", prompt="Guess.", env_args={"target": 5})
     engine = ScriptedEngine(chat, lambda _: "50")
-    traj = await run_episode(engine, GuessNumberEnv(max_guesses=100), task, chat, cfg(max_turns=3), SAMPLING)
+    (traj,) = await run_episode(
+        engine, GuessNumberEnv(max_guesses=100), task, chat, cfg(max_turns=3), SAMPLING
+    )
     assert traj.status is Status.TRUNCATED and traj.info["end_reason"] == "max_turns" and traj.turns == 3
 
 
 async def test_prompt_too_long_fails(chat):
     task = Task(id="t", prompt="word " * 300, env_args={"target": 5})
-    traj = await run_episode(
+    (traj,) = await run_episode(
         ScriptedEngine(chat, ["1"]), GuessNumberEnv(), task, chat, cfg(max_total_tokens=100), SAMPLING
     )
     assert traj.status is Status.FAILED and "max_total_tokens" in traj.info["error"]
@@ -274,7 +278,7 @@ async def test_stop_string_turn_is_closed_with_turn_end(chat):
     """A reply ended by a stop string has no EOS: the loop appends the turn-end token (mask 0)."""
     task = Task(id="t", prompt="Guess.", env_args={"target": 7})
     engine = ScriptedEngine(chat, ["50", "7"], eos=False)
-    traj = await run_episode(engine, GuessNumberEnv(), task, chat, cfg(), SAMPLING)
+    (traj,) = await run_episode(engine, GuessNumberEnv(), task, chat, cfg(), SAMPLING)
     assert traj.status is Status.COMPLETED and traj.turns == 2
     (_, s1, e1), (_, s2, _) = [sp for sp in spans(traj) if sp[0] == 1]
     assert traj.token_ids[e1] == chat.turn_end_id and traj.loss_mask[e1] == 0
@@ -283,7 +287,7 @@ async def test_stop_string_turn_is_closed_with_turn_end(chat):
 
 async def test_abort_is_reported(chat):
     task = Task(id="t", prompt="Guess.", env_args={"target": 7})
-    traj = await run_episode(
+    (traj,) = await run_episode(
         ScriptedEngine(chat, ["5"], eos=False, finish="abort"), GuessNumberEnv(), task, chat, cfg(), SAMPLING
     )
     assert traj.status is Status.ABORTED and traj.num_generated > 0
@@ -328,7 +332,9 @@ class Broken(Environment):
 async def test_env_failures_are_contained(chat, where, what):
     env = Broken(where, what)
     engine = ScriptedEngine(chat, lambda _: "hi")
-    traj = await run_episode(engine, env, Task(id="t", prompt="x"), chat, cfg(step_timeout_s=0.1), SAMPLING)
+    (traj,) = await run_episode(
+        engine, env, Task(id="t", prompt="x"), chat, cfg(step_timeout_s=0.1), SAMPLING
+    )
     assert traj.status is Status.FAILED and traj.reward == 0.0 and env.closed
     error = traj.info["error"]
     assert "\n" not in error and error.startswith(f"env.{where}")
@@ -356,7 +362,7 @@ async def test_malformed_step_results(chat, result, reason):
         async def step(self, action):
             return result
 
-    traj = await run_episode(
+    (traj,) = await run_episode(
         ScriptedEngine(chat, ["hi"]), Env(), Task(id="t", prompt="x"), chat, cfg(), SAMPLING
     )
     if reason is None:
@@ -374,7 +380,7 @@ async def test_bad_reset_messages_fail(chat):
         async def step(self, action):
             return StepResult([], 0.0, True, {})
 
-    traj = await run_episode(
+    (traj,) = await run_episode(
         ScriptedEngine(chat, ["hi"]), Env(), Task(id="t", prompt="x"), chat, cfg(), SAMPLING
     )
     assert traj.status is Status.FAILED and "reset() result[0].content" in traj.info["error"]
@@ -511,7 +517,7 @@ async def test_real_engine_calculator_multi_turn(engine, chat):
     rec = Recording(engine)
     task = CalculatorEnv.make_tasks(1, seed=3)[0]
     c = cfg(max_turns=3, max_tokens_per_turn=16, max_total_tokens=1024)
-    traj = await run_episode(
+    (traj,) = await run_episode(
         rec, CalculatorEnv(require_tool_call=True, max_turns=3), task, chat, c, RANDOM_MODEL_SAMPLING
     )
     assert traj.status in (Status.TRUNCATED, Status.COMPLETED) and traj.turns >= 2

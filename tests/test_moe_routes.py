@@ -275,9 +275,10 @@ async def _two_turn_episode(eng, tokenizer) -> Trajectory:
     # the turn itself) so that the env's reply is appended and turn 2 prefills it.
     sampling = SamplingParams(max_tokens=16, seed=7, stop=["e", "a", "o", " "])
     cfg = RolloutConfig(max_turns=2, max_tokens_per_turn=16, max_total_tokens=512)
-    return await run_episode(
+    (traj,) = await run_episode(
         eng, TwoTurns(), Task(id="two", prompt="x"), ChatFormat(tokenizer), cfg, sampling
     )
+    return traj
 
 
 async def test_glm5_tiny_generates_and_captures_biased_routes(cache_dir, tokenizer, tmp_path):

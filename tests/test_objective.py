@@ -270,3 +270,42 @@ def test_sequence_advantages_use_the_global_batch() -> None:
     torch.testing.assert_close(got, whole[2:].flatten())
     alone = sequence_advantages(torch.tensor(rank1), a).flatten()
     assert not torch.allclose(got, alone)
+
+
+def _segment(reward: float, episode: str, segment: int) -> Trajectory:
+    t = make_trajectory([1, 2], [3, 4], reward=reward)
+    t.episode_id, t.segment = episode, segment
+    return t
+
+
+def test_an_episode_split_into_segments_counts_once_in_its_group_baseline() -> None:
+    """Group of three episodes with rewards 1, 0, 0; the first was split into two segments by a
+    context limit. GRPO (dr_grpo: no std) per episode: mean 1/3, advantages 2/3, -1/3, -1/3; both
+    segments of the first get 2/3. Counting the segments as episodes would give mean 1/2 (+1/2, -1/2)."""
+    group = make_group(
+        [_segment(1.0, "a", 0), _segment(1.0, "a", 1), _segment(0.0, "b", 0), _segment(0.0, "c", 0)]
+    )
+    refs = flatten_groups([group])
+    rewards = torch.tensor([t.reward for t in group.trajectories])
+    adv = obj.sequence_advantages_of_episodes(
+        [group], refs, rewards, algo(advantage="dr_grpo"), Collectives()
+    )
+    torch.testing.assert_close(adv, torch.tensor([2 / 3, 2 / 3, -1 / 3, -1 / 3]))
+
+
+def test_episode_rewards_take_the_base_once_and_every_segments_shaping() -> None:
+    # Episode 0: segments 0 and 1, base 1.0, overlong penalties -0.25 and -0.5; episode 1: one
+    # sequence, base 0.0, no shaping. -> 1.0 - 0.25 - 0.5 = 0.25 and 0.0.
+    shaped = torch.tensor([0.75, 0.5, 0.0])
+    base = torch.tensor([1.0, 1.0, 0.0])
+    got = obj.episode_rewards(shaped, base, torch.tensor([0, 0, 1]), 2)
+    torch.testing.assert_close(got, torch.tensor([0.25, 0.0]))
+
+
+def test_sequences_without_an_episode_id_are_episodes_of_their_own() -> None:
+    groups = [
+        make_group([make_trajectory([1], [2]), make_trajectory([1], [3])]),
+        make_group([_segment(0.0, "x", 0)]),
+    ]
+    sizes, owner = obj.episodes_of(groups)
+    assert sizes == [2, 1] and owner.tolist() == [0, 1, 2]

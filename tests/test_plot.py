@@ -7,6 +7,7 @@ offline run to show the wandb calls are accepted.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 from pathlib import Path
@@ -205,7 +206,9 @@ def test_metrics_logger_wandb_sections_and_full_samples(fake_wandb: FakeRun, tmp
     full = decode(traj.token_ids)
     (sample,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()][:1]
     assert len(sample["prompt"]) > 300 and sample["prompt"].startswith("<system>You are")  # not cut
-    assert sample["prompt"] + sample["response"] == full  # every turn, the tool message included
+    # every turn, the tool message included; each assistant turn opened by its policy version
+    assert sample["response"].startswith("[v0] ")
+    assert sample["prompt"] + re.sub(r"\[v\d+(->v\d+)?\] ", "", sample["response"]) == full
     assert "<tool>5</tool>" in sample["response"]
     assert (sample["reward"], sample["status"], sample["turns"], sample["task"]) == (
         1.0,

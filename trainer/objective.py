@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from slime.core.config import AlgorithmConfig
+from slime.core.types import Group
 from trainer.advantages import (
     Moments,
     broadcast_to_tokens,
@@ -138,6 +139,36 @@ def shaped_rewards(refs: list[SeqRef], plan: Plan, algo: AlgorithmConfig, max_re
     return rewards
 
 
+def episodes_of(groups: list[Group]) -> tuple[list[int], Tensor]:
+    """The episodes of this rank's groups: how many each group has, and for every sequence (in
+    flattened order) the index of its episode among all of them. Segments of one episode (the same
+    non-empty `episode_id`, rollout/episode.py) share an index; any other sequence is its own."""
+    sizes: list[int] = []
+    owner: list[int] = []
+    for group in groups:
+        seen: dict[str, int] = {}
+        for traj in group.trajectories:
+            key = traj.episode_id or f"#{len(owner)}"
+            if key not in seen:
+                seen[key] = sum(sizes) + len(seen)
+            owner.append(seen[key])
+        sizes.append(len(seen))
+    return sizes, torch.tensor(owner, dtype=torch.int64)
+
+
+def episode_rewards(rewards: Tensor, base: Tensor, owner: Tensor, num_episodes: int) -> Tensor:
+    """[E] one reward per episode from per-sequence `rewards` [N] (shaped) and `base` [N] (the
+    environment's reward, the same for every segment of an episode): the base once, plus every
+    segment's shaping (overlong penalty, KL as reward)."""
+    out = torch.zeros(num_episodes, dtype=rewards.dtype)
+    out.index_add_(0, owner, rewards - base)
+    first = torch.full((num_episodes,), -1, dtype=torch.int64)
+    for i, e in enumerate(owner.tolist()):  # each episode's first sequence carries its base reward
+        if first[e] < 0:
+            first[e] = i
+    return out + base[first]
+
+
 def global_sequence_advantages(
     group_sizes: list[int], rewards: Tensor, algo: AlgorithmConfig, comm: Collectives
 ) -> Tensor:
@@ -161,6 +192,17 @@ def global_sequence_advantages(
             adv_groups[i] = adv[row]
     mine = adv_groups[offset : offset + len(group_sizes)]
     return torch.cat([a for a in mine if a is not None]) if mine else torch.zeros(0)
+
+
+def sequence_advantages_of_episodes(
+    groups: list[Group], refs: list[SeqRef], rewards: Tensor, algo: AlgorithmConfig, comm: Collectives
+) -> Tensor:
+    """[N_local] advantages of this rank's sequences: computed per episode (a group's baseline counts
+    each episode once, however many segments it was split into) and given to each of its segments."""
+    sizes, owner = episodes_of(groups)
+    base = torch.tensor([r.traj.reward for r in refs], dtype=rewards.dtype)
+    ep_adv = global_sequence_advantages(sizes, episode_rewards(rewards, base, owner, sum(sizes)), algo, comm)
+    return ep_adv[owner] if len(owner) else ep_adv
 
 
 def assign_sequence_advantages(plan: Plan, seq_adv: Tensor) -> None:

@@ -375,8 +375,7 @@ class TrainerRank:
     def _sequence_advantages(self, groups: list[Group], refs: list[SeqRef], plan: obj.Plan) -> torch.Tensor:
         """[N_local] advantages of this rank's sequences from the global batch's rewards (a collective)."""
         rewards = obj.shaped_rewards(refs, plan, self.algo, self.spec.max_response_len)
-        sizes = [len(g.trajectories) for g in groups]
-        return obj.global_sequence_advantages(sizes, rewards, self.algo, self.comm)
+        return obj.sequence_advantages_of_episodes(groups, refs, rewards, self.algo, self.comm)
 
     def _compute_advantages(
         self, plan: obj.Plan, groups: list[Group], refs: list[SeqRef], seq_adv: torch.Tensor | None

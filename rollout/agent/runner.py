@@ -313,9 +313,10 @@ async def run_agent_episode(
     """Run one agent episode; returns its segments as trajectories (one FAILED trajectory on failure).
 
     Never raises for agent failures; raises RuntimeError (from the engine's exception) when the engine
-    failed during one of the agent's calls. Each trajectory's info: end_reason, tool_calls,
-    malformed_tool_calls, env (the agent's info dict), episode_id, episode, segment, num_segments,
-    calls, and error when FAILED. Timings: generate_s (this segment's calls), env_s (episode time
+    failed during one of the agent's calls. Each trajectory's info: end_reason (its segment's),
+    segment, num_segments, and, episode-level and the same in every segment, tool_calls,
+    malformed_tool_calls, segments, env (the agent's info dict), episode_id, episode, calls, and
+    error when FAILED. Timings: generate_s (this segment's calls), env_s (episode time
     outside generation), total_s (episode wall time).
     """
     t0 = time.perf_counter()
@@ -352,10 +353,14 @@ async def run_agent_episode(
     generate_all = sum(c.generate_s for c in session.calls)
     if error is None and not segments:
         error = "agent made no model calls"
+    # Episode-level, shared by every segment (as rollout/episode.py's segments share theirs).
     common = {
         "episode_id": session.episode_id,
         "episode": episode_index,
         "calls": len(session.calls),
+        "tool_calls": sum(c.tool_calls for c in session.calls),
+        "malformed_tool_calls": sum(c.malformed_tool_call for c in session.calls),
+        "segments": len(segments),
         "env": agent_info,
     }
 
@@ -374,6 +379,7 @@ async def run_agent_episode(
                 routed_experts=seg.final_routes(),
             )
         traj.info.update(common, segment=len(segments) - 1, num_segments=len(segments))
+        traj.episode_id = session.episode_id
         traj.timings = {
             "generate_s": generate_all,
             "env_s": max(0.0, total_s - generate_all),
@@ -395,11 +401,9 @@ async def run_agent_episode(
                 prompt_len=seg.prompt_len,
                 reward=reward,
                 status=status,
-                turns=len(seg.calls),
+                turns=len(session.calls),
                 info={
                     "end_reason": end_reason,
-                    "tool_calls": sum(c.tool_calls for c in seg.calls),
-                    "malformed_tool_calls": sum(c.malformed_tool_call for c in seg.calls),
                     **common,
                     "env": dict(agent_info),
                     "segment": j,
@@ -412,6 +416,8 @@ async def run_agent_episode(
                 },
                 start_version=start_version,
                 routed_experts=seg.final_routes(),
+                episode_id=session.episode_id,
+                segment=j,
             )
         )
     return out

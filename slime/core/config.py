@@ -61,6 +61,21 @@ class Engine(enum.StrEnum):
     transformers = "transformers"
 
 
+class EnvExecutor(enum.StrEnum):
+    thread = "thread"  # the env's coroutines on an event loop in a thread of the episode's own
+    process = "process"  # the env in a child process of the episode's own (killed on a timeout)
+
+
+class ToolLatency(enum.StrEnum):
+    fixed = "fixed"
+    lognormal = "lognormal"  # median env.tool_latency_s, shape env.tool_latency_sigma: heavy-tailed
+
+
+class ContextPolicy(enum.StrEnum):
+    truncate = "truncate"  # the episode ends TRUNCATED at rollout.max_total_tokens
+    recent_tools = "recent_tools"  # older tool results are replaced by a placeholder: a new segment
+
+
 class MalformedToolCall(enum.StrEnum):
     error_message = "error_message"
     end_episode = "end_episode"
@@ -144,6 +159,12 @@ class KlMode(enum.StrEnum):
 class GenCap(enum.StrEnum):
     stop = "stop"
     train = "train"
+
+
+class StaleTokens(enum.StrEnum):
+    keep = "keep"  # trained, each against its own behaviour logprobs (algorithm.off_policy)
+    mask = "mask"  # left out of the loss; counted in rollout/tokens_lost/stale
+    drop_group = "drop_group"  # a group with any stale token is dropped whole (before partial rollouts)
 
 
 class RoutingReplay(enum.StrEnum):
@@ -282,6 +303,20 @@ class EnvConfig:
     kwargs: dict[str, Any] = opt({}, "passed to the environment's constructor")
     dataset: DatasetConfig = opt(DatasetConfig, "task source")
     agent: str = opt("", "for env=openai_agent: `package.module:function` of the black-box agent")
+    executor: EnvExecutor = opt(
+        EnvExecutor.thread,
+        "where reset/step/close run, off the worker's event loop: a thread per episode, or a process per "
+        "episode (killed when a call overruns rollout.step_timeout_s; for CPU-bound or crashing envs)",
+    )
+    tool_latency_s: float = opt(
+        0.0, "artificial latency of every step that calls tools, in seconds (a workload knob; 0 = none)"
+    )
+    tool_latency: ToolLatency = opt(
+        ToolLatency.fixed, "fixed, or lognormal with median tool_latency_s (heavy-tailed)"
+    )
+    tool_latency_sigma: float = opt(
+        1.0, "the lognormal's shape: the p99 call takes exp(2.33 sigma) x the median"
+    )
     by_name: dict[str, EnvArgs] = opt(
         {},
         "per-environment arguments keyed by env name, used only for the selected env (experiments set "
@@ -306,6 +341,7 @@ class EnvConfig:
             self.name != "openai_agent" or bool(self.agent),
             "env.agent=package.module:function is required when env.name=openai_agent",
         )
+        _require_non_negative(self, "env", "tool_latency_s", "tool_latency_sigma")
         self.dataset.validate()
 
 
@@ -325,7 +361,15 @@ class RolloutConfig:
     top_p: float = opt(1.0, "nucleus sampling, in (0, 1]")
     max_turns: int = opt(4, "environment steps per episode")
     max_tokens_per_turn: int = opt(128, "new tokens per generate call")
-    max_total_tokens: int = opt(1024, "prompt + all turns; the episode is truncated past it")
+    max_total_tokens: int = opt(
+        1024, "prompt + all turns of one context; context_policy says what happens past it"
+    )
+    context_policy: ContextPolicy = opt(
+        ContextPolicy.truncate,
+        "at max_total_tokens: truncate (end the episode), or recent_tools (replace tool results older than "
+        "the keep_tool_results most recent by a placeholder and go on in a new training segment)",
+    )
+    keep_tool_results: int = opt(2, "recent_tools: how many of the latest tool results stay in the context")
     step_timeout_s: float = opt(
         30.0, "seconds an env reset/step may take before the episode fails (0 = no limit)"
     )
@@ -395,6 +439,7 @@ class RolloutConfig:
             "num_cpus_per_worker",
             "gpus_per_worker",
             "max_restarts",
+            "keep_tool_results",
         )
         _require(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(
@@ -599,6 +644,12 @@ class BufferConfig:
 
     max_staleness: int = opt(
         1, "max policy versions between a token's generation and its training (0 = sync)"
+    )
+    stale_tokens: StaleTokens = opt(
+        StaleTokens.keep,
+        "generated tokens more than max_staleness versions old when their batch trains (an episode that "
+        "outlived weight pushes): keep them with their correction, mask them out of the loss, or drop the "
+        "whole group (docs/agents.md)",
     )
     max_groups: int = opt(256, "hard cap on finished groups held (>= trainer.batch_groups)")
     record: bool = opt(True, "write every accepted group to <run_dir>/buffer/groups.jsonl")

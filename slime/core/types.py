@@ -174,6 +174,8 @@ class Trajectory:
     appended them; loss_mask is 1 only on tokens the policy generated; behavior_logprobs and versions
     are per token (0.0 and -1 where loss_mask is 0). routed_experts: for MoE policies when the engine
     captured routes (`algorithm.routing_replay=rollout`), one row per token (see RoutedExperts); else None.
+    An episode split by a context limit is several Trajectories with one `episode_id` and `segment`
+    0, 1, ...; they share reward, status, turns and info, and each generated token is in one of them.
     """
 
     task_id: str
@@ -189,6 +191,10 @@ class Trajectory:
     timings: dict[str, float] = field(default_factory=dict)  # generate_s, env_s, total_s
     start_version: int = 0  # engine version when the episode started
     routed_experts: RoutedExperts | None = None
+    # Which episode this is a segment of (rollout/episode.py: a context limit can split an episode
+    # into several training sequences that share its reward); "" = an episode of its own.
+    episode_id: str = ""
+    segment: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)

@@ -14,6 +14,7 @@ from slime.core.config import (
     SECTIONS,
     Advantage,
     CommBackend,
+    ContextPolicy,
     Engine,
     RoutingReplay,
     SlimeConfig,
@@ -42,6 +43,13 @@ def validate(cfg: SlimeConfig) -> None:
             group_size >= 2,
             f"algorithm.advantage={cfg.algorithm.advantage} needs rollout.group_size >= 2, got {group_size}",
         )
+    # GAE bootstraps values along one sequence to its end: an episode split into segments would get
+    # its reward once per segment and values that stop at a segment boundary.
+    _require(
+        cfg.algorithm.advantage != Advantage.gae or cfg.rollout.context_policy != ContextPolicy.recent_tools,
+        "algorithm.advantage=gae cannot train episodes that rollout.context_policy=recent_tools splits into "
+        "segments: use rollout.context_policy=truncate, or a sequence-level advantage (grpo, rloo, ...)",
+    )
     # A group of one never has reward variance, so dynamic sampling would drop every group.
     _require(
         not cfg.algorithm.dynamic_sampling or group_size >= 2,
