@@ -28,6 +28,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "target": "envs.target:TargetEnv",
     "reward_fn": "envs.reward_fn:RewardFnEnv",
     "flaky": "envs.flaky:FlakyEnv",
+    "long_tail": "envs.long_tail:LongTailEnv",
     # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent/runner.py).
     "openai_agent": "envs.openai_agent:OpenAIAgentEnv",
 }

@@ -169,6 +169,7 @@ class RolloutWorker:
             max_tokens=self.cfg.max_tokens_per_turn,
             temperature=self.cfg.temperature,
             top_p=self.cfg.top_p,
+            stop=list(self.cfg.stop),
             seed=seed,
         )
 

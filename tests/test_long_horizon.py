@@ -188,3 +188,19 @@ def test_tool_latency_fixed_and_heavy_tailed():
     assert 1.8 < draws[2000] < 2.2  # the median is the configured latency
     assert draws[3960] > 15.0  # p99 ~ 2 * e^2.33 = 20.6 s: a long tail
     assert delay_s(EnvConfig(name="x"), rng) == 0.0
+
+
+async def test_long_tail_tasks_and_rewards():
+    from envs.long_tail import LongTailEnv
+
+    tasks = LongTailEnv.make_tasks(40, seed=3)
+    assert tasks == LongTailEnv.make_tasks(40, seed=3)  # deterministic
+    slow = [t for t in tasks if t.env_args["slow"]]
+    assert len(slow) == 4 and all(t.env_args == {"slow": True, "turns": 6, "step_s": 3.0} for t in slow)
+    assert {t.env_args["turns"] for t in tasks if not t.env_args["slow"]} == {1, 2}
+    env = LongTailEnv(result_words=3)
+    await env.reset(Task(id="x", prompt="p", env_args={"turns": 2, "step_s": 0.0}))
+    first = await env.step(Action(content="hello"))
+    assert not first.done and first.observation[0]["content"] == "step 1 done: part part part"
+    last = await env.step(Action(content="Hello there"))  # 1 of 2 words lowercase
+    assert last.done and last.reward == 0.75  # (1.0 + 0.5) / 2

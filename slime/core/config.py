@@ -359,6 +359,9 @@ class RolloutConfig:
         1.0, "sampling temperature (> 0); the trainer scores softmax(logits / temperature)"
     )
     top_p: float = opt(1.0, "nucleus sampling, in (0, 1]")
+    stop: list[str] = opt(
+        [], "strings that end an assistant turn (besides its turn-end token), as vLLM's stop"
+    )
     max_turns: int = opt(4, "environment steps per episode")
     max_tokens_per_turn: int = opt(128, "new tokens per generate call")
     max_total_tokens: int = opt(
