@@ -198,7 +198,8 @@ class Controller:
         _, starts = await asyncio.gather(
             self.trainer.setup(), self.fleet.start() if self.fleet else _nothing()
         )
-        log.info("started the trainer and rollout workers in %.1fs: %s", time.perf_counter() - t0, starts)
+        workers = f" and {len(starts)} rollout worker(s)" if starts else ""
+        log.info("started the trainer%s in %.1fs", workers, time.perf_counter() - t0)
         if self.fleet is not None:
             self.push = WeightPush(cfg, self.trainer, self.fleet)
             self.fleet.rejoin = self.push.rejoin
