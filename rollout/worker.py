@@ -18,6 +18,7 @@ from typing import Any
 from rollout.engines import Engine, make_engine
 from slime.core.config import EnvConfig, ModelConfig, RolloutConfig
 from slime.core.cores import CoreClaim, available_cores, engine_threads, set_thread_budget
+from slime.core.logs import send_output_to
 from slime.core.types import Group, SamplingParams, Task, Trajectory, WeightChannel, WeightManifest
 
 
@@ -100,7 +101,13 @@ class RolloutWorker:
         seed: int,
         work_dir: str,
         capture_routes: bool = False,
+        log_path: str = "",
     ) -> None:
+        """`log_path`: the file this actor's process writes its output to (slime/core/logs.py: vLLM's
+        logs and its engine-core process included); empty leaves the output where it is (a worker
+        built inside a test process)."""
+        if log_path:
+            send_output_to(log_path)  # before the engine starts: its process inherits the redirection
         self.index = index
         self.capture_routes = capture_routes  # MoE routes on every output (algorithm.routing_replay=rollout)
         self.model_dir = model_dir

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from slime.core import checkpoint as ck
 from slime.core.config import SlimeConfig
 from slime.core.cores import available_cores, engine_threads, remove_claims
+from slime.core.logs import LOGS_DIR
 from slime.fleet import RolloutFleet
 from slime.weight_push import WeightPush
 
@@ -104,7 +105,11 @@ def ray_init_options(cfg: RayConfig, log_to_driver: bool = True) -> dict[str, An
     """`ray.init` keyword arguments for the `ray` section: join `address` ("auto": the running
     cluster), or start a private local cluster with `num_cpus` whose worker processes run at
     `worker_niceness` (Ray's own default, 15, makes slime's engines and trainer ranks, which are the
-    whole job, yield to every other process)."""
+    whole job, yield to every other process).
+
+    `log_to_driver` (Ray forwarding what actors print to this console) stays on for runs: each actor
+    sends its output to its own file in the run dir (slime/core/logs.py), so what Ray forwards is
+    only the warnings of slime's own code in the actors, and Ray's notes on workers that died."""
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": log_to_driver}
     if cfg.address:
         options["address"] = cfg.address  # the cluster's own settings hold there
@@ -183,7 +188,8 @@ class Controller:
                 cfg.seed,
                 max_response_len=max_response,
                 temperature=cfg.rollout.temperature,
-            )
+            ),
+            run_dir=cfg.run_dir,
         )
         if not cfg.buffer.replay_path:
             cfg = self.cfg = _with_engine_threads(cfg)
@@ -192,7 +198,8 @@ class Controller:
         _, starts = await asyncio.gather(
             self.trainer.setup(), self.fleet.start() if self.fleet else _nothing()
         )
-        log.info("started the trainer and rollout workers in %.1fs: %s", time.perf_counter() - t0, starts)
+        workers = f" and {len(starts)} rollout worker(s)" if starts else ""
+        log.info("started the trainer%s in %.1fs", workers, time.perf_counter() - t0)
         if self.fleet is not None:
             self.push = WeightPush(cfg, self.trainer, self.fleet)
             self.fleet.rejoin = self.push.rejoin
@@ -442,9 +449,10 @@ async def run_controller(
             # A dead trainer rank, a worker past its restarts, a bug: say where a resume starts.
             where = controller.last_checkpoint or cfg.resume
             log.error(
-                "the run failed after %d steps; %s",
+                "the run failed after %d steps; %s; the actors' logs are in %s",
                 controller.steps_done,
                 f"resume=auto (or resume={where}) continues from there" if where else "no checkpoint yet",
+                os.path.join(cfg.run_dir, LOGS_DIR),
             )
             raise
         finally:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from slime.core.config import SlimeConfig
+from slime.core.logs import log_file
 from slime.core.model import count_experts
 from slime.core.types import Group, Task
 
@@ -46,6 +47,8 @@ class RolloutFleet:
         from rollout.worker import RolloutWorker
 
         self.max_restarts = cfg.rollout.max_restarts
+        # Each worker's output (its engine's included) goes to its own file; errors name it.
+        self.log_paths = [log_file(cfg.run_dir, f"rollout-worker{i}") for i in range(cfg.rollout.num_workers)]
         worker_cls = ray.remote(RolloutWorker).options(
             num_cpus=cfg.rollout.num_cpus_per_worker,
             num_gpus=cfg.rollout.gpus_per_worker,
@@ -66,6 +69,7 @@ class RolloutFleet:
                 capture_routes=cfg.rollout.capture_routes
                 and cfg.rollout.engine == "vllm"
                 and is_moe(model_dir),
+                log_path=self.log_paths[i],
             )
             for i in range(cfg.rollout.num_workers)
         ]
@@ -110,11 +114,17 @@ class RolloutFleet:
                         self.failure.set_exception(
                             RuntimeError(
                                 f"rollout worker {index} failed {self.restarts[index]} times "
-                                f"(rollout.max_restarts={self.max_restarts}); last error: {reason}"
+                                f"(rollout.max_restarts={self.max_restarts}; its log: "
+                                f"{self.log_paths[index]}); last error: {reason}"
                             )
                         )
                     return
-                log.warning("rollout worker %d failed (%s); restarting it", index, reason.splitlines()[0])
+                log.warning(
+                    "rollout worker %d failed (%s); restarting it (its log: %s)",
+                    index,
+                    reason.splitlines()[0],
+                    self.log_paths[index],
+                )
                 restart, died = True, isinstance(e, RayActorError)
 
     async def _restart(self, index: int, buffer: Any, died: bool) -> None:

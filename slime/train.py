@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -126,6 +127,7 @@ def config_yaml(cfg: SlimeConfig) -> str:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
+    t0 = time.perf_counter()
     try:
         cfg = to_config(dcfg)
     except ValueError as e:
@@ -139,10 +141,15 @@ def main(dcfg: DictConfig) -> None:
     except (ValueError, TypeError, ImportError) as e:
         print(f"slime: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    from slime.console import ray_logs_to_file, summary, train_rows
     from slime.controller import Stopped, run_controller, to_dict
 
+    ray_logs_to_file(cfg.run_dir)
+    log.info("run dir %s; the engines', trainer ranks' and Ray's logs go to its logs/", cfg.run_dir)
+    outcome = "failed"  # the error follows the summary (the actor's traceback, its log file named)
     try:
-        rows = asyncio.run(run_controller(cfg, model_dir, to_dict(cfg)))
+        asyncio.run(run_controller(cfg, model_dir, to_dict(cfg)))
+        outcome = "finished"
     except Stopped as stop:
         how = (
             f"resume with the same command plus resume={stop.checkpoint}"
@@ -150,16 +157,11 @@ def main(dcfg: DictConfig) -> None:
             else "nothing to resume"
         )
         print(f"slime: {stop}; {how} (or resume=auto with hydra.run.dir={cfg.run_dir})", file=sys.stderr)
+        outcome = f"stopped by {stop.signal_name}"
         sys.exit(128 + signal.Signals[stop.signal_name].value)
-    if rows:
-        first, last = rows[0], rows[-1]
-        log.info(
-            "done: %d steps, reward %.3f -> %.3f, run dir %s",
-            len(rows),
-            first.get("reward/mean", 0.0),
-            last.get("reward/mean", 0.0),
-            cfg.run_dir,
-        )
+    finally:
+        rows = train_rows(cfg.run_dir)
+        log.info("%s", summary(rows, outcome, time.perf_counter() - t0, cfg.run_dir, cfg.trainer.steps))
 
 
 if __name__ == "__main__":

@@ -140,7 +140,13 @@ class WeightPush:
             self.manifest = manifest
             seconds, failed = await self._deliver(manifest, self.fleet.live())
             for index, error in failed.items():
-                log.warning("rollout worker %d did not load version %d: %s", index, version, error)
+                log.warning(
+                    "rollout worker %d did not load version %d: %s (its log: %s)",
+                    index,
+                    version,
+                    error,
+                    self.fleet.log_paths[index],
+                )
                 # A worker that died is restarted by Ray already; one that is up is restarted too.
                 self.fleet.restart(index, f"loading weight version {version}: {error}", died=_died(error))
         return time.perf_counter() - t0, {

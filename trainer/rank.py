@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from slime.core.logs import send_output_to
 from slime.core.transport import WeightSender
 from slime.core.types import Group, WeightChannel, WeightManifest
 from trainer import objective as obj
@@ -108,7 +109,11 @@ class TrainerRank:
     setup_s: float
     _process_env: contextlib.ExitStack  # what setup() set in this process for the rank's lifetime
 
-    def __init__(self, spec: TrainerSpec, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, spec: TrainerSpec, rank: int = 0, world_size: int = 1, log_path: str = "") -> None:
+        """`log_path`: the file this rank's process writes its output to (an actor's: slime/core/logs.py);
+        empty leaves the output where it is (a rank built inside a test process)."""
+        if log_path:
+            send_output_to(log_path)
         self.spec = spec
         self.cfg = spec.trainer
         self.algo = spec.algorithm

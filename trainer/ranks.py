@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from slime.core.logs import log_file
 from slime.core.types import Group, WeightChannel, WeightManifest
 from trainer.batching import shard_groups
 from trainer.process import rank_env
@@ -30,20 +31,25 @@ class TrainerRanks:
     DeepSpeed models. Each actor gets its thread budget and accelerator through its `runtime_env`.
     """
 
-    def __init__(self, spec: TrainerSpec) -> None:
+    def __init__(self, spec: TrainerSpec, run_dir: str = "") -> None:
+        """With `run_dir`, rank R writes its output (DeepSpeed's, transformers') to
+        `<run_dir>/logs/trainer-rankR.log` (slime/core/logs.py), and a failure names that file."""
         import ray
 
         from trainer.rank import TrainerRank
 
         cfg = spec.trainer
         self.num_ranks = cfg.num_ranks
+        self.log_paths = [
+            log_file(run_dir, f"trainer-rank{r}") if run_dir else "" for r in range(cfg.num_ranks)
+        ]
         actor_cls = ray.remote(TrainerRank)
         self.actors = [
             actor_cls.options(
                 num_cpus=cfg.num_cpus_per_rank,
                 num_gpus=cfg.gpus_per_rank,
                 runtime_env={"env_vars": rank_env(cfg, rank)},
-            ).remote(spec, rank, self.num_ranks)
+            ).remote(spec, rank, self.num_ranks, log_path=self.log_paths[rank])
             for rank in range(self.num_ranks)
         ]
 
@@ -63,12 +69,12 @@ class TrainerRanks:
                 raise fut.exception()
         return [fut.result() for fut in sorted(futures, key=futures.__getitem__)]
 
-    @staticmethod
-    async def _one(rank: int, method: str, ref: Any) -> Any:
+    async def _one(self, rank: int, method: str, ref: Any) -> Any:
         try:
             return await ref
         except Exception as e:
-            raise RuntimeError(f"trainer rank {rank} failed in {method}: {e}") from e
+            where = f" (its log: {self.log_paths[rank]})" if self.log_paths[rank] else ""
+            raise RuntimeError(f"trainer rank {rank} failed in {method}{where}: {e}") from e
 
     async def setup(self) -> list[dict[str, Any]]:
         """Rendezvous at rank 0's node on a free port, then build the models on every rank."""

@@ -52,6 +52,16 @@ def _refresh_tied_heads(model: torch.nn.Module) -> list[str]:
     from the (updated) shared tensor fixes that. Only tied heads are touched: re-running the method on ordinary linear layers, whose
     original weight the CPU path drops after packing, would be wrong.
     """
+    refreshed = []
+    for name, module in _tied_heads(model):
+        if getattr(module, "quant_method", None) is not None:
+            module.quant_method.process_weights_after_loading(module)
+            refreshed.append(name)
+    return refreshed
+
+
+def _tied_heads(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of each lm_head whose weight is another module's parameter (tie_word_embeddings)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     owners: dict[int, int] = {}
@@ -59,15 +69,54 @@ def _refresh_tied_heads(model: torch.nn.Module) -> list[str]:
         weight = module._parameters.get("weight")
         if isinstance(weight, torch.Tensor) and not weight.is_meta:
             owners[weight.data_ptr()] = owners.get(weight.data_ptr(), 0) + 1
-    refreshed = []
+    tied = []
     for name, module in model.named_modules():
-        if not isinstance(module, ParallelLMHead) or getattr(module, "quant_method", None) is None:
-            continue
         weight = module._parameters.get("weight")
-        if isinstance(weight, torch.Tensor) and not weight.is_meta and owners.get(weight.data_ptr(), 0) > 1:
-            module.quant_method.process_weights_after_loading(module)
-            refreshed.append(name)
-    return refreshed
+        if (
+            isinstance(module, ParallelLMHead)
+            and isinstance(weight, torch.Tensor)
+            and not weight.is_meta
+            and owners.get(weight.data_ptr(), 0) > 1
+        ):
+            tied.append((name, module))
+    return tied
+
+
+# vLLM's layerwise reload (model_loader/reload/layerwise.py) warns "<Layer>: Failed to load weights"
+# for every layer that holds tensors but received none, then puts that layer's previous tensors back.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+NOT_LOADED = "%s: Failed to load weights"
+
+
+def _never_in_a_checkpoint(model: torch.nn.Module) -> set[str]:
+    """Class names of the layers the reload warns about on every push although nothing is missing:
+
+    - layers whose only tensors are non-persistent buffers (rotary embeddings' `cos_sin_cache`):
+      computed from the config at start-up, never in any checkpoint; put back unchanged, as they must;
+    - lm_heads tied to the embedding: the checkpoint names the shared weight once, as the
+      embedding's, and the embedding's load has already written the new values into that shared
+      tensor, which is what the head gets back; `_refresh_tied_heads` then re-derives the head's
+      CPU copy.
+    A layer of any other class that gets no weights (a manifest missing a tensor) is still reported.
+    """
+    names = {type(m).__name__ for _, m in _tied_heads(model)}
+    for module in model.modules():
+        buffers = [name for name, b in module._buffers.items() if b is not None]
+        params = [p for p in module._parameters.values() if p is not None]
+        if buffers and not params and set(buffers) <= module._non_persistent_buffers_set:
+            names.add(type(module).__name__)
+    return names
+
+
+class _ExpectedNotLoaded(logging.Filter):
+    """Drops the reload's "Failed to load weights" warning for the layers in `names` only."""
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == NOT_LOADED and record.args and record.args[0] in self.names)
 
 
 @contextlib.contextmanager
@@ -364,6 +413,9 @@ class SlimeWorkerExtension:
         aliased = self._slime_try_alias(wanted, model)
         if aliased is not None:
             return aliased
+        if not hasattr(self, "_slime_reload_filter"):  # once, on the model as it serves
+            self._slime_reload_filter = _ExpectedNotLoaded(_never_in_a_checkpoint(model))
+            logging.getLogger(RELOAD_LOGGER).addFilter(self._slime_reload_filter)
         tensors = manifest_tensors(wanted, getattr(self, "_slime_receiver", None))
         t_received = time.perf_counter()
         counter = [0]
