@@ -50,7 +50,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from envs.base import (
@@ -66,8 +66,9 @@ from envs.tool_syntax import CALL_FORMAT_HINT
 from rollout.chat import ChatFormat
 from rollout.engines.base import Engine
 from rollout.env_host import EnvHost, EnvTimeout, ThreadHost, delay_s, open_host
+from rollout.tokens import TokenLog
 from slime.core.config import ContextPolicy, EnvConfig, RolloutConfig
-from slime.core.types import GenerateOutput, Message, RoutedExperts, SamplingParams, Status, Task, Trajectory
+from slime.core.types import Message, SamplingParams, Status, Task, Trajectory
 
 # What an older tool result becomes under rollout.context_policy=recent_tools.
 DROPPED_TOOL_RESULT = "[older tool result removed to fit the context]"
@@ -92,33 +93,6 @@ class _Block:
         return any(m.get("role") == "tool" for m in self.messages or [])
 
 
-@dataclass
-class _Segment:
-    """One training sequence of the episode: the token lists grow together."""
-
-    token_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    prompt_len: int = 0
-    routes: RoutedExperts | None = None
-
-    def append_env(self, ids: list[int]) -> None:
-        self.token_ids.extend(ids)
-        self.loss_mask.extend([0] * len(ids))
-        self.logprobs.extend([0.0] * len(ids))
-        self.versions.extend([-1] * len(ids))
-
-    def append_generated(self, out: GenerateOutput) -> None:
-        n = out.check_lengths()
-        self.token_ids.extend(int(t) for t in out.token_ids)
-        self.loss_mask.extend([1] * n)
-        self.logprobs.extend(float(x) for x in out.logprobs)
-        self.versions.extend(int(v) for v in out.versions)
-        # out.routed_experts covers the request's prompt (all tokens so far) and its output.
-        self.routes = RoutedExperts.merge(self.routes, out.routed_experts)
-
-
 class _Episode:
     """State of one running episode."""
 
@@ -135,8 +109,8 @@ class _Episode:
     ):
         self.engine, self.host, self.task, self.chat, self.cfg = engine, host, task, chat, cfg
         self.sampling, self.env_cfg, self.rng = sampling, env_cfg, rng
-        self.seg = _Segment()
-        self.done_segments: list[_Segment] = []
+        self.seg = TokenLog()
+        self.done_segments: list[TokenLog] = []
         self.blocks: list[_Block] = []  # the current segment's context, piece by piece
         self.reward = 0.0
         self.turns = 0
@@ -150,14 +124,9 @@ class _Episode:
         self.request_prefix = f"{task.id}-{uuid.uuid4().hex[:8]}"
 
     # ------------------------------------------------------------------------------- helpers
-    def segments(self) -> list[_Segment]:
-        """Every segment, routes padded to one row per token (env tokens after a segment's last
-        turn have none)."""
-        out = [*self.done_segments, self.seg]
-        for s in out:
-            if s.routes is not None:
-                s.routes = s.routes.padded(len(s.token_ids))
-        return out
+    def segments(self) -> list[TokenLog]:
+        """Every segment, in order."""
+        return [*self.done_segments, self.seg]
 
     def _timeout(self) -> float | None:
         return self.cfg.step_timeout_s if self.cfg.step_timeout_s and self.cfg.step_timeout_s > 0 else None
@@ -246,14 +215,13 @@ class _Episode:
                 context = [t for b in blocks for t in b.ids]
                 if len(context) + len(delta.ids) < limit:
                     self.done_segments.append(self.seg)
-                    self.seg = _Segment()
-                    self.seg.append_env(context)
+                    self.seg = TokenLog()
+                    self.seg.add_context(context)
                     self.blocks = blocks
         if len(self.seg.token_ids) + len(delta.ids) >= limit:
             return False
-        self.seg.append_env(delta.ids)
+        self.seg.add_context(delta.ids)
         self.blocks.append(delta)
-        self.seg.prompt_len = self.seg.prompt_len or len(self.seg.token_ids)
         return True
 
     # ---------------------------------------------------------------------------------- loop
@@ -270,8 +238,7 @@ class _Episode:
             raise EpisodeError(
                 f"prompt has {len(prompt)} tokens, rollout.max_total_tokens={self.cfg.max_total_tokens} leaves no room"
             )
-        self.seg.append_env(prompt)
-        self.seg.prompt_len = len(prompt)
+        self.seg.add_context(prompt)
         self.blocks.append(_Block(prompt))
 
         while True:
@@ -283,7 +250,8 @@ class _Episode:
                 list(self.seg.token_ids), sampling, request_id=f"{self.request_prefix}-{self.turns}"
             )
             self.generate_s += time.perf_counter() - t0
-            self.seg.append_generated(out)
+            out.check_lengths()
+            self.seg.add_generated(out.token_ids, out.logprobs, out.versions, out.routed_experts)
             self.blocks.append(_Block([int(t) for t in out.token_ids]))
             self.turns += 1
             if out.finish_reason == "abort":
@@ -395,7 +363,7 @@ async def run_episode(
             info=info,
             timings=timings,
             start_version=ep.start_version,
-            routed_experts=s.routes,
+            routed_experts=s.final_routes(),
             episode_id=ep.request_prefix,
             segment=i,
         )

@@ -7,6 +7,7 @@ tokenizer); the last tests drive the shared real vLLM engine (`engine` fixture, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class ScriptedEngine:
         eos: bool = True,
         finish: str = "stop",
         bump_version: bool = False,
+        hold_until: int = 0,
     ):
         self.chat = chat
         self.replies = iter(reply) if isinstance(reply, list) else None
@@ -51,11 +53,19 @@ class ScriptedEngine:
         self.outputs: list[GenerateOutput] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        # Concurrency checks: a call waits (up to 5 s) until this many are in flight together.
+        self.hold_until = hold_until
+        self._crowd = asyncio.Event()
 
     async def generate(self, prompt_ids, sampling, request_id=None) -> GenerateOutput:
         self.calls.append((list(prompt_ids), sampling, request_id))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.hold_until and self.in_flight >= self.hold_until:
+            self._crowd.set()
+        if self.hold_until:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._crowd.wait(), 5)
         await asyncio.sleep(0.001)  # let concurrent episodes interleave
         self.in_flight -= 1
         text = next(self.replies) if self.replies else self.reply_fn(self.chat.tokenizer.decode(prompt_ids))
@@ -439,7 +449,7 @@ async def test_flaky_containment_100_episodes(chat):
 
 
 async def test_run_group_is_concurrent_and_contains_factory_errors(chat):
-    engine = ScriptedEngine(chat, lambda _: "50")
+    engine = ScriptedEngine(chat, lambda _: "50", hold_until=6)
     task = Task(id="t", prompt="Guess.", env_args={"target": 50})
     sp = dataclasses.replace(SAMPLING, seed=5)
     trajs = await run_env_group(engine, lambda: GuessNumberEnv(), task, 6, chat, cfg(), sp)

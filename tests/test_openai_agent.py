@@ -539,7 +539,8 @@ async def unrelated_calls_agent(base_url: str, model: str, task: dict[str, Any])
 async def test_agent_calls_not_extending_form_segments(engine, server, chat):
     (a, b) = await run_agent_group(engine, server, chat, TASK, 1, unrelated_calls_agent, CFG)
     assert (a.info["segment"], b.info["segment"]) == (0, 1) and a.info["num_segments"] == 2
-    assert a.reward == b.reward == 1.0 and a.turns == b.turns == 1
+    assert a.reward == b.reward == 1.0 and a.turns == b.turns == 2  # episode-level: both calls
+    assert a.episode_id == b.episode_id and (a.segment, b.segment) == (0, 1)
     assert a.token_ids[: a.prompt_len] == chat.initial_prompt_ids(
         [{"role": "user", "content": "First question?"}]
     )

@@ -53,8 +53,9 @@ from rollout.agent.session import CallRecord
 from rollout.chat import ChatFormat
 from rollout.engines.base import Engine
 from rollout.episode import failed_trajectory
+from rollout.tokens import TokenLog
 from slime.core.config import RolloutConfig
-from slime.core.types import RoutedExperts, Status, Task, Trajectory
+from slime.core.types import Status, Task, Trajectory
 
 if TYPE_CHECKING:  # the server imports FastAPI: loading an agent (slime.train) must not need it
     from rollout.agent.server import AgentServer
@@ -146,38 +147,18 @@ def coerce_agent_result(value: Any) -> tuple[float, dict[str, Any]]:
 
 
 @dataclass
-class Segment:
-    """One trajectory's worth of calls (see the module docstring)."""
+class Segment(TokenLog):
+    """One trajectory's worth of calls (see the module docstring): their token log and the calls."""
 
-    token_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    prompt_len: int = 0
     calls: list[CallRecord] = field(default_factory=list)
-    routes: RoutedExperts | None = None  # MoE routes (engines that capture them); see add()
-
-    def _extend(
-        self, ids: list[int], mask: int, logprobs: list[float] | None, versions: list[int] | None
-    ) -> None:
-        self.token_ids.extend(ids)
-        self.loss_mask.extend([mask] * len(ids))
-        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
-        self.versions.extend(versions if versions is not None else [-1] * len(ids))
 
     def add(self, call: CallRecord) -> None:
         """Append the call's new prompt ids (mask 0) and its generated ids (mask 1)."""
         if not self.calls:
             self.prompt_len = len(call.prompt_ids)
-        self._extend(call.prompt_ids[len(self.token_ids) :], 0, None, None)
-        self._extend(call.completion_ids, 1, call.logprobs, call.versions)
-        # A call's routes cover its prompt (this segment so far) and completion: later calls overlay.
-        self.routes = RoutedExperts.merge(self.routes, call.routed_experts)
+        self.add_context(call.prompt_ids[len(self.token_ids) :])
+        self.add_generated(call.completion_ids, call.logprobs, call.versions, call.routed_experts)
         self.calls.append(call)
-
-    def final_routes(self) -> RoutedExperts | None:
-        """The routes with one row per token, or None when the engine captured none."""
-        return None if self.routes is None else self.routes.padded(len(self.token_ids))
 
 
 def build_segments(calls: list[CallRecord]) -> list[Segment]:
