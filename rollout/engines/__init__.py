@@ -34,6 +34,8 @@ def make_engine(
         "num_threads": cfg.threads_per_worker,
         "capture_routes": capture_routes,
         "weight_alias": cfg.weight_alias,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "trust_remote_code": model_cfg.trust_remote_code,
     }
     if cfg.engine == "vllm":
         from rollout.engines.vllm import VLLMEngine

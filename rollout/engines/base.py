@@ -82,7 +82,8 @@ class EngineSettings:
     "bfloat16". num_threads: OpenMP/torch threads of the process that runs the model; None inherits
     the environment (on a shared CPU machine give each engine its own budget: oversubscribed OpenMP
     threads spin). work_dir: where the vLLM engine keeps its caches and sockets (a temporary dir when
-    None). kv_cache_gib, enforce_eager, tensor_parallel_size and weight_alias (serve pushed weights
+    None). kv_cache_gib (CPU), gpu_memory_utilization (GPU), enforce_eager, tensor_parallel_size and
+    weight_alias (serve pushed weights
     from the shm slot: rollout/engines/cpu_alias.py) apply to vLLM only; max_batch_size to the transformers
     engine only.
     """
@@ -99,6 +100,8 @@ class EngineSettings:
     max_batch_size: int = 16
     capture_routes: bool = False
     weight_alias: bool = False
+    gpu_memory_utilization: float = 0.85
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_gib <= 0:

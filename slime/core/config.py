@@ -393,7 +393,10 @@ class RolloutConfig:
         "prefix cache is salted per version), or recompute them with the new weights (exactly on-policy)",
     )
     max_model_len: int = opt(2048, "engine context length")
-    kv_cache_gib: float = opt(1.0, "vLLM CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: float = opt(1.0, "CPU engines: vLLM's KV cache in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = opt(
+        0.85, "GPU engines: the share of the GPU's memory vLLM takes for weights and KV cache"
+    )
     enforce_eager: bool = opt(True, "skip torch.compile (faster start, ~20% slower decode on CPU)")
     weight_alias: bool = opt(
         False,
@@ -445,6 +448,10 @@ class RolloutConfig:
             "keep_tool_results",
         )
         _require(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
         _require(
             not self.weight_alias or (self.engine == "vllm" and self.enforce_eager),
             "rollout.weight_alias=true needs rollout.engine=vllm and rollout.enforce_eager=true (a compiled "

@@ -92,10 +92,12 @@ def smollm2_tokenizer_dir(cache_dir: str) -> Path:
     return _build_locked(_cache(cache_dir) / "tokenizers" / "smollm2", build)
 
 
-def load_tokenizer(model_dir: str):
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+    """The tokenizer of a model dir (or hub id); `model.trust_remote_code` for models whose tokenizer
+    is code in their repository."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
 def _tokenizer_dir(cfg: ModelConfig, cache_dir: str) -> str:
