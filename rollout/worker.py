@@ -81,6 +81,11 @@ class GenerationClock:
         self._tick()
         self._paused -= 1
 
+    @property
+    def in_flight(self) -> int:
+        """Groups (or evaluation tasks) in flight now."""
+        return self._in_flight
+
     def take(self) -> float:
         """Busy seconds since the previous call."""
         self._tick()
@@ -260,6 +265,7 @@ class RolloutWorker:
             "tokens": float(self._tokens),
             "episodes": float(self._episodes_done),
             "gen_s": self.clock.take(),
+            "groups_in_flight": float(self.clock.in_flight),
         }
         self._tokens, self._episodes_done = 0, 0
         return out

@@ -1,7 +1,8 @@
 """The replay buffer: finished groups in, training batches out, staleness bounded.
 
 Admission control keeps the data fresh before it is generated: a rollout worker must `acquire()` a
-ticket before starting a group, and tickets are issued only while
+ticket before starting a group (of the workers waiting, the one with the fewest groups in flight gets
+it), and tickets are issued only while
 
     issued < (version + max_staleness + 1) * batch_groups + refunded
 
@@ -62,6 +63,7 @@ class ReplayBuffer:
         self._groups: list[Group] = []
         self._outstanding: dict[int, int] = {}  # ticket -> worker, admitted and not yet put
         self._incarnation: dict[int, int] = {}  # worker -> its latest restart (see requeue)
+        self._waiting: collections.Counter[int] = collections.Counter()  # worker -> its calls in acquire
         self._reissue: list[int] = []  # tickets to hand out again, oldest first
         self._handed_out: list[Group] = []  # the batch of the latest get_batch call
         self._cond = asyncio.Condition()
@@ -91,14 +93,17 @@ class ReplayBuffer:
         first, under their old numbers, so every ticket's task is generated and trained once.
         """
         async with self._cond:
-            await self._cond.wait_for(
-                lambda: (
-                    self.closed
-                    or self._retired(worker, incarnation)
-                    or self._reissue
-                    or self.issued < self._window()
+            self._waiting[worker] += 1
+            try:
+                await self._cond.wait_for(
+                    lambda: (
+                        self.closed
+                        or self._retired(worker, incarnation)
+                        or ((self._reissue or self.issued < self._window()) and self._least_loaded(worker))
+                    )
                 )
-            )
+            finally:
+                self._waiting[worker] -= 1
             if self.closed or self._retired(worker, incarnation):
                 return None
             if self._reissue:
@@ -107,7 +112,19 @@ class ReplayBuffer:
                 ticket = self.issued
                 self.issued += 1
             self._outstanding[ticket] = worker
+            self._cond.notify_all()  # the least loaded waiter may be another one now
             return ticket, self.version
+
+    def _load(self, worker: int) -> int:
+        """Groups `worker` has in flight (tickets handed to it, not yet put)."""
+        return sum(1 for w in self._outstanding.values() if w == worker)
+
+    def _least_loaded(self, worker: int) -> bool:
+        """Whether `worker` has no more groups in flight than any other worker waiting for a ticket:
+        new groups go to the least loaded engine, so a slow one (its groups stay in flight longer)
+        gets fewer, and the others are never held back by it."""
+        waiting = [w for w, n in self._waiting.items() if n > 0]
+        return self._load(worker) <= min((self._load(w) for w in waiting), default=0)
 
     async def requeue(self, worker: int, incarnation: int = 0) -> list[int]:
         """`worker` died: its tickets in flight go back to the queue; returns them. `incarnation`

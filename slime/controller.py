@@ -161,10 +161,12 @@ class Controller:
 
         from slime.buffer import ReplayBuffer
         from slime.fleet import RolloutFleet
+        from slime.placement import cluster_nodes, plan, requests, watch
         from trainer.rank import TrainerSpec
         from trainer.ranks import TrainerRanks
 
-        cfg = self.cfg
+        # Every actor's request against the cluster before any starts (shared cores on a small one).
+        cfg = self.cfg = plan(self.cfg, cluster_nodes())
         self.buffer = (
             ray.remote(num_cpus=0)(ReplayBuffer)
             .options(max_concurrency=1000)
@@ -195,9 +197,8 @@ class Controller:
             cfg = self.cfg = _with_engine_threads(cfg)
             self.fleet = RolloutFleet(cfg, self.model_dir, _ray_env(cfg.rollout.threads_per_worker))
         t0 = time.perf_counter()
-        _, starts = await asyncio.gather(
-            self.trainer.setup(), self.fleet.start() if self.fleet else _nothing()
-        )
+        starting = asyncio.gather(self.trainer.setup(), self.fleet.start() if self.fleet else _nothing())
+        _, starts = await watch(starting, requests(cfg), 10.0, cfg.ray.placement_timeout_s)
         workers = f" and {len(starts)} rollout worker(s)" if starts else ""
         log.info("started the trainer%s in %.1fs", workers, time.perf_counter() - t0)
         if self.fleet is not None:
@@ -283,9 +284,10 @@ class Controller:
         await self.buffer.set_version.remote(self.version)
         return sync_s, sync_info
 
-    async def _rollout_stats(self) -> tuple[int, float]:
-        """Tokens generated and the busiest worker's generation seconds since the previous step."""
-        return await self.fleet.stats() if self.fleet else (0, 0.0)
+    async def _rollout_stats(self, step_s: float) -> tuple[int, float, dict[str, float]]:
+        """Tokens generated and the busiest worker's generation seconds since the previous step, and
+        each worker's figures (slime/fleet.py `stats`)."""
+        return await self.fleet.stats(step_s) if self.fleet else (0, 0.0, {})
 
     async def _buffer_stats(self, replaying: bool) -> dict[str, Any]:
         return {} if replaying else await self.buffer.stats.remote()
@@ -401,7 +403,7 @@ class Controller:
         trainer_metrics, train_s = await self._train(groups)
         sync_s, sync_info = await self._publish()
         now = time.perf_counter()
-        tokens, gen_s = await self._rollout_stats()
+        tokens, gen_s, per_worker = await self._rollout_stats(now - self._t_last)
         times = StepTimes(
             step_s=now - self._t_last,
             train_s=train_s,
@@ -422,6 +424,7 @@ class Controller:
             tokens,
             restarts=sum(self.fleet.restarts) if self.fleet else 0,
         )
+        row.update(per_worker)
         logger.log(row)
         self._log_trained(step, groups)
         self._log_samples(logger, step, groups)

@@ -192,18 +192,30 @@ class RolloutFleet:
         )
         return [g for shard in results for g in shard]
 
-    async def stats(self) -> tuple[int, float]:
-        """Since the previous call: tokens the live workers generated, and the generation seconds of
-        the busiest one (wall time with episodes in flight, weight loads left out)."""
+    async def stats(self, step_s: float) -> tuple[int, float, dict[str, float]]:
+        """Since the previous call: tokens the live workers generated, the generation seconds of the
+        busiest one (wall time with episodes in flight, weight loads left out), and per worker i
+        (`rollout/worker<i>/...`): its tokens/s over `step_s`, its groups in flight now (its load) and
+        its restarts so far (a worker restarting reports only those)."""
         from ray.exceptions import RayActorError
 
-        live = [w for w, ok in zip(self.workers, self._live, strict=True) if ok]
-        rows = await asyncio.gather(*(w.stats.remote() for w in live), return_exceptions=True)
-        # A worker that died since it was last seen live has no stats; its supervisor restarts it.
-        rows = [r for r in rows if not isinstance(r, RayActorError)]
-        if errors := [r for r in rows if isinstance(r, BaseException)]:
-            raise errors[0]
-        return int(sum(r["tokens"] for r in rows)), max((r["gen_s"] for r in rows), default=0.0)
+        live = self.live()
+        rows = await asyncio.gather(*(self.workers[i].stats.remote() for i in live), return_exceptions=True)
+        per_worker: dict[str, float] = {}
+        tokens, busiest = 0, 0.0
+        for i, row in zip(live, rows, strict=True):
+            # A worker that died since it was last seen live has no stats; its supervisor restarts it.
+            if isinstance(row, RayActorError):
+                continue
+            if isinstance(row, BaseException):
+                raise row
+            tokens += int(row["tokens"])
+            busiest = max(busiest, row["gen_s"])
+            per_worker[f"rollout/worker{i}/tokens_per_s"] = row["tokens"] / step_s if step_s > 0 else 0.0
+            per_worker[f"rollout/worker{i}/groups_in_flight"] = row["groups_in_flight"]
+        for i, n in enumerate(self.restarts):
+            per_worker[f"rollout/worker{i}/restarts"] = float(n)
+        return tokens, busiest, per_worker
 
     async def stop(self) -> None:
         import ray

@@ -403,3 +403,17 @@ async def test_partial_rollouts_mask_exactly_the_tokens_past_the_bound():
     stats = buf.stats()
     assert stats["rollout/tokens_lost/stale"] == 2 and stats["rollout/tokens_lost"] == 2
     assert stats["buffer/dropped_stale"] == 0 and buf.refunded == 0
+
+
+async def test_a_new_ticket_goes_to_the_least_loaded_waiting_worker():
+    """Worker 0 holds two groups in flight (a slow engine), worker 1 one: when the window opens,
+    worker 1's waiting call gets the ticket first, whichever of them asked first."""
+    buf = ReplayBuffer(BufferConfig(max_staleness=0, record=False), batch_groups=3)
+    assert [await buf.acquire(0), await buf.acquire(0), await buf.acquire(1)] == [(0, 0), (1, 0), (2, 0)]
+    slow = asyncio.create_task(buf.acquire(0))  # waits first
+    await asyncio.sleep(0.01)
+    fast = asyncio.create_task(buf.acquire(1))
+    await asyncio.sleep(0.01)
+    await buf.set_version(1)  # three more tickets
+    assert await asyncio.wait_for(fast, 1) == (3, 1)
+    assert await asyncio.wait_for(slow, 1) == (4, 1)  # then loads are equal (3 and 2 -> 2 and 2)

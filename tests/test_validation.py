@@ -159,16 +159,6 @@ REJECTED: list[tuple[dict[str, Any], str]] = [
         "algorithm.routing_replay=old needs a mixture-of-experts model; smollm2 is dense: "
         "set algorithm.routing_replay=none",
     ),
-    (
-        {"ray__num_cpus": 1},
-        "ray.num_cpus=1 cannot place the actors: rollout.num_workers * rollout.num_cpus_per_worker + "
-        "trainer.num_ranks * trainer.num_cpus_per_rank = 2",
-    ),
-    (
-        {"ray__num_cpus": 3, "rollout__num_workers": 2, "rollout__num_cpus_per_worker": 1.5},
-        "ray.num_cpus=3 cannot place the actors: rollout.num_workers * rollout.num_cpus_per_worker + "
-        "trainer.num_ranks * trainer.num_cpus_per_rank = 4",
-    ),
 ]
 
 
@@ -271,14 +261,6 @@ def test_every_non_negative_key_is_checked(key: str) -> None:
 def test_groups_of_two_are_enough() -> None:
     validate(_config(rollout__group_size=2))
     validate(_config(rollout__group_size=2, algorithm__dynamic_sampling=True))
-
-
-def test_cpu_count_multiplies_ranks_by_their_cpus() -> None:
-    # 1 worker x 1 CPU + 1 rank x 2 CPUs = 3 > 2.
-    assert _message(ray__num_cpus=2, trainer__num_cpus_per_rank=2.0) == (
-        "ray.num_cpus=2 cannot place the actors: rollout.num_workers * rollout.num_cpus_per_worker + "
-        "trainer.num_ranks * trainer.num_cpus_per_rank = 3"
-    )
 
 
 def _checkpoint(tmp_path, config: dict[str, Any] | None) -> dict[str, Any]:

@@ -707,9 +707,13 @@ class RayConfig:
     worker_niceness: int = opt(
         0, "nice (0-19) of a local cluster's engines and trainer ranks (Ray's default: 15)"
     )
+    placement_timeout_s: float = opt(
+        120.0, "seconds an actor may wait for Ray to place it before the run stops (named every 10 s)"
+    )
 
     def validate(self) -> None:
         _require_non_negative(self, "ray", "num_cpus")
+        _require_positive(self, "ray", "placement_timeout_s")
         # Raising priority (a negative nice) needs privileges a user rarely has: Ray would fail later.
         _require(
             0 <= self.worker_niceness <= 19,

@@ -76,17 +76,6 @@ def validate(cfg: SlimeConfig) -> None:
         "rollout.weight_alias=true serves the weights from the trainer's shm slot; set weights.transport=shm "
         "or auto (broadcast engines receive into their own buffer and reload)",
     )
-    # Actors that ask for more CPUs than a local cluster has wait forever to be scheduled.
-    if not cfg.ray.address and cfg.ray.num_cpus:
-        workers = 0 if cfg.buffer.replay_path else cfg.rollout.num_workers
-        need = (
-            workers * cfg.rollout.num_cpus_per_worker + cfg.trainer.num_ranks * cfg.trainer.num_cpus_per_rank
-        )
-        _require(
-            need <= cfg.ray.num_cpus,
-            f"ray.num_cpus={cfg.ray.num_cpus} cannot place the actors: rollout.num_workers * "
-            f"rollout.num_cpus_per_worker + trainer.num_ranks * trainer.num_cpus_per_rank = {need:g}",
-        )
 
 
 def _check_choices(cfg: SlimeConfig) -> None:
