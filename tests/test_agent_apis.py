@@ -579,6 +579,9 @@ async def test_refusals_name_the_key_in_each_apis_format(server, session, openai
     assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found_error"
     assert session.calls == []  # refused requests are not recorded
     assert session.refused.startswith("/v1/messages refused: tools[0]: tool type 'web_search_20250305'")
+    # An agent that gets past a refusal is not blamed for it later.
+    await anthropic_client.messages.create(**msgs)
+    assert len(session.calls) == 1 and session.refused is None
 
 
 # ------------------------------------------------------------------------------ agents -> trajectories

@@ -1,4 +1,10 @@
-"""The OpenAI wire format of the agent endpoint, as pure functions (no server, no engine).
+"""The OpenAI Chat Completions / Completions wire format of the agent endpoint, and what every API's
+wire format shares (rollout/agent/responses.py, messages.py), as pure functions (no server, no engine).
+
+Shared: `normal_message` / `parse_messages` (the normal form every API's messages become), `canon`,
+`chat_request` (normal-form messages + chat tools -> the `ChatRequest` the prompt is built from),
+`sampling_params` (under each API's key names), `parse_reply` (a reply's content and tool calls),
+`stop_match` / `cut_at_stop`, `RequestError`, `new_id`.
 
 Requests: `parse_chat_request` / `parse_completion_request` validate a JSON body and return what the
 server needs; anything the endpoint cannot honour raises `RequestError` naming the option (it becomes

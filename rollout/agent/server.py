@@ -1,4 +1,4 @@
-"""An OpenAI-compatible endpoint in front of the rollout engine, for black-box agents.
+"""An OpenAI- and Anthropic-compatible endpoint in front of the rollout engine, for black-box agents.
 
 One `AgentServer` per rollout worker: a FastAPI app served by uvicorn inside the worker's event loop
 (the same loop as the engine) on a free 127.0.0.1 port. Each agent episode gets its own session and
@@ -9,11 +9,19 @@ recorded separately. Routes under that base URL:
   (tools in the request are rendered exactly as the framework renders env tools; the reply's tool
   calls are parsed back into OpenAI `tool_calls`).
 - `POST /completions` -- a text prompt (or a list of token ids) continued as is.
+- `POST /responses` -- the OpenAI Responses API (input items, function tools, previous_response_id).
+- `POST /messages`, `POST /messages/count_tokens` -- Anthropic's Messages API; also under `/v1/v1`,
+  since Anthropic's clients append `/v1/messages` to the base URL they are given.
 - `GET /models` -- the one served model (also at `/v1/models`).
 
-Request and response formats: rollout/agent/protocol.py. Prompt ids continue earlier calls
-token-exactly where the conversation does (rollout/agent/prefix.py); either way they are recorded
-exactly as sent to the engine. Every successful call is recorded in its session as a `CallRecord`
+Request and response formats, one module per wire format: rollout/agent/protocol.py (Chat
+Completions, Completions, and what the APIs share), responses.py, messages.py. Chat Completions,
+Responses and Messages requests all become the same normal-form messages and go one way
+(`AgentServer._chat_turn`): prompt ids, generation, the reply parsed for tool calls, the call
+recorded; only the envelope differs. Refusals answer in the route's API's error format; the last one
+is kept on the session (`EpisodeSession.refused`) for the episode's failure reason. Prompt ids
+continue earlier calls token-exactly where the conversation does (rollout/agent/prefix.py); either
+way they are recorded exactly as sent to the engine. Every successful call is recorded in its session as a `CallRecord`
 (rollout/agent/session.py): the prompt ids, the generated ids exactly as the engine produced them
 (never re-tokenised), their logprobs and versions; rollout/agent/runner.py turns them into
 trajectories.
@@ -77,7 +85,7 @@ def _sse(events: list[tuple[str | None, dict[str, Any]]], done: bool = False) ->
 
 
 class AgentServer:
-    """OpenAI-compatible endpoint of one rollout worker (see the module docstring).
+    """The agent endpoint of one rollout worker (see the module docstring).
 
     Lifecycle (all on the worker's event loop, the one the engine runs on):
 
@@ -284,6 +292,7 @@ class AgentServer:
         except RuntimeError as err:
             session.fail(err)
             raise RequestError(str(err), status=500) from None
+        session.refused = None  # the agent got past any earlier refusal
         return CallRecord(
             index=index,
             kind=kind,
@@ -339,7 +348,6 @@ class AgentServer:
         rec.tools_key = req.tools_key
         rec.reply = protocol.canon(protocol.normal_message("assistant", content, calls))
         session.calls.append(rec)
-        session.refused = None
         return Turn(rec, text, content, calls, stop)
 
     async def _chat(self, session: EpisodeSession, body: dict[str, Any]) -> Response:
