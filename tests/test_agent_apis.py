@@ -330,6 +330,11 @@ def test_messages_sampling_and_the_anthropic_error_format():
         error = messages.error_body(info.value)
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
         assert error["error"]["message"].startswith(key)
+    # stop_reason "stop_sequence" names the stop string the reply was cut at: the first one in the text.
+    assert protocol.stop_match("4 + 1 ### 5 !!", ["!!", "###"]) == "###"
+    assert protocol.stop_match("no stop here", ["!!"]) is None
+    bad_system = {"max_tokens": 4, "system": 3, "messages": [{"role": "user", "content": "x"}]}
+    assert "system must be a string" in refused(messages.parse_messages_request, bad_system)
     assert messages.error_body(RequestError("gone", status=404))["error"]["type"] == "not_found_error"
     assert messages.error_body(RequestError("boom", status=500))["error"]["type"] == "api_error"
 

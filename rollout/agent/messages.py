@@ -144,11 +144,10 @@ def parse_conversation(system: Any, raw: Any) -> list[dict[str, Any]]:
     """`system` and `messages` as normal-form messages (see the module docstring)."""
     out: list[dict[str, Any]] = []
     if system is not None and system != "" and system != []:
-        blocks = (
-            _blocks(system, "system") if not isinstance(system, str) else [{"type": "text", "text": system}]
-        )
+        if not isinstance(system, str | list):
+            raise RequestError("system must be a string or a list of text blocks")
         texts = []
-        for j, block in enumerate(blocks):
+        for j, block in enumerate(_blocks(system, "system")):
             if block.get("type") != "text":
                 raise _unsupported_block(block.get("type"), f"system[{j}]", "system takes text blocks")
             texts.append(_block_text(block, f"system[{j}]"))
