@@ -1,9 +1,9 @@
-"""`openai_agent`: episodes run by a black-box agent over an OpenAI-compatible endpoint.
+"""`openai_agent`: episodes run by a black-box agent over an OpenAI- and Anthropic-compatible endpoint.
 
 Selected with `env=openai_agent env.agent=package.module:function`. The agent is
 `async def run(base_url: str, model: str, task: dict) -> float | dict`; it talks to the policy through
-the rollout worker's endpoint (rollout/agent/server.py) with any OpenAI client and returns the
-episode's reward. The rollout worker runs these episodes with `rollout.agent.runner.run_agent_group`
+the rollout worker's endpoint (rollout/agent/server.py) with an OpenAI client (Chat Completions,
+Responses) or Anthropic's (Messages) and returns the episode's reward. The rollout worker runs these episodes with `rollout.agent.runner.run_agent_group`
 instead of the environment loop, so this class is a marker plus a task source: `reset` and `step` are
 never called and raise if they are.
 

@@ -1,5 +1,6 @@
 """Every `python -m slime.train` command in the README's and docs' shell blocks composes, validates
-and passes the driver's environment checks as written; the black-box agent command runs two steps.
+and passes the driver's environment checks as written; the black-box agent commands (one per API:
+Chat Completions, Responses, Anthropic Messages) each run two steps.
 
 Running each command to the end is what the README's "Measured" table reports; here each one is
 checked up to the point where Ray would start, which is where a wrong key, value or plugin fails.
@@ -62,14 +63,31 @@ def test_documented_command_validates(doc, command, tmp_path):
     assert check_env(cfg) > 0, (doc, command)
 
 
-AGENT_COMMAND = next(c for _, c in COMMANDS if "env=openai_agent" in c)
+# The documented black-box agent commands, one per API the endpoint serves (README and
+# docs/environments.md), by agent: each trains two steps with the real client library the agent uses.
+AGENT_COMMANDS = {
+    re.search(r"env\.agent=examples\.agents\.(\w+):run", c).group(1): c
+    for _, c in COMMANDS
+    if "env=openai_agent" in c and "env.agent=examples.agents." in c
+}
+
+
+def test_every_agent_api_has_a_documented_command():
+    assert set(AGENT_COMMANDS) >= {
+        "calculator_agent",
+        "calculator_responses_agent",
+        "calculator_anthropic_agent",
+    }
 
 
 @pytest.mark.slow
-def test_the_agent_command_runs_two_steps(tmp_path, ray_cluster):
-    assert re.search(r"env\.agent=examples\.agents\.calculator_agent:run", AGENT_COMMAND)
+@pytest.mark.parametrize("agent", sorted(AGENT_COMMANDS))
+def test_the_agent_command_runs_two_steps(agent, tmp_path, ray_cluster):
     rows = api.run(
-        [*overrides_of(AGENT_COMMAND), "trainer.steps=2", "logger.mode=disabled"], run_dir=str(tmp_path)
+        [*overrides_of(AGENT_COMMANDS[agent]), "trainer.steps=2", "logger.mode=disabled"],
+        run_dir=str(tmp_path),
     )
     assert [r["step"] for r in rows] == [0, 1]
-    assert all(r["batch/trajectories"] > 0 and r["episode/failed"] == 0 for r in rows)
+    assert all(r["batch/trajectories"] > 0 and r["episode/failed"] == 0 for r in rows), [
+        r.get("episode/failure_reasons") for r in rows
+    ]

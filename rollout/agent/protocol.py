@@ -1,4 +1,10 @@
-"""The OpenAI wire format of the agent endpoint, as pure functions (no server, no engine).
+"""The OpenAI Chat Completions / Completions wire format of the agent endpoint, and what every API's
+wire format shares (rollout/agent/responses.py, messages.py), as pure functions (no server, no engine).
+
+Shared: `normal_message` / `parse_messages` (the normal form every API's messages become), `canon`,
+`chat_request` (normal-form messages + chat tools -> the `ChatRequest` the prompt is built from),
+`sampling_params` (under each API's key names), `parse_reply` (a reply's content and tool calls),
+`stop_match` / `cut_at_stop`, `RequestError`, `new_id`.
 
 Requests: `parse_chat_request` / `parse_completion_request` validate a JSON body and return what the
 server needs; anything the endpoint cannot honour raises `RequestError` naming the option (it becomes
@@ -175,27 +181,51 @@ def _check_unsupported(body: dict[str, Any]) -> None:
         raise RequestError("response_format other than text is not supported", param="response_format")
 
 
-def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
-    """Validate a `/chat/completions` body (sampling is checked separately, once the prompt is known)."""
-    _check_unsupported(body)
-    messages = parse_messages(body.get("messages"))
-    tools = body.get("tools") or None
+def normal_message(
+    role: str,
+    content: str,
+    tool_calls: list[tuple[str, dict[str, Any]]] | None = None,
+    tool_call_id: str = "",
+    name: str = "",
+) -> dict[str, Any]:
+    """A message in the normal form of `parse_messages` (what every API's messages are converted to)."""
+    return {
+        "role": role,
+        "content": content,
+        "tool_calls": list(tool_calls or []),
+        "tool_call_id": tool_call_id,
+        "name": name,
+    }
+
+
+def chat_request(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, parse_tools: bool
+) -> ChatRequest:
+    """The ChatRequest of normal-form `messages` and OpenAI chat `tools` (checked here; None when
+    absent). Every API's requests meet here: the same messages and tools give the same prompt ids."""
     if tools is not None:
         try:
             check_tools(tools, owner="tools")
         except (TypeError, ValueError) as e:
             raise RequestError(str(e), param="tools") from None
-    tool_choice = body.get("tool_choice")
-    if isinstance(tool_choice, dict) or tool_choice not in (None, "auto", "none", "required"):
-        # The model cannot be forced to call one particular tool here.
-        raise RequestError("tool_choice must be 'auto', 'none' or 'required'", param="tool_choice")
     return ChatRequest(
         messages=messages,
         canon=tuple(canon(m) for m in messages),
         tools=tools,
         tools_key=json.dumps(tools, sort_keys=True) if tools else "",
-        parse_tools=tools is not None and tool_choice != "none",
+        parse_tools=tools is not None and parse_tools,
     )
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    """Validate a `/chat/completions` body (sampling is checked separately, once the prompt is known)."""
+    _check_unsupported(body)
+    messages = parse_messages(body.get("messages"))
+    tool_choice = body.get("tool_choice")
+    if isinstance(tool_choice, dict) or tool_choice not in (None, "auto", "none", "required"):
+        # The model cannot be forced to call one particular tool here.
+        raise RequestError("tool_choice must be 'auto', 'none' or 'required'", param="tool_choice")
+    return chat_request(messages, body.get("tools") or None, parse_tools=tool_choice != "none")
 
 
 def parse_completion_request(body: dict[str, Any]) -> Any:
@@ -219,31 +249,43 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return float(value)
 
 
-def _stop_list(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
+def _stop_list(body: dict[str, Any], key: str = "stop") -> list[str]:
+    stop = body.get(key)
     if stop is None:
         return []
     if isinstance(stop, str):
         return [stop] if stop else []
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         return [s for s in stop if s]
-    raise RequestError("stop must be a string or a list of strings", param="stop")
+    raise RequestError(f"{key} must be a string or a list of strings", param=key)
 
 
-def sampling_params(body: dict[str, Any], cfg: RolloutConfig, prompt_len: int) -> SamplingParams:
-    """Request sampling options, max_tokens capped by the rollout config (see the module docstring)."""
+def sampling_params(
+    body: dict[str, Any],
+    cfg: RolloutConfig,
+    prompt_len: int,
+    *,
+    max_keys: tuple[str, ...] = ("max_completion_tokens", "max_tokens"),
+    stop_key: str = "stop",
+    prompt_param: str = "messages",
+) -> SamplingParams:
+    """Request sampling options, max_tokens capped by the rollout config (see the module docstring).
+
+    The keys are Chat Completions' by default; the other APIs name theirs: `max_keys` (the first one
+    set wins), `stop_key`, and `prompt_param` (what a prompt that leaves no room is reported against)."""
     limit = min(cfg.max_tokens_per_turn, cfg.max_total_tokens - prompt_len)
     if limit <= 0:
         raise RequestError(
             f"the prompt has {prompt_len} tokens; rollout.max_total_tokens={cfg.max_total_tokens} leaves no "
             "room to generate",
-            param="messages",
+            param=prompt_param,
             code="context_length_exceeded",
         )
-    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    key = next((k for k in max_keys if body.get(k) is not None), max_keys[-1])
+    requested = body.get(key)
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise RequestError("max_tokens must be a positive integer", param="max_tokens")
+            raise RequestError(f"{key} must be a positive integer", param=key)
         limit = min(limit, requested)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -257,7 +299,12 @@ def sampling_params(body: dict[str, Any], cfg: RolloutConfig, prompt_len: int) -
     top_p = _number(body, "top_p", cfg.top_p, 1e-6, 1.0)
     _require_trainable(temperature, top_p, top_k, cfg)
     return SamplingParams(
-        max_tokens=limit, temperature=temperature, top_p=top_p, top_k=top_k, stop=_stop_list(body), seed=seed
+        max_tokens=limit,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=_stop_list(body, stop_key),
+        seed=seed,
     )
 
 
@@ -289,25 +336,42 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def stop_match(text: str, stop: list[str]) -> str | None:
+    """The stop string that occurs first in `text` (what `cut_at_stop` cuts at), or None."""
+    found = [(i, s) for s in stop if (i := text.find(s)) >= 0]
+    return min(found)[1] if found else None
+
+
+def parse_reply(text: str, parse_tools: bool) -> tuple[str, list[tuple[str, dict[str, Any]]], bool]:
+    """A reply `text` as (content, calls, malformed), the same for every API.
+
+    With `parse_tools`, `<tool_call>` blocks become calls ((name, arguments) pairs) and are removed from
+    the content. A reply whose tool call cannot be parsed stays plain text with malformed=True, as vLLM
+    does. Without calls the content is the text unchanged.
+    """
+    if not parse_tools:
+        return text, [], False
+    calls, problem = parse_tool_calls(text)
+    if problem is not None:
+        return text, [], True
+    if not calls:
+        return text, [], False
+    return strip_tool_calls(text), [(c.name, c.arguments) for c in calls], False
+
+
 def assistant_message(
     text: str, parse_tools: bool
 ) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], bool]:
     """The OpenAI assistant message for a reply `text`: (message, parsed calls, malformed).
 
-    With `parse_tools`, `<tool_call>` blocks become `tool_calls` (fresh ids, arguments as JSON strings)
-    and are removed from the content (None when nothing else is left). A reply whose tool call cannot
-    be parsed is returned as plain text with malformed=True, as vLLM does.
+    Calls (see `parse_reply`) become `tool_calls` (fresh ids, arguments as JSON strings) and the
+    content is None when nothing else is left.
     """
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if not parse_tools:
-        return message, [], False
-    calls, problem = parse_tool_calls(text)
-    if problem is not None:
-        return message, [], True
-    if not calls:
-        return message, [], False
-    parsed = [(c.name, c.arguments) for c in calls]
-    message["content"] = strip_tool_calls(text) or None
+    content, parsed, malformed = parse_reply(text, parse_tools)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if not parsed:
+        return message, [], malformed
+    message["content"] = content or None
     message["tool_calls"] = [
         {
             "id": f"call_{uuid.uuid4().hex[:24]}",
@@ -317,6 +381,11 @@ def assistant_message(
         for name, args in parsed
     ]
     return message, parsed, False
+
+
+def new_id(prefix: str) -> str:
+    """A fresh object id, `prefix` + 24 hex digits (call_..., resp_..., msg_..., toolu_...)."""
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
 
 
 def chat_logprobs(token_texts: list[str], logprobs: list[float], top: int) -> list[dict[str, Any]]:

@@ -23,7 +23,9 @@ synchronous HTTP client inside `async def`, CPU work) cannot stall the worker's 
 and the endpoint run. An agent that raises, runs past the timeout (`rollout.agent_timeout_s`, or
 `rollout.step_timeout_s * rollout.max_turns` when that is 0) or returns a malformed value fails that
 episode only: one Trajectory with status FAILED, reward 0 and a one-line `info["error"]` (holding the
-tokens of the last segment, if any). An agent that made no model call fails too (there is nothing to
+tokens of the last segment, if any). When the endpoint refused the agent's last request (a tool type it
+does not know, sampling the trainer cannot score, ...), the reason starts with that refusal
+(`/v1/messages refused: tools[0]: ...`), then the agent's own error in parentheses. An agent that made no model call fails too (there is nothing to
 train on). Engine exceptions are not the agent's fault: they propagate, as in rollout/episode.py.
 
 Segment status: COMPLETED, or TRUNCATED when its last call stopped at the token limit (`length`), or
@@ -63,6 +65,10 @@ if TYPE_CHECKING:  # the server imports FastAPI: loading an agent (slime.train) 
 AgentFn = Callable[[str, str, dict[str, Any]], Any]
 
 
+# Client libraries agents are written with, by import name -> pip name.
+_CLIENT_PACKAGES = {"openai": "openai", "anthropic": "anthropic"}
+
+
 class AgentLoadError(ValueError):
     """`env.agent` does not name a usable agent function."""
 
@@ -78,13 +84,23 @@ def load_agent(dotted: str) -> AgentFn:
     """Import `package.module:function` and check that it is `async def f(base_url, model, task)`.
 
     Raises AgentLoadError (a ValueError) whose message names what is wrong: the format, the module
-    that fails to import, the missing attribute, a non-async target, or a signature that cannot take
+    that fails to import (with the pip command when it needs an API client library that is missing), the missing attribute, a non-async target, or a signature that cannot take
     the three positional arguments.
     """
     if not isinstance(dotted, str) or not dotted.strip():
         raise AgentLoadError("env.agent must name the agent as package.module:function")
     dotted = dotted.strip()
-    obj = import_object(dotted, f"env.agent={dotted!r}", kind="function", error=AgentLoadError)
+    try:
+        obj = import_object(dotted, f"env.agent={dotted!r}", kind="function", error=AgentLoadError)
+    except AgentLoadError as e:
+        missing = e.__cause__.name if isinstance(e.__cause__, ModuleNotFoundError) else None
+        if missing in _CLIENT_PACKAGES:
+            # An agent written for an API whose client library is not installed here.
+            raise AgentLoadError(
+                f"{e}: install the {missing} client library (`pip install {_CLIENT_PACKAGES[missing]}`; "
+                "`make setup` installs it with slime's dependencies)"
+            ) from e
+        raise
     attr = dotted.partition(":")[2]
     if inspect.isclass(obj) or not callable(obj):
         raise AgentLoadError(
@@ -334,6 +350,10 @@ async def run_agent_episode(
     generate_all = sum(c.generate_s for c in session.calls)
     if error is None and not segments:
         error = "agent made no model calls"
+    if error is not None and session.refused is not None:
+        # The agent gave up after the endpoint refused a request: that refusal names what to fix (an
+        # unsupported tool type, sampling the trainer cannot score, ...); the agent's own error follows.
+        error = f"{session.refused} ({error})"
     # Episode-level, shared by every segment (as rollout/episode.py's segments share theirs).
     common = {
         "episode_id": session.episode_id,

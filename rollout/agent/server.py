@@ -1,4 +1,4 @@
-"""An OpenAI-compatible endpoint in front of the rollout engine, for black-box agents.
+"""An OpenAI- and Anthropic-compatible endpoint in front of the rollout engine, for black-box agents.
 
 One `AgentServer` per rollout worker: a FastAPI app served by uvicorn inside the worker's event loop
 (the same loop as the engine) on a free 127.0.0.1 port. Each agent episode gets its own session and
@@ -9,11 +9,19 @@ recorded separately. Routes under that base URL:
   (tools in the request are rendered exactly as the framework renders env tools; the reply's tool
   calls are parsed back into OpenAI `tool_calls`).
 - `POST /completions` -- a text prompt (or a list of token ids) continued as is.
+- `POST /responses` -- the OpenAI Responses API (input items, function tools, previous_response_id).
+- `POST /messages`, `POST /messages/count_tokens` -- Anthropic's Messages API; also under `/v1/v1`,
+  since Anthropic's clients append `/v1/messages` to the base URL they are given.
 - `GET /models` -- the one served model (also at `/v1/models`).
 
-Request and response formats: rollout/agent/protocol.py. Prompt ids continue earlier calls
-token-exactly where the conversation does (rollout/agent/prefix.py); either way they are recorded
-exactly as sent to the engine. Every successful call is recorded in its session as a `CallRecord`
+Request and response formats, one module per wire format: rollout/agent/protocol.py (Chat
+Completions, Completions, and what the APIs share), responses.py, messages.py. Chat Completions,
+Responses and Messages requests all become the same normal-form messages and go one way
+(`AgentServer._chat_turn`): prompt ids, generation, the reply parsed for tool calls, the call
+recorded; only the envelope differs. Refusals answer in the route's API's error format; the last one
+is kept on the session (`EpisodeSession.refused`) for the episode's failure reason. Prompt ids
+continue earlier calls token-exactly where the conversation does (rollout/agent/prefix.py); either
+way they are recorded exactly as sent to the engine. Every successful call is recorded in its session as a `CallRecord`
 (rollout/agent/session.py): the prompt ids, the generated ids exactly as the engine produced them
 (never re-tokenised), their logprobs and versions; rollout/agent/runner.py turns them into
 trajectories.
@@ -32,14 +40,15 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 # FastAPI reads the handlers' annotations (Request) from this module's globals: import at module level.
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from rollout.agent import prefix, protocol
-from rollout.agent.protocol import RequestError
+from rollout.agent import messages, prefix, protocol, responses
+from rollout.agent.protocol import ChatRequest, RequestError
 from rollout.agent.session import CallRecord, EpisodeSession
 from rollout.chat import ChatFormat
 from slime.core.config import RolloutConfig
@@ -50,8 +59,33 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "slime-policy"
 
 
+@dataclass
+class Turn:
+    """A recorded chat-shaped call and its reply: `text` (stop string cut), `content` and `calls` as
+    protocol.parse_reply gives them, `stop_sequence` the stop string it was cut at (None otherwise)."""
+
+    rec: CallRecord
+    text: str
+    content: str
+    calls: list[tuple[str, dict[str, Any]]]
+    stop_sequence: str | None
+
+
+def _sse(events: list[tuple[str | None, dict[str, Any]]], done: bool = False) -> StreamingResponse:
+    """Server-sent events: `event: NAME` (when named) and `data: JSON` each; `data: [DONE]` last with `done`."""
+
+    async def lines() -> AsyncIterator[str]:
+        for name, data in events:
+            head = f"event: {name}\n" if name else ""
+            yield f"{head}data: {json.dumps(data)}\n\n"
+        if done:
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
+
+
 class AgentServer:
-    """OpenAI-compatible endpoint of one rollout worker (see the module docstring).
+    """The agent endpoint of one rollout worker (see the module docstring).
 
     Lifecycle (all on the worker's event loop, the one the engine runs on):
 
@@ -169,7 +203,13 @@ class AgentServer:
                 )
             return session
 
-        async def serve(episode_id: str, request: Request, handler: Handler) -> Response:
+        async def serve(
+            episode_id: str,
+            request: Request,
+            handler: Handler,
+            error_body: Callable[[RequestError], dict[str, Any]] = RequestError.body,
+        ) -> Response:
+            session = None
             try:
                 session = session_of(episode_id)
                 try:
@@ -180,7 +220,13 @@ class AgentServer:
                     raise RequestError("the request body must be a JSON object")
                 return await handler(session, body)
             except RequestError as e:
-                return JSONResponse(e.body(), status_code=e.status)
+                if session is not None and e.status < 500:
+                    # Named in the episode's failure reason if the agent gives up after it.
+                    route = request.url.path.split(f"/episodes/{episode_id}", 1)[-1].replace(
+                        "/v1/v1/", "/v1/"
+                    )
+                    session.refused = f"{route} refused: {e.message}"
+                return JSONResponse(error_body(e), status_code=e.status)
 
         @app.get("/v1/models")
         async def models_root() -> Response:
@@ -201,6 +247,22 @@ class AgentServer:
         @app.post("/episodes/{episode_id}/v1/completions")
         async def completions(episode_id: str, request: Request) -> Response:
             return await serve(episode_id, request, self._completion)
+
+        @app.post("/episodes/{episode_id}/v1/responses")
+        async def responses_route(episode_id: str, request: Request) -> Response:
+            return await serve(episode_id, request, self._responses)
+
+        # Anthropic's clients append /v1/messages to their base URL: the episode's base URL as given
+        # (ending in /v1) and the same without /v1 both reach these.
+        for root in ("/episodes/{episode_id}/v1", "/episodes/{episode_id}/v1/v1"):
+
+            @app.post(f"{root}/messages")
+            async def messages_route(episode_id: str, request: Request) -> Response:
+                return await serve(episode_id, request, self._messages, messages.error_body)
+
+            @app.post(f"{root}/messages/count_tokens")
+            async def count_tokens(episode_id: str, request: Request) -> Response:
+                return await serve(episode_id, request, self._count_tokens, messages.error_body)
 
         return app
 
@@ -230,6 +292,7 @@ class AgentServer:
         except RuntimeError as err:
             session.fail(err)
             raise RequestError(str(err), status=500) from None
+        session.refused = None  # the agent got past any earlier refusal
         return CallRecord(
             index=index,
             kind=kind,
@@ -261,47 +324,42 @@ class AgentServer:
         )
         if not body.get("stream"):
             return JSONResponse(response)
-        chunks = protocol.stream_chunks(kind, response, body)
+        return _sse([(None, chunk) for chunk in protocol.stream_chunks(kind, response, body)], done=True)
 
-        async def events() -> AsyncIterator[str]:
-            for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    async def _chat(self, session: EpisodeSession, body: dict[str, Any]) -> Response:
-        req = protocol.parse_chat_request(body)
+    async def _chat_turn(
+        self, session: EpisodeSession, req: ChatRequest, sampling_of: Callable[[int], SamplingParams]
+    ) -> Turn:
+        """One chat-shaped call, whatever the API: prompt ids (continuing earlier calls token-exactly),
+        generation, the reply parsed for tool calls, the call recorded. `sampling_of(prompt_len)` is the
+        API's sampling check."""
         prompt_ids, reused = prefix.chat_prompt(self.chat, session.calls, req)
-        sampling = protocol.sampling_params(body, self.cfg, len(prompt_ids))
+        sampling = sampling_of(len(prompt_ids))
         rec = await self._generate(session, "chat", prompt_ids, sampling)
         rec.reused_prefix = reused
 
-        text = self.chat.decode(rec.completion_ids)
+        text, stop = self.chat.decode(rec.completion_ids), None
         if rec.finish_reason == "stop" and not prefix.ended_cleanly(self.chat, rec.completion_ids):
+            stop = protocol.stop_match(text, sampling.stop)
             text, _ = protocol.cut_at_stop(text, sampling.stop)
-        message, parsed, malformed = protocol.assistant_message(text, req.parse_tools)
-        tool_calls = message.get("tool_calls", [])
+        content, calls, malformed = protocol.parse_reply(text, req.parse_tools)
         rec.malformed_tool_call = malformed
-        rec.tool_calls = len(tool_calls)
+        rec.tool_calls = len(calls)
         rec.messages = req.canon
         rec.tools_key = req.tools_key
-        rec.reply = protocol.canon(
-            {
-                "role": "assistant",
-                "content": message["content"] or "",
-                "tool_calls": parsed,
-                "tool_call_id": "",
-                "name": "",
-            }
-        )
+        rec.reply = protocol.canon(protocol.normal_message("assistant", content, calls))
         session.calls.append(rec)
+        return Turn(rec, text, content, calls, stop)
 
+    async def _chat(self, session: EpisodeSession, body: dict[str, Any]) -> Response:
+        req = protocol.parse_chat_request(body)
+        turn = await self._chat_turn(session, req, lambda n: protocol.sampling_params(body, self.cfg, n))
+        rec = turn.rec
+        message, _, _ = protocol.assistant_message(turn.text, req.parse_tools)
         choice: dict[str, Any] = {
             "index": 0,
             "message": message,
             "finish_reason": "tool_calls"
-            if tool_calls and rec.finish_reason == "stop"
+            if turn.calls and rec.finish_reason == "stop"
             else rec.finish_reason,
             "logprobs": None,
         }
@@ -311,6 +369,53 @@ class AgentServer:
                 "content": protocol.chat_logprobs(self._token_texts(rec.completion_ids), rec.logprobs, top)
             }
         return self._respond("chat", rec, choice, body)
+
+    async def _responses(self, session: EpisodeSession, body: dict[str, Any]) -> Response:
+        req, conversation = responses.parse_responses_request(body, session.conversations)
+        turn = await self._chat_turn(session, req, lambda n: responses.sampling(body, self.cfg, n))
+        rec = turn.rec
+        logprobs = None
+        if responses.wants_logprobs(body):
+            top = int(body.get("top_logprobs") or 0)
+            logprobs = protocol.chat_logprobs(self._token_texts(rec.completion_ids), rec.logprobs, top)
+        response = responses.response_object(
+            model=self.model_name,
+            body=body,
+            content=turn.content,
+            calls=turn.calls,
+            finish_reason=rec.finish_reason,
+            prompt_tokens=len(rec.prompt_ids),
+            completion_tokens=len(rec.completion_ids),
+            cached_tokens=rec.reused_prefix,
+            logprobs=logprobs,
+        )
+        reply = protocol.normal_message("assistant", turn.content, turn.calls)
+        session.conversations[response["id"]] = [*conversation, reply]
+        if not body.get("stream"):
+            return JSONResponse(response)
+        return _sse([(e["type"], e) for e in responses.stream_events(response)])
+
+    async def _messages(self, session: EpisodeSession, body: dict[str, Any]) -> Response:
+        req = messages.parse_messages_request(body)
+        turn = await self._chat_turn(session, req, lambda n: messages.sampling(body, self.cfg, n))
+        message = messages.message_object(
+            model=self.model_name,
+            content=turn.content,
+            calls=turn.calls,
+            finish_reason=turn.rec.finish_reason,
+            stop_sequence=turn.stop_sequence,
+            prompt_tokens=len(turn.rec.prompt_ids),
+            completion_tokens=len(turn.rec.completion_ids),
+            cached_tokens=turn.rec.reused_prefix,
+        )
+        if not body.get("stream"):
+            return JSONResponse(message)
+        return _sse([(e["type"], e) for e in messages.stream_events(message)])
+
+    async def _count_tokens(self, session: EpisodeSession, body: dict[str, Any]) -> Response:
+        req = messages.parse_messages_request(body, count_only=True)
+        prompt_ids, _ = prefix.chat_prompt(self.chat, session.calls, req)
+        return JSONResponse({"input_tokens": len(prompt_ids)})
 
     async def _completion(self, session: EpisodeSession, body: dict[str, Any]) -> Response:
         prompt = protocol.parse_completion_request(body)

@@ -22,7 +22,7 @@ class CallRecord:
     """
 
     index: int
-    kind: str  # "chat" | "completion"
+    kind: str  # "chat" (Chat Completions, Responses, Messages: one prompt path) | "completion"
     request_id: str
     prompt_ids: list[int]
     completion_ids: list[int]
@@ -49,6 +49,10 @@ class EpisodeSession:
 
     An engine exception during a call is kept in `engine_error` and signalled by `engine_failed`, so
     the episode runner can propagate it (engine failures are the worker's, not the agent's).
+    `refused`: the last request the endpoint refused (its route and error message), cleared by the next
+    recorded call: when the agent then gives up, the episode's failure reason names it.
+    `conversations`: each Responses API response's whole conversation (normal-form messages, its
+    reply last) by response id, for `previous_response_id` within the episode.
     """
 
     episode_id: str
@@ -58,6 +62,8 @@ class EpisodeSession:
     engine_error: BaseException | None = None
     engine_failed: asyncio.Event = field(default_factory=asyncio.Event)
     inflight: set[str] = field(default_factory=set)
+    refused: str | None = None
+    conversations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     _next_index: int = 0
 
     def next_request_id(self) -> tuple[int, str]:
