@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import time
 from typing import Any
 
 from slime.core.config import BufferConfig, StaleTokens
-from slime.core.types import Group, Status
+from slime.core.types import Batch, Group, Status
+from slime.metrics import batch_metrics
 
 
 class ReplayBuffer:
@@ -269,6 +271,22 @@ class ReplayBuffer:
             # Dropping stale groups refunded tickets: let workers start replacements.
             self._cond.notify_all()
         return batch, time.perf_counter() - t0
+
+    async def hand_out(self, n: int, version: int) -> tuple[Batch, float]:
+        """`get_batch` for the driver: the batch by reference (each group `ray.put` from here, so it
+        goes from this actor to the trainer ranks without passing through the driver) with its
+        tickets, task ids, token counts and rollout metrics at `version` (slime/core/types.py Batch).
+        Outside Ray the groups themselves stand in for the references."""
+        groups, waited = await self.get_batch(n, version)
+        refs: list[Any] = list(groups)
+        with contextlib.suppress(ImportError):
+            import ray
+
+            if ray.is_initialized():
+                refs = [ray.put(g) for g in groups]
+        batch = Batch.of(groups, batch_metrics(groups, version))
+        batch.groups = refs
+        return batch, waited
 
     def stats(self) -> dict[str, Any]:
         """Counters since the previous call (dropped by reason, failures) plus gauges."""

@@ -57,7 +57,7 @@ from slime.weight_push import WeightPush
 if TYPE_CHECKING:
     from slime.core.config import RayConfig
     from slime.evaluator import Evaluator
-from slime.core.types import Group
+from slime.core.types import Batch, Group
 from slime.metrics import MetricsLogger, StepTimes, step_row, truncate_from_step
 
 log = logging.getLogger("slime")
@@ -257,22 +257,25 @@ class Controller:
         raise _StopNow
 
     # -- the loop --------------------------------------------------------------------------------
-    async def _next_batch(self, replay: list[Group] | None, step: int) -> tuple[list[Group], float]:
+    async def _next_batch(self, replay: list[Group] | None, step: int) -> tuple[Batch, float]:
+        """The next batch, by reference (slime/buffer.py `hand_out`): only its tickets, task ids,
+        token counts and metrics reach this process."""
         b = self.cfg.trainer.batch_groups
         if replay is not None:
             start = (step * b) % len(replay)
-            return [replay[(start + i) % len(replay)] for i in range(b)], 0.0
+            groups = [replay[(start + i) % len(replay)] for i in range(b)]
+            return replay_batch(groups, self.version), 0.0
         try:
-            return await self._supervised(self.buffer.get_batch.remote(b, self.version), interruptible=True)
+            return await self._supervised(self.buffer.hand_out.remote(b, self.version), interruptible=True)
         except _StopNow:
             self._batch_abandoned = True  # the buffer keeps what that call took (snapshot)
             raise
 
-    async def _train(self, groups: list[Group]) -> tuple[dict[str, float], float]:
-        """One optimizer step on `groups`; the policy version moves on by one."""
+    async def _train(self, batch: Batch) -> tuple[dict[str, float], float]:
+        """One optimizer step on `batch`; the policy version moves on by one."""
         t0 = time.perf_counter()
         abandon = self.cfg.trainer.on_stop == "abandon"  # a signal may cut the step short
-        metrics = await self._supervised(self.trainer.train_step(groups, self.version), interruptible=abandon)
+        metrics = await self._supervised(self.trainer.train_step(batch, self.version), interruptible=abandon)
         self.version += 1
         return metrics, time.perf_counter() - t0
 
@@ -292,14 +295,13 @@ class Controller:
     async def _buffer_stats(self, replaying: bool) -> dict[str, Any]:
         return {} if replaying else await self.buffer.stats.remote()
 
-    def _log_trained(self, step: int, groups: list[Group]) -> None:
+    def _log_trained(self, step: int, batch: Batch) -> None:
         """buffer/trained.jsonl: which tickets and tasks each step trained on, in batch order."""
-        row = {"step": step, "version": self.version - 1, "tickets": [g.ticket for g in groups]}
-        row["tasks"] = [g.task.id for g in groups]
+        row = {"step": step, "version": self.version - 1, "tickets": batch.tickets, "tasks": batch.task_ids}
         self._trained_log.write(json.dumps(row) + "\n")
         self._trained_log.flush()
 
-    def _log_samples(self, logger: MetricsLogger, step: int, groups: list[Group]) -> None:
+    def _log_samples(self, logger: MetricsLogger, step: int, batch: Batch) -> None:
         every = self.cfg.logger.sample_every
         if not every or step % every:
             return
@@ -307,6 +309,8 @@ class Controller:
             from slime.core.model import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
+        # The only trajectories this process ever fetches: the few the samples table shows.
+        groups = fetch(batch.groups[: self.cfg.logger.num_samples])
         logger.log_samples(step, groups, self._tokenizer.decode)
 
     async def _maybe_checkpoint(self, step: int) -> None:
@@ -399,8 +403,8 @@ class Controller:
 
     async def _step(self, step: int, replay: list[Group] | None, logger: MetricsLogger) -> dict[str, Any]:
         """One trainer step: take a batch, train, push the weights, log, maybe checkpoint."""
-        groups, wait_s = await self._next_batch(replay, step)
-        trainer_metrics, train_s = await self._train(groups)
+        batch, wait_s = await self._next_batch(replay, step)
+        trainer_metrics, train_s = await self._train(batch)
         sync_s, sync_info = await self._publish()
         now = time.perf_counter()
         tokens, gen_s, per_worker = await self._rollout_stats(now - self._t_last)
@@ -416,7 +420,7 @@ class Controller:
         row = step_row(
             step,
             self.version,
-            groups,
+            batch.metrics,
             trainer_metrics,
             await self._buffer_stats(replay is not None),
             sync_info,
@@ -426,8 +430,8 @@ class Controller:
         )
         row.update(per_worker)
         logger.log(row)
-        self._log_trained(step, groups)
-        self._log_samples(logger, step, groups)
+        self._log_trained(step, batch)
+        self._log_samples(logger, step, batch)
         await self._maybe_checkpoint(step)
         self.steps_done = step + 1
         return row
@@ -506,6 +510,20 @@ def _stop_on_signals(controller: Controller, timeout_s: float) -> Iterator[None]
 
 async def _nothing() -> None:
     return None
+
+
+def replay_batch(groups: list[Group], version: int) -> Batch:
+    """Recorded groups (buffer.replay_path, read in this process) as a batch trained at `version`."""
+    from slime.metrics import batch_metrics
+
+    return Batch.of(groups, batch_metrics(groups, version))
+
+
+def fetch(refs: list[Any]) -> list[Group]:
+    """Groups from a batch's references (values pass through)."""
+    import ray
+
+    return [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in refs]
 
 
 def to_dict(cfg: SlimeConfig) -> dict[str, Any]:

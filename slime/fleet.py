@@ -55,6 +55,8 @@ class RolloutFleet:
             max_concurrency=1000,
             max_restarts=cfg.rollout.max_restarts,
             runtime_env={"env_vars": ray_env},
+            # Engines spread over the nodes (and a restarted one lands wherever there is room).
+            scheduling_strategy="SPREAD",
         )
         self.workers = [
             worker_cls.remote(

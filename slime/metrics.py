@@ -172,7 +172,7 @@ def overlap_efficiency(times: StepTimes) -> float:
 def step_row(
     step: int,
     version: int,
-    groups: list[Group],
+    batch: dict[str, float],
     trainer: dict[str, float],
     buffer: dict[str, Any],
     sync: dict[str, float],
@@ -182,12 +182,13 @@ def step_row(
 ) -> dict[str, Any]:
     """The one metrics row of a trainer step, as metrics.jsonl and wandb receive it.
 
-    `version` is the policy version after the step (the batch was trained at `version - 1`);
+    `version` is the policy version after the step; `batch` the batch's rollout figures at the
+    version it trained at, `version - 1` (`batch_metrics`, computed where the groups are);
     `buffer` is the buffer's counters since the previous step ({} when replaying recorded groups);
     `rollout_tokens` is what every engine generated since the previous step; `restarts` counts
     rollout worker restarts since the run (or its resume) began.
     """
-    row: dict[str, Any] = {"step": step, "version": version, **batch_metrics(groups, version - 1), **trainer}
+    row: dict[str, Any] = {"step": step, "version": version, **batch, **trainer}
     row.update({k: v for k, v in buffer.items() if k != "episode/failure_reasons"})
     row.update(sync)
     row.update(

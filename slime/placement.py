@@ -6,9 +6,9 @@ and an actor Ray still cannot place named within seconds, instead of a run that 
                           each actor's CPU request becomes an equal share (the engines and ranks share
                           the cores anyway: their thread budgets are slime/core/cores.py's); a request
                           that cannot fit raises ValueError naming it, what it asks and what there is
-    watch(...)            while actors start, every `every_s` seconds: which of them Ray has not placed
-                          yet, what they ask for and what the cluster has free; past `timeout_s`, an
-                          error
+    watch(...)            while actors start, every `every_s` seconds: which of them Ray has not started
+                          yet (not placed, or its process still starting), what they ask for and what
+                          the cluster has free; a warning after three rounds, an error past `timeout_s`
 
 Ray's CPU and GPU resources are bookkeeping for placement only (slime sets each process's threads
 itself), which is why sharing a core between actors is a sensible default on a small machine and
@@ -149,10 +149,11 @@ async def watch(starting: Awaitable[Any], reqs: list[Request], every_s: float, t
         ]
         free = ray.available_resources()
         message = (
-            f"Ray has not placed {', '.join(parts)} after {waited:.0f}s; the cluster has CPU "
+            f"Ray has not started {', '.join(parts)} after {waited:g}s; the cluster has CPU "
             f"{free.get('CPU', 0.0):g} and GPU {free.get('GPU', 0.0):g} free"
         )
         if waited >= timeout_s:
             task.cancel()
-            raise RuntimeError(message + " (ray.placement_timeout_s); see slime/placement.py")
-        log.warning("%s", message)
+            raise RuntimeError(f"{message} (ray.placement_timeout_s={timeout_s:g})")
+        # Starting an actor's process takes a while on a busy machine: a note first, then a warning.
+        log.log(logging.WARNING if waited >= 3 * every_s else logging.INFO, "%s", message)

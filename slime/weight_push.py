@@ -60,6 +60,7 @@ class Workers(Protocol):
 
     workers: list[Any]  # Ray actor handles, by index
     restarts: list[int]  # restarts so far, by index
+    log_paths: list[str]  # each worker's log file (named in a failure)
 
     def live(self) -> list[int]: ...
 
@@ -162,8 +163,11 @@ class WeightPush:
         Returns the load seconds of those that acknowledged it and the error of each that did not
         (died meanwhile, or its load or its share of the broadcast failed); one failure never stops
         the others' loads."""
+        # One copy of the manifest in Ray's object store, however many workers load it (Ray resolves
+        # a reference passed as an argument before the call).
+        ref = _by_reference(manifest)
         loads = asyncio.gather(
-            *(self.fleet.workers[i].update_weights.remote(manifest) for i in indices), return_exceptions=True
+            *(self.fleet.workers[i].update_weights.remote(ref) for i in indices), return_exceptions=True
         )
         unreached: dict[str, str] = {}
         if manifest.transport == Transport.broadcast:
@@ -200,6 +204,13 @@ class WeightPush:
         import shutil
 
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _by_reference(manifest: WeightManifest) -> Any:
+    """The manifest in Ray's object store (itself outside Ray)."""
+    import ray
+
+    return ray.put(manifest) if ray.is_initialized() else manifest
 
 
 def _died(error: BaseException) -> bool:

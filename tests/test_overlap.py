@@ -21,7 +21,7 @@ from slime.core.cores import (
     set_thread_budget,
     trainer_threads,
 )
-from slime.metrics import StepTimes, overlap_efficiency, step_row
+from slime.metrics import StepTimes, batch_metrics, overlap_efficiency, step_row
 
 
 # ------------------------------------------------------------------------------------ the metric
@@ -51,7 +51,7 @@ def test_step_row_reports_it() -> None:
     group = make_group(
         [make_trajectory([1, 2], [3, 4], reward=1.0), make_trajectory([1, 2], [5], reward=0.0)]
     )
-    row = step_row(0, 1, [group], {}, {}, {}, times, rollout_tokens=10)
+    row = step_row(0, 1, batch_metrics([group], 0), {}, {}, {}, times, rollout_tokens=10)
     assert row["perf/overlap_efficiency"] == 1.0
     assert row["time/gen_s"] == 6.0
 

@@ -48,6 +48,7 @@ class _Fleet:
     def __init__(self, loads: list[Any]) -> None:
         self.workers = [_Worker(load) for load in loads]
         self.restarts = [0] * len(loads)
+        self.log_paths = [f"/logs/rollout-worker{i}.log" for i in range(len(loads))]
         self.is_live = [True] * len(loads)
         self.restarted: list[tuple[int, str, bool]] = []
 

@@ -285,19 +285,24 @@ def make_micro_batches(
 
 
 def shard_groups(groups: Sequence[Group], world_size: int) -> list[list[int]]:
-    """Assign group indices to data-parallel ranks: equal group counts, balanced token counts.
+    """`shard_tokens` of the groups' token counts."""
+    return shard_tokens([sum(len(t.token_ids) for t in g.trajectories) for g in groups], world_size)
 
-    Every rank gets len(groups) // world_size groups (the first len(groups) % world_size ranks one
+
+def shard_tokens(tokens: Sequence[int], world_size: int) -> list[list[int]]:
+    """Assign groups (of `tokens[i]` tokens each) to data-parallel ranks by index: equal group counts,
+    balanced token counts.
+
+    Every rank gets len(tokens) // world_size groups (the first len(tokens) % world_size ranks one
     more). Within that constraint groups are placed greedily, largest first, on the rank with the
     fewest tokens so far (a step waits for the slowest rank). Deterministic; each rank's indices are
     returned in ascending order.
     """
     if world_size <= 0:
         raise ValueError(f"world_size must be > 0, got {world_size}")
-    base, extra = divmod(len(groups), world_size)
+    base, extra = divmod(len(tokens), world_size)
     capacity = [base + (1 if r < extra else 0) for r in range(world_size)]
-    tokens = [sum(len(t.token_ids) for t in g.trajectories) for g in groups]
-    order = sorted(range(len(groups)), key=lambda i: (-tokens[i], i))
+    order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
     load = [0] * world_size
     shards: list[list[int]] = [[] for _ in range(world_size)]
     for i in order:

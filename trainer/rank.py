@@ -74,6 +74,21 @@ class TrainerSpec:
             )
 
 
+def resolve_groups(groups: list[Any]) -> list[Group]:
+    """A shard as the controller sends it: Ray references to groups (fetched here, straight from the
+    replay buffer's object store), or the groups themselves (in-process callers, tests)."""
+    refs = [i for i, g in enumerate(groups) if not isinstance(g, Group)]
+    if not refs:
+        return list(groups)
+    import ray
+
+    fetched = ray.get([groups[i] for i in refs])
+    out = list(groups)
+    for i, g in zip(refs, fetched, strict=True):
+        out[i] = g
+    return out
+
+
 class TrainerRank:
     """One data-parallel trainer rank.
 
@@ -293,6 +308,7 @@ class TrainerRank:
         rank); `loss/policy` is the global minibatch loss averaged over the optimizer steps."""
         if self.policy is None:
             raise RuntimeError("TrainerRank.setup() must run before train_step()")
+        groups = resolve_groups(groups)
         if not groups:
             raise ValueError(f"trainer rank {self.rank} got no groups (batch_groups must be >= num_ranks)")
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@ collectives together) and awaits them; the first rank to fail fails the call wit
 message (the others may be stuck in a collective then: call `shutdown()`; the ranks are not
 reusable after a failure).
 
-Groups of trajectories are sharded here (`trainer.batching.shard_groups`: whole groups, equal
+Groups of trajectories are sharded here (`trainer.batching.shard_tokens`: whole groups, equal
 counts, balanced tokens); metrics come back from rank 0 and are already reduced over all ranks.
 """
 
@@ -16,8 +16,8 @@ import logging
 from typing import Any
 
 from slime.core.logs import log_file
-from slime.core.types import Group, WeightChannel, WeightManifest
-from trainer.batching import shard_groups
+from slime.core.types import Batch, Group, WeightChannel, WeightManifest
+from trainer.batching import shard_tokens
 from trainer.process import rank_env
 from trainer.rank import TrainerSpec
 
@@ -83,12 +83,16 @@ class TrainerRanks:
         log.info("trainer ready: %d rank(s) at %s:%d, %s", self.num_ranks, addr, port, info[0])
         return info
 
-    async def train_step(self, groups: list[Group], version: int) -> dict[str, float]:
-        """Shard `groups` over the ranks (whole groups), train one step, return the global metrics."""
-        if len(groups) < self.num_ranks:
-            raise ValueError(f"train_step got {len(groups)} groups for {self.num_ranks} trainer ranks")
-        shards = shard_groups(groups, self.num_ranks)
-        results = await self._all("train_step", [([groups[i] for i in s], version) for s in shards])
+    async def train_step(self, batch: Batch | list[Group], version: int) -> dict[str, float]:
+        """Shard `batch` over the ranks (whole groups, by its token counts), train one step, return
+        the global metrics. The groups go to the ranks as the batch holds them: Ray references that
+        each rank resolves itself, so they never pass through this process."""
+        if not isinstance(batch, Batch):
+            batch = Batch.of(batch)  # groups themselves (in-process callers, tests)
+        if len(batch) < self.num_ranks:
+            raise ValueError(f"train_step got {len(batch)} groups for {self.num_ranks} trainer ranks")
+        shards = shard_tokens(batch.tokens, self.num_ranks)
+        results = await self._all("train_step", [([batch.groups[i] for i in s], version) for s in shards])
         return results[0]
 
     # -- the trainer end of the weight push (slime/weight_push.py); rank 0 hosts the sender ----------

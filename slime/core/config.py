@@ -708,7 +708,7 @@ class RayConfig:
         0, "nice (0-19) of a local cluster's engines and trainer ranks (Ray's default: 15)"
     )
     placement_timeout_s: float = opt(
-        120.0, "seconds an actor may wait for Ray to place it before the run stops (named every 10 s)"
+        300.0, "seconds an actor may wait for Ray to start it before the run stops (named every 10 s)"
     )
 
     def validate(self) -> None:

@@ -269,6 +269,37 @@ class Group:
 
 
 @dataclass
+class Batch:
+    """A training batch as the driver handles it (slime/buffer.py `get_batch`): the groups by
+    reference (Ray object refs that the trainer ranks resolve; the groups themselves outside Ray)
+    and what the driver needs of them, so trajectories never pass through the driver process.
+
+    groups[i] holds the group of ticket tickets[i], task task_ids[i], tokens[i] tokens in all (the
+    trainer shards by them); `metrics` are the batch's rollout-side figures at the version it trains
+    (slime/metrics.py `batch_metrics`)."""
+
+    groups: list[Any]
+    tickets: list[int]
+    task_ids: list[str]
+    tokens: list[int]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @classmethod
+    def of(cls, groups: list[Group], metrics: dict[str, float] | None = None) -> Batch:
+        """A batch holding `groups` themselves (in-process callers, recorded groups)."""
+        return cls(
+            groups=list(groups),
+            tickets=[g.ticket for g in groups],
+            task_ids=[g.task.id for g in groups],
+            tokens=[sum(len(t.token_ids) for t in g.trajectories) for g in groups],
+            metrics=dict(metrics or {}),
+        )
+
+
+@dataclass
 class SamplingParams:
     """Engine-independent sampling parameters for one generate call."""
 
