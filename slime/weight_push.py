@@ -45,14 +45,16 @@ class TrainerEnd(Protocol):
     async def node_id(self) -> str | None: ...
 
     async def open_weights(
-        self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
+        self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float, delta: bool
     ) -> WeightChannel: ...
 
     async def publish_weights(self, version: int) -> WeightManifest: ...
 
     async def accept_weights(self, key: str, ranks: int) -> None: ...
 
-    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]: ...
+    async def send_weights(
+        self, manifest: WeightManifest, keys: list[str], delta_keys: list[str]
+    ) -> dict[str, str]: ...
 
 
 class Workers(Protocol):
@@ -91,7 +93,7 @@ class WeightPush:
         self.fleet = fleet
         self.transport: Transport | None = None
         self.manifest: WeightManifest | None = None  # the latest version, loaded by every rejoining worker
-        self.served = [0] * len(fleet.workers)  # the version each worker acknowledged
+        self.served = [-1] * len(fleet.workers)  # the version each worker acknowledged (-1: none yet)
         self._channel: WeightChannel | None = None
         self._keys = [""] * len(fleet.workers)  # broadcast: each worker's current group
         self._lock = asyncio.Lock()  # one push or rejoin at a time
@@ -108,7 +110,7 @@ class WeightPush:
             )
         self.transport = kind
         self._channel = await self.trainer.open_weights(
-            kind.value, self.dir, self.bucket_mb, self.backend, self.cfg.timeout_s
+            kind.value, self.dir, self.bucket_mb, self.backend, self.cfg.timeout_s, self.cfg.delta
         )
         await asyncio.gather(*(self._connect(i) for i in range(len(self.fleet.workers))))
         log.info(
@@ -171,8 +173,10 @@ class WeightPush:
         )
         unreached: dict[str, str] = {}
         if manifest.transport == Transport.broadcast:
+            # weights.delta: engines that serve the previous version get what changed since it.
+            deltas = [self._keys[i] for i in indices if self.served[i] == manifest.version - 1]
             unreached, results = await asyncio.gather(
-                self.trainer.send_weights(manifest, [self._keys[i] for i in indices]), loads
+                self.trainer.send_weights(manifest, [self._keys[i] for i in indices], deltas), loads
             )
         else:
             results = await loads
@@ -193,6 +197,7 @@ class WeightPush:
         """Bring restarted worker `index` to the latest version and mark it live (the fleet calls this
         before the worker takes work again). Raises when it cannot load it (one more failure)."""
         async with self._lock:
+            self.served[index] = -1  # a fresh engine: nothing to apply a delta to
             await self._connect(index)
             if self.manifest is not None:
                 _, failed = await self._deliver(self.manifest, [index])

@@ -68,6 +68,7 @@ class _Trainer:
         self.transport = transport
         self.unreached = unreached or {}
         self.sent: list[list[str]] = []
+        self.deltas: list[list[str]] = []
         self.accepted: list[str] = []
 
     async def node_id(self) -> str | None:
@@ -82,8 +83,11 @@ class _Trainer:
     async def accept_weights(self, key: str, ranks: int) -> None:
         self.accepted.append(key)
 
-    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]:
+    async def send_weights(
+        self, manifest: WeightManifest, keys: list[str], delta_keys: list[str]
+    ) -> dict[str, str]:
         self.sent.append(keys)
+        self.deltas.append(delta_keys)
         return {k: v for k, v in self.unreached.items() if k in keys}
 
 
@@ -109,7 +113,7 @@ def test_a_worker_that_dies_during_a_push_is_skipped(transport: str) -> None:
     seconds, info = asyncio.run(push.publish(7))
     assert info["time/engine_load_s"] == 2.5 and info["sync/bytes"] == 10.0
     assert push.manifest.version == 7  # remembered: the restarted worker loads it
-    assert push.served == [7, 0, 7]  # acknowledged by the two that loaded it
+    assert push.served == [7, -1, 7]  # acknowledged by the two that loaded it
     ((index, reason, died),) = push.fleet.restarted
     assert index == 1 and died  # Ray restarts it already: the fleet only takes it out of service
 
@@ -129,7 +133,7 @@ def test_a_worker_the_broadcast_could_not_reach_is_restarted() -> None:
     assert push.trainer.sent == [["worker0-start0", "worker1-start0"]]
     ((index, reason, died),) = push.fleet.restarted
     assert index == 1 and not died and "Connection closed by peer" in reason
-    assert push.served == [7, 0]
+    assert push.served == [7, -1]
 
 
 def test_workers_that_are_not_live_are_not_pushed_to() -> None:
@@ -174,3 +178,17 @@ def test_files_to_other_nodes_need_a_shared_weights_dir() -> None:
     push = WeightPush(cfg, _Trainer("files"), _Fleet([1.0]))
     with pytest.raises(ValueError, match="weights.dir"):
         asyncio.run(push.open(["node-b"]))
+
+
+def test_deltas_go_to_engines_that_serve_the_previous_version_and_never_to_a_rejoining_one() -> None:
+    push = _push("broadcast", [1.0, 1.0])
+    asyncio.run(push.publish(1))
+    assert push.trainer.deltas[-1] == []  # version 0 was never published: full pushes
+    asyncio.run(push.publish(2))
+    assert push.trainer.deltas[-1] == ["worker0-start0", "worker1-start0"]
+    push.fleet.is_live[1] = False
+    push.fleet.restarts[1] = 1
+    asyncio.run(push.rejoin(1))  # a fresh engine holds nothing to apply a delta to
+    assert push.trainer.sent[-1] == ["worker1-start1"] and push.trainer.deltas[-1] == []
+    asyncio.run(push.publish(3))
+    assert push.trainer.deltas[-1] == ["worker0-start0", "worker1-start1"]

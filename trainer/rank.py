@@ -541,7 +541,13 @@ class TrainerRank:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def open_weights(
-        self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
+        self,
+        transport: str,
+        weights_dir: str,
+        bucket_mb: int,
+        backend: str,
+        timeout_s: float,
+        delta: bool = False,
     ) -> WeightChannel:
         """Rank 0: open the trainer's end of the weight transport (shm, broadcast or files); later
         `publish_weights` calls publish through it. Returns what engines need to open their end."""
@@ -549,7 +555,7 @@ class TrainerRank:
 
         if self.weight_sender is not None:
             self.weight_sender.close()
-        self.weight_sender = open_sender(transport, weights_dir, bucket_mb, backend, timeout_s)
+        self.weight_sender = open_sender(transport, weights_dir, bucket_mb, backend, timeout_s, delta)
         return self.weight_sender.channel
 
     def accept_weights(self, key: str, ranks: int) -> None:
@@ -557,11 +563,13 @@ class TrainerRank:
         assert self.weight_sender is not None, "open_weights first"
         self.weight_sender.accept(key, ranks)
 
-    def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]:
-        """Rank 0: deliver a published version to the engines `keys` (they receive at the same time).
-        Returns the engines it could not reach, key -> error."""
+    def send_weights(
+        self, manifest: WeightManifest, keys: list[str], delta_keys: list[str] | None = None
+    ) -> dict[str, str]:
+        """Rank 0: deliver a published version to the engines `keys` (they receive at the same time;
+        `delta_keys` hold the previous version). Returns the engines it could not reach, key -> error."""
         assert self.weight_sender is not None, "open_weights first"
-        return self.weight_sender.send(manifest, keys)
+        return self.weight_sender.send(manifest, keys, delta_keys or [])
 
     def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
         """DeepSpeed state on every rank, then (rank 0) a transformers export in `<ckpt_dir>/hf` and

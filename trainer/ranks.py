@@ -109,20 +109,29 @@ class TrainerRanks:
         return await self._one(0, "node_id", self.actors[0].node_id.remote())
 
     async def open_weights(
-        self, transport: str, weights_dir: str, bucket_mb: int, backend: str, timeout_s: float
+        self,
+        transport: str,
+        weights_dir: str,
+        bucket_mb: int,
+        backend: str,
+        timeout_s: float,
+        delta: bool = False,
     ) -> WeightChannel:
         """Open rank 0's end of the weight transport; `publish_weights` then publishes through it."""
-        ref = self.actors[0].open_weights.remote(transport, weights_dir, bucket_mb, backend, timeout_s)
+        ref = self.actors[0].open_weights.remote(transport, weights_dir, bucket_mb, backend, timeout_s, delta)
         return await self._one(0, "open_weights", ref)
 
     async def accept_weights(self, key: str, ranks: int) -> None:
         """Link one engine's group to rank 0 (the engine joins at the same time)."""
         await self._one(0, "accept_weights", self.actors[0].accept_weights.remote(key, ranks))
 
-    async def send_weights(self, manifest: WeightManifest, keys: list[str]) -> dict[str, str]:
+    async def send_weights(
+        self, manifest: WeightManifest, keys: list[str], delta_keys: list[str] | None = None
+    ) -> dict[str, str]:
         """Broadcast a published version to the engines `keys` (they receive at the same time);
         returns the engines it could not reach, key -> error."""
-        return await self._one(0, "send_weights", self.actors[0].send_weights.remote(manifest, keys))
+        ref = self.actors[0].send_weights.remote(manifest, keys, delta_keys)
+        return await self._one(0, "send_weights", ref)
 
     async def save_checkpoint(self, ckpt_dir: str, step: int, version: int) -> str:
         """DeepSpeed state of every rank plus the transformers export; returns ckpt_dir."""

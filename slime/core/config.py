@@ -757,6 +757,11 @@ class WeightsConfig:
     )
     dir: str = opt("", "rank 0's weight slots go in DIR/slime-weights-<pid> (empty: /dev/shm, else run_dir)")
     timeout_s: float = opt(600.0, "seconds to set up an engine's broadcast group or to move one version")
+    delta: bool = opt(
+        False,
+        "broadcast: send an engine that serves the previous version only what changed since it (per-bucket "
+        "XOR, zstd-compressed, checked by checksum; a full push otherwise)",
+    )
 
     def validate(self) -> None:
         _require_positive(self, "weights", "timeout_s")

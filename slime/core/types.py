@@ -353,6 +353,7 @@ class WeightManifest:
     # The flat buffer's layout: (name, dtype, shape, byte offset) per tensor, in load order.
     tensors: list[tuple[str, str, Sequence[int], int]] = field(default_factory=list)
     bucket_bytes: int = 0
+    checksums: list[int] = field(default_factory=list)  # broadcast with weights.delta: CRC-32 per bucket
 
 
 @dataclass
