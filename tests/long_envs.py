@@ -7,21 +7,19 @@ import time
 
 from envs.base import Action, StepResult
 from envs.target import TargetEnv
-from slime.core.types import Message, Task
 
 
 class BlockingTarget(TargetEnv):
-    """`target`, except that for one task in `every` the step blocks its thread for an hour, as a
-    synchronous tool call or a stuck subprocess would."""
+    """`target`, except that one environment in `every` (in the order a worker builds them: the
+    first episode of each group of `every`) blocks its thread in `step` for an hour, as a synchronous
+    tool call or a stuck subprocess would."""
 
-    def __init__(self, every: int = 8, max_words: int = 0) -> None:
+    made = 0  # environments built in this process
+
+    def __init__(self, every: int = 4, max_words: int = 0) -> None:
         super().__init__(max_words=max_words)
-        self.every = every
-        self.block = False
-
-    async def reset(self, task: Task) -> list[Message]:
-        self.block = int(task.id.rsplit("-", 1)[1]) % self.every == 0
-        return await super().reset(task)
+        self.block = BlockingTarget.made % every == 0
+        BlockingTarget.made += 1
 
     async def step(self, action: Action) -> StepResult:
         if self.block:

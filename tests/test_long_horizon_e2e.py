@@ -51,8 +51,8 @@ def test_partial_rollouts_train_slow_episodes_instead_of_dropping_them(tmp_path,
 
 @pytest.mark.slow
 def test_a_blocking_environment_fails_only_its_episodes(tmp_path, ray_cluster):
-    """One task in 8 blocks its step's thread for an hour (time.sleep): those episodes fail at
-    rollout.step_timeout_s and the run goes on (before, the whole worker froze)."""
+    """The first episode of every group blocks its step's thread for an hour (time.sleep): those
+    episodes fail at rollout.step_timeout_s and the run goes on (before, the whole worker froze)."""
     rows = api.run(
         [
             "+experiment=tiny",
@@ -64,10 +64,9 @@ def test_a_blocking_environment_fails_only_its_episodes(tmp_path, ray_cluster):
         run_dir=str(tmp_path),
     )
     assert len(rows) == 3
-    assert sum(r["episode/failed"] for r in rows) > 0
-    assert all(r["batch/trajectories"] > 0 for r in rows)
-    # Tasks 0, 8, 16, ... block: none of them reaches the trainer.
-    assert not any(int(t.rsplit("-", 1)[1]) % 8 == 0 for t in _tasks_trained(tmp_path))
+    # One in four episodes blocked and failed; the groups train their others.
+    assert sum(r["episode/failed"] for r in rows) >= 3
+    assert all(8 <= r["batch/trajectories"] < 16 for r in rows)
 
 
 @pytest.mark.slow
