@@ -169,7 +169,9 @@ class Controller:
         cfg = self.cfg = plan(self.cfg, cluster_nodes())
         self.buffer = (
             ray.remote(num_cpus=0)(ReplayBuffer)
-            .options(max_concurrency=1000)
+            # The buffer is the driver's state: on the driver's node, so that losing another node
+            # never loses it (a rollout worker there is restarted elsewhere).
+            .options(max_concurrency=1000, scheduling_strategy=_on_this_node())
             .remote(
                 cfg.buffer,
                 cfg.trainer.batch_groups,
@@ -506,6 +508,14 @@ def _stop_on_signals(controller: Controller, timeout_s: float) -> Iterator[None]
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def _on_this_node() -> Any:
+    """A Ray scheduling strategy that pins an actor to this process's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
 
 
 async def _nothing() -> None:

@@ -38,6 +38,19 @@ def is_moe(model_dir: str) -> bool:
         return count_experts(json.load(f)) > 0
 
 
+def spread_over_nodes(count: int) -> list[Any]:
+    """Ray scheduling strategies that deal `count` workers over the cluster's alive nodes in turn
+    (soft: a node without room, or a restart after its node died, places the worker elsewhere).
+    Ray's own "SPREAD" put both workers of a two-node test on the node the trainer did not use."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0)
+    if len(nodes) < 2:
+        return ["DEFAULT"] * count
+    return [NodeAffinitySchedulingStrategy(node_id=nodes[i % len(nodes)], soft=True) for i in range(count)]
+
+
 class RolloutFleet:
     """`rollout.num_workers` RolloutWorker actors under supervision."""
 
@@ -49,17 +62,17 @@ class RolloutFleet:
         self.max_restarts = cfg.rollout.max_restarts
         # Each worker's output (its engine's included) goes to its own file; errors name it.
         self.log_paths = [log_file(cfg.run_dir, f"rollout-worker{i}") for i in range(cfg.rollout.num_workers)]
-        worker_cls = ray.remote(RolloutWorker).options(
+        worker_cls = ray.remote(RolloutWorker)
+        options = dict(
             num_cpus=cfg.rollout.num_cpus_per_worker,
             num_gpus=cfg.rollout.gpus_per_worker,
             max_concurrency=1000,
             max_restarts=cfg.rollout.max_restarts,
             runtime_env={"env_vars": ray_env},
-            # Engines spread over the nodes (and a restarted one lands wherever there is room).
-            scheduling_strategy="SPREAD",
         )
+        spread = spread_over_nodes(cfg.rollout.num_workers)
         self.workers = [
-            worker_cls.remote(
+            worker_cls.options(**options, scheduling_strategy=spread[i]).remote(
                 i,
                 model_dir,
                 cfg.model,

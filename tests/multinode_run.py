@@ -34,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("--kill-worker-node-after-step", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="rollout workers to see alive before noting where")
     args, overrides = ap.parse_known_args()
     import logging
 
@@ -50,20 +51,31 @@ def main() -> None:
 
     ray.init(address=cluster.address, log_to_driver=False)
     head = ray.get_runtime_context().get_node_id()
-    report: dict = {"head": head, "second": second.node_id, "started_on": {}, "removed_at_s": None}
+    report: dict = {
+        "head": head,
+        "second": second.node_id,
+        "started_on": {},
+        "removed_at_s": None,
+        "after_loss": {},
+    }
 
     def watch() -> None:
         metrics = os.path.join(args.run_dir, "metrics.jsonl")
         while True:
             nodes = _worker_nodes()
-            if nodes and not report["started_on"]:
+            if len(nodes) >= args.workers and not report["started_on"]:
                 report["started_on"] = dict(nodes)
             if args.kill_worker_node_after_step and os.path.exists(metrics):
                 with open(metrics, encoding="utf-8") as f:
                     done = sum(1 for line in f if line.strip())
-                if done >= args.kill_worker_node_after_step:
+                if done >= args.kill_worker_node_after_step and report["removed_at_s"] is None:
                     report["removed_at_s"] = time.time()
                     cluster.remove_node(second)
+            if report["removed_at_s"] is not None and len(nodes) >= args.workers:
+                alive = dict(nodes)
+                if second.node_id not in alive.values():  # every worker up again, none on the lost node
+                    report["after_loss"] = alive
+                    report["back_after_s"] = time.time() - report["removed_at_s"]
                     return
             time.sleep(0.5)
 
@@ -71,7 +83,6 @@ def main() -> None:
     thread.start()
     rows = api.run([*overrides, f"ray.address={cluster.address}"], run_dir=args.run_dir)
     report["rows"] = rows
-    report["ended_on"] = _worker_nodes()
     print(json.dumps(report, default=str))
     ray.shutdown()
     cluster.shutdown()
