@@ -35,6 +35,7 @@ MoE routes (engines that capture them): each turn's output carries the routes of
 prompt (the history, recomputed by its prefill) and generated tokens, so every turn overlays the
 previous ones of its segment; env tokens appended after the last turn and the last generated token
 have none (`RoutedExperts.valid` is False there). Engines without capture leave `routed_experts` None.
+Sparse-attention key selections (`indexer_keys`, engines that capture them) are carried the same way.
 
 Failure containment: any exception, timeout (`rollout.step_timeout_s` on reset/step/close) or
 malformed return from the environment ends only that episode, with status FAILED, reward 0 and a
@@ -67,7 +68,16 @@ from rollout.chat import ChatFormat
 from rollout.engines.base import Engine
 from rollout.env_host import EnvHost, EnvTimeout, ThreadHost, delay_s, open_host
 from slime.core.config import ContextPolicy, EnvConfig, RolloutConfig
-from slime.core.types import GenerateOutput, Message, RoutedExperts, SamplingParams, Status, Task, Trajectory
+from slime.core.types import (
+    GenerateOutput,
+    IndexerKeys,
+    Message,
+    RoutedExperts,
+    SamplingParams,
+    Status,
+    Task,
+    Trajectory,
+)
 
 # What an older tool result becomes under rollout.context_policy=recent_tools.
 DROPPED_TOOL_RESULT = "[older tool result removed to fit the context]"
@@ -102,6 +112,7 @@ class _Segment:
     versions: list[int] = field(default_factory=list)
     prompt_len: int = 0
     routes: RoutedExperts | None = None
+    keys: IndexerKeys | None = None
 
     def append_env(self, ids: list[int]) -> None:
         self.token_ids.extend(ids)
@@ -117,6 +128,7 @@ class _Segment:
         self.versions.extend(int(v) for v in out.versions)
         # out.routed_experts covers the request's prompt (all tokens so far) and its output.
         self.routes = RoutedExperts.merge(self.routes, out.routed_experts)
+        self.keys = IndexerKeys.merge(self.keys, out.indexer_keys)
 
 
 class _Episode:
@@ -151,12 +163,14 @@ class _Episode:
 
     # ------------------------------------------------------------------------------- helpers
     def segments(self) -> list[_Segment]:
-        """Every segment, routes padded to one row per token (env tokens after a segment's last
-        turn have none)."""
+        """Every segment, routes and indexer selections padded to one row per token (env tokens
+        after a segment's last turn have none)."""
         out = [*self.done_segments, self.seg]
         for s in out:
             if s.routes is not None:
                 s.routes = s.routes.padded(len(s.token_ids))
+            if s.keys is not None:
+                s.keys = s.keys.padded(len(s.token_ids))
         return out
 
     def _timeout(self) -> float | None:
@@ -396,6 +410,7 @@ async def run_episode(
             timings=timings,
             start_version=ep.start_version,
             routed_experts=s.routes,
+            indexer_keys=s.keys,
             episode_id=ep.request_prefix,
             segment=i,
         )

@@ -54,7 +54,7 @@ from rollout.chat import ChatFormat
 from rollout.engines.base import Engine
 from rollout.episode import failed_trajectory
 from slime.core.config import RolloutConfig
-from slime.core.types import RoutedExperts, Status, Task, Trajectory
+from slime.core.types import IndexerKeys, RoutedExperts, Status, Task, Trajectory
 
 if TYPE_CHECKING:  # the server imports FastAPI: loading an agent (slime.train) must not need it
     from rollout.agent.server import AgentServer
@@ -156,6 +156,7 @@ class Segment:
     prompt_len: int = 0
     calls: list[CallRecord] = field(default_factory=list)
     routes: RoutedExperts | None = None  # MoE routes (engines that capture them); see add()
+    keys: IndexerKeys | None = None  # sparse-attention key selections, likewise
 
     def _extend(
         self, ids: list[int], mask: int, logprobs: list[float] | None, versions: list[int] | None
@@ -173,11 +174,16 @@ class Segment:
         self._extend(call.completion_ids, 1, call.logprobs, call.versions)
         # A call's routes cover its prompt (this segment so far) and completion: later calls overlay.
         self.routes = RoutedExperts.merge(self.routes, call.routed_experts)
+        self.keys = IndexerKeys.merge(self.keys, call.indexer_keys)
         self.calls.append(call)
 
     def final_routes(self) -> RoutedExperts | None:
         """The routes with one row per token, or None when the engine captured none."""
         return None if self.routes is None else self.routes.padded(len(self.token_ids))
+
+    def final_keys(self) -> IndexerKeys | None:
+        """The indexer selections with one row per token, or None when the engine captured none."""
+        return None if self.keys is None else self.keys.padded(len(self.token_ids))
 
 
 def build_segments(calls: list[CallRecord]) -> list[Segment]:
@@ -377,6 +383,7 @@ async def run_agent_episode(
                 prompt_len=seg.prompt_len,
                 turns=len(seg.calls),
                 routed_experts=seg.final_routes(),
+                indexer_keys=seg.final_keys(),
             )
         traj.info.update(common, segment=len(segments) - 1, num_segments=len(segments))
         traj.episode_id = session.episode_id
@@ -416,6 +423,7 @@ async def run_agent_episode(
                 },
                 start_version=start_version,
                 routed_experts=seg.final_routes(),
+                indexer_keys=seg.final_keys(),
                 episode_id=session.episode_id,
                 segment=j,
             )
