@@ -411,6 +411,9 @@ async def test_indexer_and_routing_replay_in_bf16(dsa_dir, tokenizer):
     keys = (
         "dsa/index_mismatch",
         "dsa/index_mismatch_used",
+        "dsa/layer0/index_mismatch",
+        "dsa/layer1/index_mismatch",
+        "dsa/layer2/index_mismatch",
         "moe/routing_mismatch_used",
         "mismatch/logprob_abs",
     )
