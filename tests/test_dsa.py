@@ -90,6 +90,16 @@ def _random_sets(positions: np.ndarray, layers: int, k: int, rng) -> np.ndarray:
 def test_varints_and_key_set_coding_round_trip():
     values = np.array([0, 1, 127, 128, 300, 16383, 16384, 2**40])
     assert (keysets.varint_decode(keysets.varint_encode(values).tobytes()) == values).all()
+    assert keysets.varint_encode(np.array([300])).tobytes() == bytes([0xAC, 0x02])  # 300 = 0b10_0101100
+    # By hand, topk 4, one layer. t=4 keeps {0,1,2,4}: distances back {4,3,2,0}; the reference (the
+    # dense row t=3 keeps 0..3) is {4,3,2,1} from t=4: added {0}, removed {1}, 2*1 < 4 -> a diff row:
+    # header 2*1+1 = 3, then 0, then 1. t=5 keeps {0,1,4,5}: distances {0,1,4,5}; reference {0,1,2,4}
+    # from t=5 is {5,4,3,1}: added {0}, removed {3} -> 3, 0, 3. t=7 (t=6 not coded: no reference) keeps
+    # {0,1,2,7}: distances {0,5,6,7} -> a gaps row: header 0, then 0, 5-0-1, 6-5-1, 7-6-1 = 0, 4, 0, 0.
+    hand = np.array([[[0, 1, 2, 4]], [[0, 1, 4, 5]], [[0, 1, 2, 7]]])
+    data = keysets.encode(hand, np.array([4, 5, 7]), 4)
+    assert data == bytes([3, 0, 1, 3, 0, 3, 0, 0, 4, 0, 0])
+    assert (keysets.decode(data, np.array([4, 5, 7]), 1, 4) == hand).all()
     rng = np.random.default_rng(0)
     k, layers = 16, 3
     for positions in (np.arange(k, 60), np.array([16, 17, 18, 30, 31, 40])):  # with gaps: no reference

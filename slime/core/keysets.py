@@ -76,8 +76,9 @@ def _ungap(gaps: np.ndarray) -> np.ndarray:
     return np.cumsum(gaps + 1) - 1
 
 
-def encode(sel: np.ndarray, positions: np.ndarray, topk: int) -> bytes:
-    """Code the selective rows of one sequence (see the module docstring).
+def encode(sel: np.ndarray, positions: np.ndarray, topk: int, use_diff: bool = True) -> bytes:
+    """Code the selective rows of one sequence (see the module docstring); `use_diff=False` codes
+    every row as "gaps" (to measure what diff rows save).
 
     sel: [R, L, K] integer key positions (any order within a row; K == topk, distinct per row), the
         selections of R selective tokens x L indexer layers, tokens ascending;
@@ -111,7 +112,7 @@ def encode(sel: np.ndarray, positions: np.ndarray, topk: int) -> bytes:
     in_ref = np.isin(s2 + offset, ref2 + offset)  # [N, K] kept keys of S
     in_s = np.isin(ref2 + offset, s2 + offset)  # [N, K] keys of R still in S
     added = k - in_ref.sum(axis=1)  # == removed: |S| = |R| = k
-    diff = np.repeat(has_ref, layers) & (2 * added < k)
+    diff = np.repeat(has_ref, layers) & (2 * added < k) & use_diff
     # Each row as [header | K "A" entries | K "B" entries] with a keep mask; flattened row-major, the
     # kept entries are exactly the stream: gaps rows keep all of A, diff rows n of A and n of B.
     order_a = np.argsort(in_ref, axis=1, kind="stable")  # added keys first, ascending
