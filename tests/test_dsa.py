@@ -307,6 +307,59 @@ def _groups(tokenizer, model, n: int = 3, flip: float = 0.0, seed: int = 0) -> l
     return [Group(task=Task(id="t", prompt="p"), trajectories=trajs)]
 
 
+def test_indexer_metrics_by_hand():
+    """One layer, topk 16, one row of 20 real tokens: tokens 16..19 are selective (share 4/20 = 0.2).
+    The engine recorded 16, 17, 19 (not 18); the indexer's own keys differ from the engine's at 17 and 19
+    (mismatch 2/3); with replay the used keys are the engine's there (used mismatch 0) and the own ones
+    at 18, which the engine did not record."""
+    from types import SimpleNamespace
+
+    from trainer.indexer import IndexerSite, Indexing
+    from trainer.process import Collectives
+
+    length = 20
+    own = torch.arange(16).expand(1, length, 16).clone().to(torch.int32)  # keys 0..15 everywhere
+    keys = torch.full((1, length, 1, 16), -1, dtype=torch.int32)
+    valid = torch.zeros((1, length), dtype=torch.bool)
+    for t in (16, 17, 19):
+        keys[0, t, 0] = own[0, t]
+        valid[0, t] = True
+    keys[0, 17, 0, 0] = 17  # the engine kept 17 instead of 0
+    keys[0, 19, 0, 3] = 18  # ... and 18 instead of 3
+    ids = torch.zeros((1, length), dtype=torch.long)
+    mb = SimpleNamespace(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        index_keys=keys,
+        index_valid=valid,
+        index_layers=(0,),
+    )
+    for mode, used_mismatch in (("none", 2 / 3), ("rollout", 0.0)):
+        indexing = Indexing([IndexerSite(0, torch.nn.Identity(), 16)], mode)
+        with indexing.call(mb, slice(None), slice(None), measure=True):
+            used = indexing._on_indexer(0, own)
+        m = indexing.reduce_metrics(Collectives())
+        assert m["dsa/selective_share"] == pytest.approx(0.2) and m["dsa/index_pairs"] == 3
+        assert m["dsa/index_mismatch"] == pytest.approx(2 / 3) and m[
+            "dsa/layer0/index_mismatch"
+        ] == pytest.approx(2 / 3)
+        assert m["dsa/index_mismatch_used"] == pytest.approx(used_mismatch)
+        if mode == "none":
+            assert used is None  # the indexer's own output passes unchanged
+        else:
+            assert (used[0, 17] == keys[0, 17, 0]).all() and (used[0, 18] == own[0, 18]).all()
+    # Without engine selections only the share is logged.
+    indexing = Indexing([IndexerSite(0, torch.nn.Identity(), 16)], "none")
+    with indexing.call(
+        SimpleNamespace(input_ids=ids, attention_mask=mb.attention_mask),
+        slice(None),
+        slice(None),
+        measure=True,
+    ):
+        indexing._on_indexer(0, own)
+    assert indexing.reduce_metrics(Collectives()) == {"dsa/selective_share": pytest.approx(0.2)}
+
+
 def test_replay_uses_exactly_the_given_keys_and_keeps_gradients(dsa_dir, tokenizer):
     from trainer.batching import flatten_groups, make_micro_batches
     from trainer.forward import Forward

@@ -176,6 +176,9 @@ class Indexing:
         call = self._call
         if call is None:
             return None  # a forward outside `call` (e.g. a test's plain forward): leave it alone
+        if call.measure and i == 0:
+            self.stats["tokens"] += call.repeat * float(call.real.sum())
+            self.stats["selective"] += call.repeat * float(call.selective.sum())
         if out.shape[-1] < self.topk:
             return None  # fewer keys than index_topk: every row keeps all its keys
         b = call.batch
@@ -195,9 +198,6 @@ class Indexing:
         rep = call.repeat
         st = self.stats
         with torch.no_grad():
-            if i == 0:
-                st["tokens"] += rep * float(call.real.sum())
-                st["selective"] += rep * float(call.selective.sum())
             if call.engine is None:
                 return
             have = call.engine_have  # [rep * B, S]
