@@ -130,6 +130,14 @@ def test_indexer_keys_overlay_padding_and_json():
     assert (back[keys.selective] == dense[keys.selective]).all() and (back[:TOPK] == -1).all()
     assert keys.selective.sum() == length - TOPK - 1 and (back[-1] == -1).all()
     assert keys.nbytes == len(keys.data) + 5 and len(keys.data) < 1.1 * (TOPK + 1) * 3 * (length - TOPK - 1)
+    # What an engine recorded: a selective row with a key outside 0..t is not kept (never replayed).
+    broken = dense.copy()
+    broken[20, 1, 0] = 21  # a later position
+    broken[30, 2, 5] = -1  # a missing key
+    got, bad = IndexerKeys.from_engine(broken, valid, TOPK, LAYERS)
+    assert (
+        bad == 2 and not got.valid[20] and not got.valid[30] and got.valid[21] and got.selective.sum() == 21
+    )
     # Padding adds rows without selections; cutting re-codes the rest.
     assert keys.padded(50).padded(length) == keys and len(keys.padded(30)) == 30
     assert (keys.padded(30).dense() == back[:30]).all()

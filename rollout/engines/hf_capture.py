@@ -159,17 +159,10 @@ class Capture:
             sel = np.full((length, len(self.indexers), self.index_topk), -1, dtype=np.int64)
             got = self._keys[row, span].astype(np.int64) - pad
             sel[: got.shape[0]] = got
-            t = np.arange(length)[:, None, None]
-            selective = valid & (np.arange(length) >= self.index_topk)
-            bad = selective & ((sel < 0) | (sel > t)).any(axis=(1, 2))
-            if bad.any():
-                if not self._warned:
-                    logger.warning(
-                        "indexer capture: %d rows kept keys outside their causal range", int(bad.sum())
-                    )
-                    self._warned = True
-                valid = valid & ~bad
-            keys = IndexerKeys.from_dense(sel, valid, self.index_topk, self.index_layers)
+            keys, bad = IndexerKeys.from_engine(sel, valid, self.index_topk, self.index_layers)
+            if bad and not self._warned:
+                logger.warning("indexer capture: %d rows kept keys outside their causal range", bad)
+                self._warned = True
         return routes, keys
 
     # -- hooks -----------------------------------------------------------------------------------

@@ -420,7 +420,12 @@ class VLLMEngine:
         n, layers, topk = int(got["length"]), list(self.index_info["layers"]), int(self.index_info["topk"])
         keys = np.frombuffer(got["ids"], dtype=np.int32).reshape(n, len(layers), topk)
         valid = np.frombuffer(got["valid"], dtype=bool)
-        return IndexerKeys.from_dense(keys, valid, topk, layers)
+        out, bad = IndexerKeys.from_engine(keys, valid, topk, layers)
+        if bad:
+            logger.warning(
+                "indexer capture: %d rows kept keys outside their causal range (not replayed)", bad
+            )
+        return out
 
     async def _take_routes(self, vrid: str) -> dict[str, Any] | None:
         """The worker's rows of finished request `vrid` (routes, and indexer selections under

@@ -241,6 +241,22 @@ class IndexerKeys:
         out.data = keysets.encode(np.asarray(keys)[rows], rows, topk) if rows.size else b""
         return out
 
+    @classmethod
+    def from_engine(
+        cls, keys: np.ndarray, valid: np.ndarray, topk: int, layers: Sequence[int]
+    ) -> tuple[IndexerKeys, int]:
+        """`from_dense` of what an engine recorded ([T, L, K] key positions in the sequence), with every
+        selective row that holds a key outside its causal range 0..t marked not computed (an engine
+        that broke its contract must not be replayed); returns the selections and how many rows that
+        dropped."""
+        keys = np.asarray(keys, dtype=np.int64)
+        valid = np.asarray(valid, dtype=bool).copy()
+        t = np.arange(len(valid))
+        selective = valid & (t >= topk)
+        bad = selective & ((keys < 0) | (keys > t[:, None, None])).any(axis=(1, 2))
+        valid &= ~bad
+        return cls.from_dense(keys, valid, topk, layers), int(bad.sum())
+
     def dense(self) -> np.ndarray:
         """[T, L, K] int64: the kept key positions (ascending) of each selective row; -1 elsewhere
         (dense rows keep every causal key; rows not valid are unknown)."""
