@@ -35,6 +35,7 @@ MoE routes (engines that capture them): each turn's output carries the routes of
 prompt (the history, recomputed by its prefill) and generated tokens, so every turn overlays the
 previous ones of its segment; env tokens appended after the last turn and the last generated token
 have none (`RoutedExperts.valid` is False there). Engines without capture leave `routed_experts` None.
+Sparse-attention key selections (`indexer_keys`, engines that capture them) are carried the same way.
 
 Failure containment: any exception, timeout (`rollout.step_timeout_s` on reset/step/close) or
 malformed return from the environment ends only that episode, with status FAILED, reward 0 and a
@@ -251,7 +252,9 @@ class _Episode:
             )
             self.generate_s += time.perf_counter() - t0
             out.check_lengths()
-            self.seg.add_generated(out.token_ids, out.logprobs, out.versions, out.routed_experts)
+            self.seg.add_generated(
+                out.token_ids, out.logprobs, out.versions, out.routed_experts, out.indexer_keys
+            )
             self.blocks.append(_Block([int(t) for t in out.token_ids]))
             self.turns += 1
             if out.finish_reason == "abort":
@@ -364,6 +367,7 @@ async def run_episode(
             timings=timings,
             start_version=ep.start_version,
             routed_experts=s.final_routes(),
+            indexer_keys=s.final_keys(),
             episode_id=ep.request_prefix,
             segment=i,
         )

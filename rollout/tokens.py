@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from slime.core.types import RoutedExperts
+from slime.core.types import IndexerKeys, RoutedExperts
 
 
 @dataclass
@@ -27,6 +27,7 @@ class TokenLog:
     versions: list[int] = field(default_factory=list)
     prompt_len: int = 0
     routes: RoutedExperts | None = None  # MoE routes (engines that capture them)
+    keys: IndexerKeys | None = None  # sparse-attention key selections (engines that capture them)
 
     def add_context(self, ids: Sequence[int]) -> None:
         self.token_ids.extend(int(t) for t in ids)
@@ -40,9 +41,10 @@ class TokenLog:
         logprobs: Sequence[float],
         versions: Sequence[int],
         routes: RoutedExperts | None = None,
+        keys: IndexerKeys | None = None,
     ) -> None:
-        """Append generated ids; `routes` cover the request's prompt (this sequence so far) and its
-        output, so a later request's routes overlay earlier ones (the latest computation wins)."""
+        """Append generated ids; `routes` and `keys` cover the request's prompt (this sequence so
+        far) and its output, so a later request's overlay earlier ones (the latest computation wins)."""
         if not len(ids) == len(logprobs) == len(versions):
             raise RuntimeError(f"{len(ids)} tokens, {len(logprobs)} logprobs, {len(versions)} versions")
         if self.prompt_len == 0 and not any(self.loss_mask):
@@ -52,6 +54,11 @@ class TokenLog:
         self.logprobs.extend(float(x) for x in logprobs)
         self.versions.extend(int(v) for v in versions)
         self.routes = RoutedExperts.merge(self.routes, routes)
+        self.keys = IndexerKeys.merge(self.keys, keys)
+
+    def final_keys(self) -> IndexerKeys | None:
+        """The indexer selections with one row per token, or None when the engine captured none."""
+        return None if self.keys is None else self.keys.padded(len(self.token_ids))
 
     def final_routes(self) -> RoutedExperts | None:
         """The routes with one row per token (context tokens after the last request have none), or

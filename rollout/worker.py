@@ -106,6 +106,7 @@ class RolloutWorker:
         seed: int,
         work_dir: str,
         capture_routes: bool = False,
+        capture_indexer: bool = False,
         log_path: str = "",
     ) -> None:
         """`log_path`: the file this actor's process writes its output to (slime/core/logs.py: vLLM's
@@ -115,6 +116,7 @@ class RolloutWorker:
             send_output_to(log_path)  # before the engine starts: its process inherits the redirection
         self.index = index
         self.capture_routes = capture_routes  # MoE routes on every output (algorithm.routing_replay=rollout)
+        self.capture_indexer = capture_indexer  # DSA key selections on every output (indexer replay)
         self.model_dir = model_dir
         self.model_cfg = model_cfg
         self.cfg = rollout_cfg
@@ -153,6 +155,7 @@ class RolloutWorker:
             self.seed + self.index,
             self.work_dir,
             capture_routes=self.capture_routes,
+            capture_indexer=self.capture_indexer,
         )
         await self.engine.start()
         self.agent_server = None

@@ -17,7 +17,6 @@ and resumes its loop; `rollout/restarts` counts these. A worker that fails more 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -26,16 +25,24 @@ from typing import Any
 
 from slime.core.config import SlimeConfig
 from slime.core.logs import log_file
-from slime.core.model import count_experts
+from slime.core.model import HF_ROUTE_CAPTURE_TYPES, checkpoint_config, count_experts, count_index_topk
 from slime.core.types import Group, Task
 
 log = logging.getLogger("slime")
 
 
-def is_moe(model_dir: str) -> bool:
-    """Whether the resolved checkpoint in `model_dir` is a mixture-of-experts model."""
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        return count_experts(json.load(f)) > 0
+def engine_captures(cfg: SlimeConfig, model_dir: str) -> tuple[bool, bool]:
+    """(routes, indexer selections) the fleet's engines capture: every MoE run returns the routes
+    (moe/routing_mismatch, routing replay) where the engine can capture them (vLLM; the transformers
+    engine for the router kinds it knows), and every sparse-attention run the indexer's key selections
+    (dsa/index_mismatch, indexer replay)."""
+    hf = checkpoint_config(model_dir)
+    routes = (
+        cfg.rollout.capture_routes
+        and count_experts(hf) > 0
+        and (cfg.rollout.engine == "vllm" or hf.get("model_type") in HF_ROUTE_CAPTURE_TYPES)
+    )
+    return routes, cfg.rollout.capture_indexer and count_index_topk(hf) > 0
 
 
 def spread_over_nodes(count: int) -> list[Any]:
@@ -71,6 +78,7 @@ class RolloutFleet:
             runtime_env={"env_vars": ray_env},
         )
         spread = spread_over_nodes(cfg.rollout.num_workers)
+        capture_routes, capture_indexer = engine_captures(cfg, model_dir)
         self.workers = [
             worker_cls.options(**options, scheduling_strategy=spread[i]).remote(
                 i,
@@ -80,10 +88,8 @@ class RolloutFleet:
                 cfg.env,
                 cfg.seed,
                 os.path.join(cfg.run_dir, "rollout", f"worker{i}"),
-                # Every MoE run returns the engine's routes (moe/routing_mismatch, replay) where vLLM runs.
-                capture_routes=cfg.rollout.capture_routes
-                and cfg.rollout.engine == "vllm"
-                and is_moe(model_dir),
+                capture_routes=capture_routes,
+                capture_indexer=capture_indexer,
                 log_path=self.log_paths[i],
             )
             for i in range(cfg.rollout.num_workers)

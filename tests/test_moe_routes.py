@@ -97,8 +97,17 @@ def _compose(overrides: list[str]):
         (["model=tiny_dense", "algorithm.routing_replay=rollout"], "tiny-dense is dense"),
         (["model=tiny_dense", "algorithm.routing_replay=old"], "tiny-dense is dense"),
         (
-            ["model=tiny_moe", "algorithm.routing_replay=rollout", "rollout.engine=transformers"],
-            "rollout.engine=vllm captures",
+            ["model=tiny_moe", "algorithm.routing_replay=rollout", "rollout.capture_routes=false"],
+            "capture_routes",
+        ),
+        (
+            [
+                "model=tiny_moe",
+                "model.architecture=MixtralForCausalLM",
+                "algorithm.routing_replay=rollout",
+                "rollout.engine=transformers",
+            ],
+            "rollout.engine=transformers captures them",
         ),
     ],
 )

@@ -505,9 +505,14 @@ EP2 = ["model=tiny_moe", "trainer.expert_parallel_size=2", "trainer.num_ranks=2"
             "rollout.capture_routes=true",
         ),
         (
-            ["model=tiny_moe", "algorithm.routing_replay=rollout", "rollout.engine=transformers"],
+            [
+                "model=tiny_moe",
+                "model.architecture=MixtralForCausalLM",
+                "algorithm.routing_replay=rollout",
+                "rollout.engine=transformers",
+            ],
             "algorithm.routing_replay",
-            "rollout.engine=vllm",
+            "rollout.engine=transformers captures them for model types",
         ),
         (
             [
@@ -534,6 +539,8 @@ def test_good_moe_settings_validate(overrides):
     from slime.core.validation import validate
 
     validate(_compose(overrides))
+    # The transformers engine captures the routes of the router kinds the trainer replays.
+    validate(_compose(["model=tiny_moe", "algorithm.routing_replay=rollout", "rollout.engine=transformers"]))
     glm = _compose(["trainer.expert_parallel_size=2", "trainer.num_ranks=2"], base="+experiment=glm5_tiny")
     validate(glm)
     assert glm.model.name == "glm5-tiny" and glm.algorithm.routing_replay == "rollout"

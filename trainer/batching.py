@@ -64,6 +64,12 @@ class MicroBatch:
     routes_valid: torch.Tensor | None = None  # [B, L] bool
     route_layers: tuple[int, ...] = ()
     old_routes: torch.Tensor | None = None  # [B, L, M, K] int64, set by routing_replay=old's first pass
+    # Sparse-attention key selections the engine's indexers made (None when no trajectory carries any):
+    # index_keys[b, t, m] are the key positions input token t kept in indexer layer index_layers[m]
+    # (-1 where none); index_valid[b, t] says the engine recorded them (a selective row, t >= index_topk).
+    index_keys: torch.Tensor | None = None  # [B, L, M, K] int32
+    index_valid: torch.Tensor | None = None  # [B, L] bool
+    index_layers: tuple[int, ...] = ()
 
     @property
     def targets(self) -> torch.Tensor:
@@ -127,12 +133,16 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
         loss_mask[row, :n] = torch.tensor(t.loss_mask[:n], dtype=torch.float32)
         behavior[row, :n] = torch.tensor(t.behavior_logprobs[:n], dtype=torch.float32)
     routes, routes_valid, route_layers = collate_routes(seqs, lengths, length)
+    index_keys, index_valid, index_layers = collate_indexer_keys(seqs, lengths, length)
     # Shift: column t of the per-token tensors describes token t+1 (what logits[:, t] predict). The
     # first token is never predicted, so its loss-mask entry is dropped (it is a prompt token anyway).
     return MicroBatch(
         routes=routes,
         routes_valid=routes_valid,
         route_layers=route_layers,
+        index_keys=index_keys,
+        index_valid=index_valid,
+        index_layers=index_layers,
         input_ids=input_ids,
         attention_mask=attention_mask,
         loss_mask=loss_mask[:, 1:].contiguous(),
@@ -167,6 +177,34 @@ def collate_routes(
         ids[row, :n] = torch.from_numpy(r.ids[:n].astype("int64"))
         valid[row, :n] = torch.from_numpy(r.valid[:n])
     return ids, valid, tuple(first.layers)
+
+
+def collate_indexer_keys(
+    seqs: Sequence[SeqRef], lengths: Sequence[int], length: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
+    """The rows' sparse-attention key selections as ([B, L, M, K] int32 key positions, -1 where none;
+    [B, L] bool recorded), decoded from each trajectory's `IndexerKeys`; (None, None, ()) when no
+    trajectory carries any. Only selective rows are recorded. Raises ValueError when trajectories
+    disagree on the indexer layers or index_topk."""
+    have = [s.traj.indexer_keys for s in seqs if s.traj.indexer_keys is not None]
+    if not have:
+        return None, None, ()
+    first = have[0]
+    for k in have[1:]:
+        if k.layers != first.layers or k.topk != first.topk:
+            raise ValueError(
+                f"trajectories of one batch carry indexer selections of different shapes: layers {k.layers} "
+                f"top-{k.topk} vs layers {first.layers} top-{first.topk}"
+            )
+    keys = torch.full((len(seqs), length, len(first.layers), first.topk), -1, dtype=torch.int32)
+    valid = torch.zeros((len(seqs), length), dtype=torch.bool)
+    for row, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        k = s.traj.indexer_keys
+        if k is None:
+            continue
+        keys[row, :n] = torch.from_numpy(k.dense()[:n].astype("int32"))
+        valid[row, :n] = torch.from_numpy(k.selective[:n])
+    return keys, valid, tuple(first.layers)
 
 
 def trim_leading(mb: MicroBatch) -> MicroBatch:

@@ -20,6 +20,7 @@ from trainer.flops import ModelFlops, forward_flops, packed_flops
 from trainer.packing import Packed, pack, placeholder_mask, uses_segment_attention
 
 if TYPE_CHECKING:
+    from trainer.indexer import Indexing
     from trainer.routing import Routing
 
 
@@ -46,7 +47,12 @@ class Forward:
     flops_done: float = 0.0
 
     def kept_logits(
-        self, model: Any, mb: MicroBatch, routing: Routing | None = None, measure: bool = False
+        self,
+        model: Any,
+        mb: MicroBatch,
+        routing: Routing | None = None,
+        measure: bool = False,
+        indexing: Indexing | None = None,
     ) -> tuple[Tensor, Packed | None]:
         """Logits of the micro-batch's kept prediction columns: ([B, T, V] (a view), None) padded,
         or ([1, K, V], layout) packed (`layout.to_rows` puts per-token values back into [B, T]).
@@ -67,9 +73,11 @@ class Forward:
         `routing` (MoE policies): each model call is announced to the router hooks (routing replay,
         router losses and statistics; trainer/routing.py); `measure` makes it count for the step's
         router statistics. Under grad mode the router losses keep their graph (`Routing.take_losses`).
+        `indexing` (sparse-attention policies): likewise for the indexer hooks (indexer replay and
+        the `dsa/` statistics; trainer/indexer.py). Such models never run packed (trainer/rank.py).
         """
         b, length = mb.input_ids.shape
-        packed = self.pack and b >= 2 and uses_segment_attention(model)
+        packed = self.pack and b >= 2 and uses_segment_attention(model) and indexing is None
         want_loss = torch.is_grad_enabled()
         passes = 3 if want_loss else 1
         if packed and routing is None:
@@ -82,13 +90,20 @@ class Forward:
         p = mb.shared_prefix if self.share_prefix and b >= 2 else 0
         if routing is not None:
             p = routing.shared_prefix(mb, p)  # replayed routes must be shared too
+        if indexing is not None:
+            p = indexing.shared_prefix(mb, p)  # and replayed key selections
         if self.flops is not None and not mb.dummy:
             self.flops_done += passes * forward_flops(self.flops, mb.lengths.tolist(), mb.start, p)
 
         def announce(view: Any, rows: slice, cols: slice, shared: bool = False) -> Any:
-            if routing is None:
-                return contextlib.nullcontext()
-            return routing.call(view, rows, cols, measure=measure, want_loss=want_loss, shared=shared)
+            stack = contextlib.ExitStack()
+            if routing is not None:
+                stack.enter_context(
+                    routing.call(view, rows, cols, measure=measure, want_loss=want_loss, shared=shared)
+                )
+            if indexing is not None:
+                stack.enter_context(indexing.call(view, rows, cols, measure=measure, shared=shared))
+            return stack
 
         cache = None
         if p >= 1:
@@ -128,21 +143,31 @@ class Forward:
         return out.logits[:, :-1], None
 
     def logits(
-        self, model: Any, mb: MicroBatch, routing: Routing | None = None, measure: bool = False
+        self,
+        model: Any,
+        mb: MicroBatch,
+        routing: Routing | None = None,
+        measure: bool = False,
+        indexing: Indexing | None = None,
     ) -> Tensor:
         """Logits of the micro-batch's kept prediction columns: [B, T, V] (see `kept_logits`); a
         packed forward's are put back into rows, zero on columns no row keeps (padding)."""
-        logits, layout = self.kept_logits(model, mb, routing, measure)
+        logits, layout = self.kept_logits(model, mb, routing, measure, indexing)
         return logits if layout is None else layout.to_rows(logits)
 
     def logprobs(
-        self, model: Any, mb: MicroBatch, routing: Routing | None = None, measure: bool = False
+        self,
+        model: Any,
+        mb: MicroBatch,
+        routing: Routing | None = None,
+        measure: bool = False,
+        indexing: Indexing | None = None,
     ) -> Tensor:
         """[B, T] float32 logprobs of the micro-batch's target tokens under softmax(logits / T)
         (0 on padding when packed)."""
         from trainer.losses import token_logprobs_from_logits
 
-        logits, layout = self.kept_logits(model, mb, routing, measure)
+        logits, layout = self.kept_logits(model, mb, routing, measure, indexing)
         if layout is None:
             return token_logprobs_from_logits(logits, mb.targets, self.temperature)
         return layout.to_rows(token_logprobs_from_logits(logits, layout.kept(mb.targets), self.temperature))
@@ -252,7 +277,16 @@ def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     """Move a micro-batch's tensors to `device` (in place; a no-op on CPU). Returns `mb`."""
     if device.type == "cpu":
         return mb
-    for name in ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs", "routes", "routes_valid"):
+    for name in (
+        "input_ids",
+        "attention_mask",
+        "loss_mask",
+        "behavior_logprobs",
+        "routes",
+        "routes_valid",
+        "index_keys",
+        "index_valid",
+    ):
         if getattr(mb, name) is not None:
             setattr(mb, name, getattr(mb, name).to(device, non_blocking=True))
     return mb

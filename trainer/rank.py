@@ -30,6 +30,7 @@ from trainer import objective as obj
 from trainer.batching import SeqRef, flatten_groups, make_micro_batches, minibatch_split, num_micro_batches
 from trainer.flops import ModelFlops
 from trainer.forward import Forward, to_device, values
+from trainer.indexer import Indexing, find_indexer_sites
 from trainer.process import Collectives
 from trainer.routing import Routing, model_router_coefs
 from trainer.step_metrics import StepMetrics
@@ -110,6 +111,7 @@ class TrainerRank:
     reference: Any  # frozen reference model (a module, or a ZeRO-3 DeepSpeed model), or None
     forward: Forward
     routing: Routing | None  # MoE router hooks of the policy (trainer/routing.py); None when dense
+    indexing: Indexing | None  # sparse-attention indexer hooks (trainer/indexer.py); None for dense attention
     router_coefs: tuple[float, float]  # (aux, z) router-loss coefficients in effect
     comm: Collectives
     device: torch.device
@@ -137,6 +139,7 @@ class TrainerRank:
         self.step = 0
         self.policy = self.critic = self.reference = None
         self.routing = None
+        self.indexing = None
         self.router_coefs = (0.0, 0.0)
         self.skip_zero_advantage = False
         self.setup_s = 0.0
@@ -210,6 +213,12 @@ class TrainerRank:
             raise ValueError(f"algorithm.routing_replay={replay}: {spec.model_dir} has no MoE router")
         if self.routing is not None:
             self.routing.loss_graph = any(c > 0 for c in self.router_coefs)
+        indexer_replay = str(self.algo.indexer_replay)
+        self.indexing = Indexing.install(self.policy.module, indexer_replay)
+        if self.indexing is None and indexer_replay != "none":
+            raise ValueError(
+                f"algorithm.indexer_replay={indexer_replay}: {spec.model_dir} has no sparse-attention indexer"
+            )
         router_losses = self.routing is not None and self.routing.loss_graph
         self.skip_zero_advantage = cfg.skip_zero_advantage and obj.skips_zero_advantage(
             self.algo, router_losses, spec.max_response_len
@@ -247,6 +256,7 @@ class TrainerRank:
             "zero_stage": cfg.zero_stage,
             "expert_parallel_size": cfg.expert_parallel_size,
             "moe_layers": self.routing.layers if self.routing is not None else [],
+            "indexer_layers": self.indexing.layers if self.indexing is not None else [],
             "num_params": self.num_params,
             "trainable_params": self.num_trainable,
             "pack": pack,
@@ -263,6 +273,14 @@ class TrainerRank:
         from trainer.forward import packing_leak
         from trainer.packing import use_segment_attention
 
+        if find_indexer_sites(model):
+            # The indexer builds its key mask from the call's attention mask, which the packed path
+            # replaces by a placeholder; segment attention would also ignore the kept keys.
+            log.warning(
+                "trainer.pack: sparse attention (DSA) needs each sequence's own mask for its indexer, which "
+                "the packed path does not build; training padded"
+            )
+            return False
         if not use_segment_attention(model):
             log.warning(
                 "trainer.pack: %s attention has no packed path (sdpa has); training padded",
@@ -282,6 +300,9 @@ class TrainerRank:
         if self.routing is not None:
             self.routing.remove()
             self.routing = None
+        if self.indexing is not None:
+            self.indexing.remove()
+            self.indexing = None
         for model in (self.policy, self.critic, self.reference):
             if model is not None and hasattr(model, "destroy"):
                 model.destroy()
@@ -383,7 +404,9 @@ class TrainerRank:
             return
         for w in (w for mini in plan for w in mini):
             if need_prox:
-                w.prox = self.forward.logprobs(self.policy, w.mb, self.routing, measure=True).float()
+                w.prox = self.forward.logprobs(
+                    self.policy, w.mb, self.routing, measure=True, indexing=self.indexing
+                ).float()
             if self.reference is not None:
                 w.ref = self.forward.logprobs(self.reference, w.mb).float()
             if self.critic is not None:
@@ -441,7 +464,9 @@ class TrainerRank:
         weight = norms.policy_weight(minibatch, w.mb, self.algo.loss_agg)
         # The first policy forward of this micro-batch in the step (no proximal pass) is measured.
         # [B, T, V], or [1, K, V] packed with its layout
-        logits, layout = self.forward.kept_logits(self.policy, w.mb, self.routing, measure=w.prox is None)
+        logits, layout = self.forward.kept_logits(
+            self.policy, w.mb, self.routing, measure=w.prox is None, indexing=self.indexing
+        )
         total, policy = obj.micro_step_loss(
             logits, w, self.algo, self.forward.temperature, norms.loss_norm, weight, m, layout
         )
@@ -469,6 +494,8 @@ class TrainerRank:
         metrics = m.reduce(self.comm)
         if self.routing is not None:
             metrics.update(self.routing.reduce_metrics(self.comm))
+        if self.indexing is not None:
+            metrics.update(self.indexing.reduce_metrics(self.comm))
         train_s = self.comm.all_reduce([time.perf_counter() - t0], "max")[0]
         flops, peak = self.comm.all_reduce([self.forward.flops_done, self.peak_flops])
         metrics.update(

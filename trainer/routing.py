@@ -7,7 +7,7 @@ router still gets a gradient for the experts actually used. Without replay the r
 returned unchanged. Three router kinds are handled:
 
 - transformers Qwen3-MoE (`Qwen3MoeTopKRouter`: softmax, top-k, optional renormalisation) and
-  GLM-4.5/GLM-5 (`Glm4MoeTopkRouter`: sigmoid scores, selection on scores + correction bias in
+  GLM-4.5/GLM-5 (`Glm4MoeTopkRouter`, and `GlmMoeDsaTopkRouter` of GLM-5's own architecture: sigmoid scores, selection on scores + correction bias in
   groups, weights = unbiased scores renormalised and scaled by `routed_scaling_factor`): the gate
   returns (logits [N, E], weights [N, K], ids [N, K]);
 - DeepSpeed AutoEP's `TokenChoiceTopKRouter` (expert parallelism replaced the block): it returns
@@ -89,7 +89,7 @@ def find_router_sites(model: nn.Module, strict: bool = True) -> list[RouterSite]
         if gate is None or not hasattr(getattr(mlp, "experts", None), "parameters"):
             continue  # a dense MLP
         name = type(gate).__name__
-        if name not in ("Qwen3MoeTopKRouter", "Glm4MoeTopkRouter"):
+        if name not in ("Qwen3MoeTopKRouter", "Glm4MoeTopkRouter", "GlmMoeDsaTopkRouter"):
             message = (
                 f"layer {i}: MoE router {name} is not supported by the trainer's routing hooks "
                 "(Qwen3-MoE, GLM-4.5/GLM-5 MoE and DeepSpeed AutoEP layers are)"

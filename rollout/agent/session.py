@@ -6,7 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from slime.core.types import RoutedExperts
+from slime.core.types import IndexerKeys, RoutedExperts
 
 # Canonical message: (role, content, ((tool name, arguments JSON), ...), tool_call_id, name).
 CanonMessage = tuple[str, str, tuple[tuple[str, str], ...], str, str]
@@ -41,6 +41,7 @@ class CallRecord:
     prompt_text: str | None = None
     continuation_text: str | None = None  # prompt_text + completion text, when the text is exact
     routed_experts: RoutedExperts | None = None  # MoE routes of prompt + completion, when captured
+    indexer_keys: IndexerKeys | None = None  # sparse-attention key selections, likewise
 
 
 @dataclass

@@ -20,6 +20,7 @@ def make_engine(
     seed: int,
     work_dir: str,
     capture_routes: bool = False,
+    capture_indexer: bool = False,
 ) -> Engine:
     """The configured engine: vLLM by default, transformers generate only as a fallback. Both get the
     same settings (rollout/engines/base.py `EngineSettings`); each uses the ones that apply to it."""
@@ -33,6 +34,7 @@ def make_engine(
         "work_dir": work_dir,
         "num_threads": cfg.threads_per_worker,
         "capture_routes": capture_routes,
+        "capture_indexer": capture_indexer,
         "weight_alias": cfg.weight_alias,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "trust_remote_code": model_cfg.trust_remote_code,

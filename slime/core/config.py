@@ -173,6 +173,11 @@ class RoutingReplay(enum.StrEnum):
     old = "old"  # the trainer's forward uses the experts of its own first (old-policy) forward
 
 
+class IndexerReplay(enum.StrEnum):
+    none = "none"  # the trainer's sparse-attention indexers choose their keys themselves
+    rollout = "rollout"  # the trainer's attention uses the keys the rollout engine's indexers chose
+
+
 class LoggerMode(enum.StrEnum):
     offline = "offline"
     online = "online"
@@ -417,6 +422,11 @@ class RolloutConfig:
         "MoE models: the engine returns each token's experts (moe/routing_mismatch, routing replay); on CPU "
         "this turns vLLM's prefix caching off",
     )
+    capture_indexer: bool = opt(
+        True,
+        "sparse-attention (DSA) models: the engine returns each token's keys the indexer kept "
+        "(dsa/index_mismatch, indexer replay)",
+    )
     seeded_sampling: bool = opt(
         False, "seed each ticket's episodes from (seed, ticket): a resumed run samples the same episodes"
     )
@@ -509,7 +519,8 @@ class TrainerConfig:
     )
     pack: bool = opt(
         True,
-        "run a micro-batch's sequences packed into one row, no padding (sdpa models; others train padded)",
+        "run a micro-batch's sequences packed into one row, no padding (sdpa models; others, and sparse-attention "
+        "(DSA) models, train padded)",
     )
     skip_zero_advantage: bool = opt(
         True,
@@ -617,6 +628,11 @@ class AlgorithmConfig:
         RoutingReplay.none,
         "MoE routing replay: rollout = the trainer's forward uses the experts the engine chose; old = those "
         "of its own old-policy pass; none = its routers choose (moe/routing_mismatch is logged either way)",
+    )
+    indexer_replay: IndexerReplay = opt(
+        IndexerReplay.none,
+        "sparse-attention (DSA) indexer replay: rollout = the trainer's attention uses the keys the engine's "
+        "indexers kept; none = its indexers choose (dsa/index_mismatch is logged either way)",
     )
 
     def validate(self) -> None:

@@ -241,6 +241,45 @@ def model_num_experts(model: ModelConfig) -> int | None:
     return None
 
 
+def count_index_topk(hf_config: Mapping[str, Any]) -> int:
+    """The sparse-attention indexer's `index_topk` in a transformers config dict (DeepSeek sparse
+    attention: GLM-5's `glm_moe_dsa`, DeepSeek-V3.2); 0 for a model with dense attention."""
+    for cfg in (hf_config, hf_config.get("text_config") or {}):
+        n = cfg.get("index_topk")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return 0
+
+
+def model_index_topk(model: ModelConfig) -> int | None:
+    """`index_topk` of the configured model: 0 for dense attention, None when it cannot be known
+    before the model is resolved (a hub id)."""
+    if model.source == ModelSource.smollm2_gguf:
+        return 0
+    if model.source == ModelSource.random:
+        try:
+            import transformers
+
+            config = getattr(transformers, model.architecture).config_class(**model.hf_config)
+        except Exception:
+            return count_index_topk(model.hf_config) or None
+        return count_index_topk(config.to_dict())
+    config_json = Path(model.path).expanduser() / "config.json"
+    if config_json.is_file():
+        return count_index_topk(json.loads(config_json.read_text(encoding="utf-8")))
+    return None
+
+
+def checkpoint_config(model_dir: str) -> dict[str, Any]:
+    """The config.json of a resolved checkpoint, as a dict."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# transformers model_types whose MoE routers the transformers engine captures (rollout/engines/hf_capture.py,
+# the routers trainer/routing.py replays): top-k ids in the router's output.
+HF_ROUTE_CAPTURE_TYPES = ("qwen3_moe", "glm4_moe", "glm_moe_dsa")
+
 # transformers model_type -> DeepSpeed AutoEP preset (trainer.expert_parallel_size > 1). GLM-4.5/GLM-5's
 # MoE block is DeepSeek-V3's (sigmoid scores, correction bias, grouped top-k, one shared expert).
 AUTOEP_PRESETS: dict[str, str] = {

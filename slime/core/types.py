@@ -1,9 +1,10 @@
 """Shared data types: the contracts between rollout, buffer and trainer.
 
 Plain, picklable dataclasses with Python lists (no tensors), so they cross Ray boundaries cheaply and
-can be written to JSONL for replay. Token-level lists of a Trajectory are all the same length. The one
-exception is `RoutedExperts` (MoE routes, one small integer per token, layer and active expert): numpy
-arrays, which pickle compactly and are written to JSON as base64.
+can be written to JSONL for replay. Token-level lists of a Trajectory are all the same length. The
+exceptions are `RoutedExperts` (MoE routes, one small integer per token, layer and active expert) and
+`IndexerKeys` (the keys a sparse-attention indexer kept, coded by slime.core.keysets): numpy arrays and
+bytes, which pickle compactly and are written to JSON as base64.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from slime.core import keysets
 
 # Chat message in OpenAI form: {"role": ..., "content": ..., optional "tool_calls"/"tool_call_id"/"name"}.
 Message = dict[str, Any]
@@ -166,6 +169,153 @@ class RoutedExperts:
         return cls(ids=ids, valid=valid, layers=list(d["layers"]))
 
 
+@dataclass(eq=False)
+class IndexerKeys:
+    """The keys a sparse-attention engine's indexer kept, per token and indexer layer (indexer replay).
+
+    DeepSeek sparse attention (GLM-5's DSA): each layer's lightning indexer scores the causal keys of
+    every query and attention uses only the `topk` best. The query at position t has t + 1 keys: while
+    t < topk it keeps them all (a dense row, nothing to record); from t = topk on it keeps exactly
+    `topk` (a selective row), and those are what this records.
+
+    topk: the model's `index_topk` (K).
+    layers: decoder-layer index of each layer that runs its own indexer (L), ascending; layers that
+        reuse another layer's selection (`indexer_types` "shared") are left out: they follow it.
+    valid: [T] bool, whether the engine computed token t's selection (its forward with token t as
+        input, the one whose logits score token t + 1). False for the last generated token and for
+        env tokens appended after the last turn, as for `RoutedExperts`.
+    data: the key sets of the selective valid rows (t >= topk and valid[t]), tokens ascending, coded by
+        `slime.core.keysets.encode` (about one byte per key, less where consecutive tokens keep the
+        same keys).
+
+    `dense()` decodes them to [T, L, K] key positions. Token t's keys are positions in the same
+    sequence (0 = its first token). When a token was computed more than once the latest computation
+    is kept (`overlay`), as for routes.
+    """
+
+    topk: int
+    layers: list[int]
+    valid: np.ndarray
+    data: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.valid = np.asarray(self.valid, dtype=bool).reshape(-1)
+        self.layers = [int(x) for x in self.layers]
+        self.topk = int(self.topk)
+        self.data = bytes(self.data)
+
+    def __len__(self) -> int:
+        return int(self.valid.shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, IndexerKeys):
+            return NotImplemented
+        return (
+            self.topk == other.topk
+            and self.layers == other.layers
+            and np.array_equal(self.valid, other.valid)
+            and self.data == other.data
+        )
+
+    @property
+    def selective(self) -> np.ndarray:
+        """[T] bool: the tokens whose selection is recorded (valid, position >= topk)."""
+        return self.valid & (np.arange(len(self)) >= self.topk)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes these selections take on the wire: the coded sets and the valid bits."""
+        return len(self.data) + (len(self) + 7) // 8
+
+    @classmethod
+    def empty(cls, length: int, layers: Sequence[int], topk: int) -> IndexerKeys:
+        """`length` tokens with no selections."""
+        return cls(topk, list(layers), np.zeros(length, dtype=bool))
+
+    @classmethod
+    def from_dense(cls, keys: np.ndarray, valid: np.ndarray, topk: int, layers: Sequence[int]) -> IndexerKeys:
+        """From [T, L, K] key positions (rows that are not selective, or not valid, are ignored)."""
+        valid = np.asarray(valid, dtype=bool)
+        out = cls(topk, list(layers), valid)
+        rows = np.flatnonzero(out.selective)
+        out.data = keysets.encode(np.asarray(keys)[rows], rows, topk) if rows.size else b""
+        return out
+
+    @classmethod
+    def from_engine(
+        cls, keys: np.ndarray, valid: np.ndarray, topk: int, layers: Sequence[int]
+    ) -> tuple[IndexerKeys, int]:
+        """`from_dense` of what an engine recorded ([T, L, K] key positions in the sequence), with every
+        selective row that holds a key outside its causal range 0..t marked not computed (an engine
+        that broke its contract must not be replayed); returns the selections and how many rows that
+        dropped."""
+        keys = np.asarray(keys, dtype=np.int64)
+        valid = np.asarray(valid, dtype=bool).copy()
+        t = np.arange(len(valid))
+        selective = valid & (t >= topk)
+        bad = selective & ((keys < 0) | (keys > t[:, None, None])).any(axis=(1, 2))
+        valid &= ~bad
+        return cls.from_dense(keys, valid, topk, layers), int(bad.sum())
+
+    def dense(self) -> np.ndarray:
+        """[T, L, K] int64: the kept key positions (ascending) of each selective row; -1 elsewhere
+        (dense rows keep every causal key; rows not valid are unknown)."""
+        out = np.full((len(self), len(self.layers), self.topk), -1, dtype=np.int64)
+        rows = np.flatnonzero(self.selective)
+        if rows.size:
+            out[rows] = keysets.decode(self.data, rows, len(self.layers), self.topk)
+        return out
+
+    def padded(self, length: int) -> IndexerKeys:
+        """These selections extended (or cut) to `length` tokens; added tokens have none."""
+        n = len(self)
+        if length >= n:  # added rows are not valid, so the coded rows stay as they are
+            valid = np.concatenate([self.valid, np.zeros(length - n, dtype=bool)])
+            return IndexerKeys(self.topk, self.layers, valid, self.data)
+        return IndexerKeys.from_dense(self.dense()[:length], self.valid[:length], self.topk, self.layers)
+
+    def overlay(self, newer: IndexerKeys) -> IndexerKeys:
+        """Selections of a sequence computed first here, then (again, for its first len(newer) tokens)
+        by `newer`: length max of the two; tokens `newer` computed take its selection."""
+        if newer.layers != self.layers or newer.topk != self.topk:
+            raise ValueError(
+                f"cannot merge indexer selections of layers {newer.layers} top-{newer.topk} into layers "
+                f"{self.layers} top-{self.topk}"
+            )
+        length = max(len(self), len(newer))
+        keys = self.padded(length).dense()
+        valid = self.padded(length).valid
+        rows = np.flatnonzero(newer.valid)
+        keys[rows] = newer.padded(length).dense()[rows]
+        valid[rows] = True
+        return IndexerKeys.from_dense(keys, valid, self.topk, self.layers)
+
+    @staticmethod
+    def merge(older: IndexerKeys | None, newer: IndexerKeys | None) -> IndexerKeys | None:
+        """`older.overlay(newer)`, where either may be None (no selections)."""
+        if older is None:
+            return newer
+        if newer is None:
+            return older
+        return older.overlay(newer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: the coded sets and the bit-packed valid as base64."""
+        return {
+            "topk": self.topk,
+            "layers": list(self.layers),
+            "length": len(self),
+            "valid": base64.b64encode(np.packbits(self.valid).tobytes()).decode("ascii"),
+            "data": base64.b64encode(self.data).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexerKeys:
+        bits = np.frombuffer(base64.b64decode(d["valid"]), dtype=np.uint8)
+        valid = np.unpackbits(bits, count=int(d["length"])).astype(bool)
+        return cls(int(d["topk"]), list(d["layers"]), valid, base64.b64decode(d["data"]))
+
+
 @dataclass
 class Trajectory:
     """One episode, token in / token out.
@@ -173,7 +323,9 @@ class Trajectory:
     token_ids holds the prompt and every turn exactly as the engine produced them or the chat template
     appended them; loss_mask is 1 only on tokens the policy generated; behavior_logprobs and versions
     are per token (0.0 and -1 where loss_mask is 0). routed_experts: for MoE policies when the engine
-    captured routes (`algorithm.routing_replay=rollout`), one row per token (see RoutedExperts); else None.
+    captured routes (`rollout.capture_routes`), one row per token (see RoutedExperts); else None.
+    indexer_keys: for sparse-attention (DSA) policies when the engine captured the indexer's selections
+    (`rollout.capture_indexer`), one row per token (see IndexerKeys); else None.
     An episode split by a context limit is several Trajectories with one `episode_id` and `segment`
     0, 1, ...; they share reward, status, turns and info, and each generated token is in one of them.
     """
@@ -191,6 +343,7 @@ class Trajectory:
     timings: dict[str, float] = field(default_factory=dict)  # generate_s, env_s, total_s
     start_version: int = 0  # engine version when the episode started
     routed_experts: RoutedExperts | None = None
+    indexer_keys: IndexerKeys | None = None
     # Which episode this is a segment of (rollout/episode.py: a context limit can split an episode
     # into several training sequences that share its reward); "" = an episode of its own.
     episode_id: str = ""
@@ -203,6 +356,8 @@ class Trajectory:
                 raise ValueError(f"Trajectory.{name} has {len(getattr(self, name))} entries, token_ids {n}")
         if self.routed_experts is not None and len(self.routed_experts) != n:
             raise ValueError(f"Trajectory.routed_experts has {len(self.routed_experts)} rows, token_ids {n}")
+        if self.indexer_keys is not None and len(self.indexer_keys) != n:
+            raise ValueError(f"Trajectory.indexer_keys has {len(self.indexer_keys)} rows, token_ids {n}")
 
     @property
     def num_generated(self) -> int:
@@ -215,10 +370,11 @@ class Trajectory:
         return min(gen) if gen else self.start_version
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (routed_experts as RoutedExperts.to_dict, or None)."""
-        d = dataclasses.asdict(dataclasses.replace(self, routed_experts=None))
+        """JSON-safe dict (routed_experts and indexer_keys by their to_dict, or None)."""
+        d = dataclasses.asdict(dataclasses.replace(self, routed_experts=None, indexer_keys=None))
         d["status"] = self.status.value
         d["routed_experts"] = None if self.routed_experts is None else self.routed_experts.to_dict()
+        d["indexer_keys"] = None if self.indexer_keys is None else self.indexer_keys.to_dict()
         return d
 
     @classmethod
@@ -227,6 +383,8 @@ class Trajectory:
         d["status"] = Status(d["status"])
         routes = d.get("routed_experts")
         d["routed_experts"] = None if routes is None else RoutedExperts.from_dict(routes)
+        keys = d.get("indexer_keys")
+        d["indexer_keys"] = None if keys is None else IndexerKeys.from_dict(keys)
         return cls(**d)
 
 
@@ -322,6 +480,8 @@ class GenerateOutput:
     # MoE routes of the whole sequence, prompt_ids + token_ids (one row per token), when the engine
     # captures them; None otherwise.
     routed_experts: RoutedExperts | None = None
+    # The sparse-attention indexer's key selections of the whole sequence, likewise.
+    indexer_keys: IndexerKeys | None = None
 
     def check_lengths(self) -> int:
         """The number of generated tokens; RuntimeError when logprobs or versions do not line up with

@@ -16,12 +16,19 @@ from slime.core.config import (
     CommBackend,
     ContextPolicy,
     Engine,
+    IndexerReplay,
     RoutingReplay,
     SlimeConfig,
     Transport,
     _require,
 )
-from slime.core.model import AUTOEP_PRESETS, model_num_experts, model_type_of
+from slime.core.model import (
+    AUTOEP_PRESETS,
+    HF_ROUTE_CAPTURE_TYPES,
+    model_index_topk,
+    model_num_experts,
+    model_type_of,
+)
 
 
 def validate(cfg: SlimeConfig) -> None:
@@ -64,6 +71,7 @@ def validate(cfg: SlimeConfig) -> None:
     )
     _check_expert_parallel(cfg)
     _check_routing_replay(cfg)
+    _check_sparse_attention(cfg)
     _require(
         cfg.weights.backend != CommBackend.nccl
         or (cfg.trainer.gpus_per_rank > 0 and cfg.rollout.gpus_per_worker > 0),
@@ -135,16 +143,60 @@ def _check_routing_replay(cfg: SlimeConfig) -> None:
         f"algorithm.routing_replay={replay.value} needs a mixture-of-experts model; {cfg.model.name} is dense: "
         "set algorithm.routing_replay=none",
     )
-    _require(
-        replay != RoutingReplay.rollout or (cfg.rollout.engine == Engine.vllm and cfg.rollout.capture_routes),
-        f"algorithm.routing_replay={replay.value} needs the engine's routes, which rollout.engine=vllm captures "
-        "with rollout.capture_routes=true: set those, or algorithm.routing_replay=none",
-    )
+    if replay == RoutingReplay.rollout:
+        _require(
+            cfg.rollout.capture_routes,
+            f"algorithm.routing_replay={replay.value} needs the engine's routes: set rollout.capture_routes=true, "
+            "or algorithm.routing_replay=none",
+        )
+        kind = model_type_of(cfg.model)
+        _require(
+            cfg.rollout.engine == Engine.vllm or kind is None or kind in HF_ROUTE_CAPTURE_TYPES,
+            f"algorithm.routing_replay={replay.value} needs the engine's routes; rollout.engine=transformers "
+            f"captures them for model types {', '.join(HF_ROUTE_CAPTURE_TYPES)}, not {kind!r}: use "
+            "rollout.engine=vllm, or algorithm.routing_replay=none",
+        )
     # A recomputed layer would run its router hook outside the forward that announced its tokens.
     _require(
         not cfg.trainer.gradient_checkpointing,
         f"algorithm.routing_replay={replay.value} cannot be combined with trainer.gradient_checkpointing=true: "
         "set one of them back",
+    )
+
+
+def _check_sparse_attention(cfg: SlimeConfig) -> None:
+    """DeepSeek sparse attention (GLM-5's DSA): where it runs, and indexer replay's needs."""
+    replay = cfg.algorithm.indexer_replay
+    topk = model_index_topk(cfg.model)
+    vllm_cpu = cfg.rollout.engine == Engine.vllm and cfg.rollout.gpus_per_worker == 0
+    if replay == IndexerReplay.rollout:
+        _require(
+            topk != 0,
+            f"algorithm.indexer_replay={replay.value} needs a sparse-attention (DSA) model with an indexer; "
+            f"{cfg.model.name} has dense attention: set algorithm.indexer_replay=none",
+        )
+        _require(
+            cfg.rollout.capture_indexer,
+            f"algorithm.indexer_replay={replay.value} needs the engine's key selections: set "
+            "rollout.capture_indexer=true, or algorithm.indexer_replay=none",
+        )
+        _require(
+            not vllm_cpu,
+            f"algorithm.indexer_replay={replay.value} needs an engine that returns the indexer's selections; "
+            "rollout.engine=vllm on CPU cannot run sparse attention (vllm-cpu: 'Sparse Attention is not "
+            "supported on CPU'): set rollout.engine=transformers (or vLLM on GPUs: rollout.gpus_per_worker > 0)",
+        )
+        # A recomputed layer would run its indexer hook outside the forward that announced its tokens.
+        _require(
+            not cfg.trainer.gradient_checkpointing,
+            f"algorithm.indexer_replay={replay.value} cannot be combined with trainer.gradient_checkpointing=true: "
+            "set one of them back",
+        )
+    _require(
+        not topk or not vllm_cpu or bool(cfg.buffer.replay_path),
+        f"rollout.engine=vllm: {cfg.model.name} uses sparse attention (DSA, index_topk {topk}), which vllm-cpu "
+        "cannot run ('Sparse Attention is not supported on CPU'): set rollout.engine=transformers on CPU "
+        "machines (vLLM runs it on GPUs: rollout.gpus_per_worker > 0)",
     )
 
 
