@@ -154,7 +154,7 @@ def test_cli_empty_dataset(tmp_path):
 def test_missing_model_package_message(monkeypatch):
     import importlib.util
 
-    from slime import models
+    from slime.core import model as models
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
