@@ -71,6 +71,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from slime.core.cores import available_cores
+
 # ------------------------------------------------------------------------------------ distributions
 
 
@@ -317,6 +319,10 @@ class StepRecord:
     dropped_stale: int  # stale_tokens=drop_group: groups dropped when the batch was taken
     tickets: tuple[int, ...] = ()  # the batch's groups
     train_work_s: float = 0.0  # train_s at full speed (equal to it without shared cores)
+    # Where the time went, as shares of the step (what bounds throughput):
+    slots_full_frac: float = 0.0  # every engine loop had a group: more engines (or slots) would help
+    window_full_frac: float = 0.0  # loops waited for a ticket the staleness window withheld
+    decoding_mean: float = 0.0  # sequences decoding per engine, time-averaged
 
     @property
     def trainer_idle_frac(self) -> float:
@@ -386,6 +392,8 @@ class Simulation:
         self._batch: dict[str, Any] = {}
         self._loop_order = itertools.count()
         self.keep_groups = False  # keep every finished group in `finished` (calibration reads them)
+        self.decoding = 0  # sequences decoding on every engine
+        self._obs = [0.0, 0.0, 0.0]  # see _observe
         self.finished: dict[int, _Group] = {}
 
     # -- the event queue ---------------------------------------------------------------------------
@@ -401,6 +409,7 @@ class Simulation:
         self._try_batch()
         while self._events and len(self.records) < self.p.steps:
             t, _, fn, args = heapq.heappop(self._events)
+            self._observe(t)
             self.now = t
             fn(*args)
         if len(self.records) < self.p.steps:
@@ -521,6 +530,7 @@ class Simulation:
         engine = self.engines[ep.group.worker]
         self._touch(engine)
         tokens = ep.plan[ep.turn][0]
+        self.decoding += 1
         heapq.heappush(
             engine.heap,
             (engine.v + tokens, next(self._order), _Seq(ep, engine.v + tokens, engine.v, started)),
@@ -534,6 +544,7 @@ class Simulation:
         done = []
         while engine.heap and engine.heap[0][0] <= engine.v + 1e-9 * max(1.0, engine.v):
             done.append(heapq.heappop(engine.heap)[2])
+        self.decoding -= len(done)
         for seq in done:
             ep = seq.episode
             ep.by_version[engine.version] = ep.by_version.get(engine.version, 0.0) + seq.end_v - seq.seg_v
@@ -648,12 +659,25 @@ class Simulation:
         self._admit()  # set_version widens the window
         self.at(self.now + self.p.overhead_s, self._next_wait)
 
+    def _observe(self, t: float) -> None:
+        """Time-weighted shares since the last event: loops all busy, loops held by the window,
+        sequences decoding."""
+        dt = t - self.now
+        if dt <= 0:
+            return
+        if not self.waiting:
+            self._obs[0] += dt
+        elif self.issued >= self.window():
+            self._obs[1] += dt
+        self._obs[2] += dt * self.decoding
+
     def _record(self) -> None:
         b = self._batch
+        step_s = self.now - self._step_start
         self.records.append(
             StepRecord(
                 step=len(self.records),
-                step_s=self.now - self._step_start,
+                step_s=step_s,
                 wait_s=b["wait_s"],
                 train_s=b["train_s"],
                 sync_s=self.now - self._sync_start,
@@ -668,8 +692,12 @@ class Simulation:
                 dropped_stale=b.get("dropped", 0),
                 tickets=b["tickets"],
                 train_work_s=b["work_s"],
+                slots_full_frac=self._obs[0] / step_s if step_s > 0 else 0.0,
+                window_full_frac=self._obs[1] / step_s if step_s > 0 else 0.0,
+                decoding_mean=self._obs[2] / step_s / len(self.engines) if step_s > 0 else 0.0,
             )
         )
+        self._obs = [0.0, 0.0, 0.0]
         for e in self.engines:
             e.busy_s = 0.0
             e.tokens = 0.0
@@ -705,6 +733,9 @@ def summarize(records: Sequence[StepRecord], warmup: int = 1) -> dict[str, float
         "partial_episodes": sum(r.partial_episodes for r in rs) / n,
         "gen_tok_s": sum(r.gen_tokens for r in rs) / total if total else 0.0,
         "samples_s": sum(r.episodes for r in rs) / total if total else 0.0,
+        "slots_full_frac": sum(r.slots_full_frac * r.step_s for r in rs) / total if total else 0.0,
+        "window_full_frac": sum(r.window_full_frac * r.step_s for r in rs) / total if total else 0.0,
+        "decoding_mean": sum(r.decoding_mean * r.step_s for r in rs) / total if total else 0.0,
     }
 
 
@@ -720,6 +751,7 @@ class Run:
     rows: list[dict[str, Any]]  # metrics.jsonl, training steps only, by step
     trained: dict[int, list[int]]  # step -> tickets of its batch (buffer/trained.jsonl)
     groups: dict[int, tuple[RecordedEpisode, ...]]  # ticket -> its episodes (buffer/groups.jsonl)
+    cores: float | None = None  # the cores of the machine it ran on, when known (a packed run)
 
 
 def _jsonl(path: str) -> list[dict[str, Any]]:
@@ -751,6 +783,9 @@ def _recorded_group(group: dict[str, Any]) -> tuple[RecordedEpisode, ...]:
 
 
 def read_run(path: str) -> Run:
+    """A run dir, or a run packed into one JSON file by `pack_run` (`--pack`)."""
+    if path.endswith(".json") and os.path.isfile(path):
+        return unpack_run(path)
     import yaml
 
     with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
@@ -770,16 +805,70 @@ def read_run(path: str) -> Run:
     return Run(path, config, rows, trained, groups)
 
 
+# What a packed run keeps: the config sections the shape comes from, and the metrics the fits read.
+PACKED_SECTIONS = ("rollout", "trainer", "buffer", "env", "ray")
+PACKED_KEYS = (
+    "step",
+    "time/step_s",
+    "time/wait_s",
+    "time/train_s",
+    "time/sync_s",
+    "time/engine_load_s",
+    "time/gen_s",
+    "train/tokens",
+    "perf/train_tokens_per_s",
+    "perf/rollout_tokens_per_s",
+    "staleness/mean",
+    "staleness/max",
+    "batch/trajectories",
+    "episode/count",
+    "episode/turns_mean",
+    "response/len_mean",
+    "buffer/dropped_zero_variance",
+    "buffer/dropped_failed",
+)
+
+
+def pack_run(run: Run, **extra: Any) -> dict[str, Any]:
+    """A run as one small JSON-able dict: what the simulator reads of it (episodes as [turns, tokens,
+    env_s, trained_tokens, generate_s]), plus `extra` (e.g. the machine's load)."""
+    return {
+        "path": run.path,
+        "config": {k: run.config.get(k) for k in PACKED_SECTIONS if k in run.config},
+        "rows": [{k: r[k] for k in PACKED_KEYS if k in r} for r in run.rows],
+        "trained": {str(k): v for k, v in run.trained.items()},
+        "cores": run.cores if run.cores is not None else available_cores(),
+        "groups": {
+            str(t): [
+                [e.turns, e.tokens, round(e.env_s, 4), e.trained_tokens, round(e.generate_s, 4)] for e in g
+            ]
+            for t, g in run.groups.items()
+        },
+        **extra,
+    }
+
+
+def unpack_run(path: str) -> Run:
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    groups = {int(t): tuple(RecordedEpisode(*e) for e in g) for t, g in d["groups"].items()}
+    trained = {int(k): v for k, v in d["trained"].items()}
+    return Run(path, d["config"], d["rows"], trained, groups, d.get("cores"))
+
+
+def _on_cpu(config: dict[str, Any]) -> bool:
+    return not config["rollout"].get("gpus_per_worker") and not config["trainer"].get("gpus_per_rank")
+
+
 def shape_from_config(config: dict[str, Any], cores: float | None = None) -> dict[str, Any]:
     """The shape a run's config.yaml gives: engines, groups, batch, ranks, staleness, and on CPU the
     cores and threads (`threads_per_*` 0 resolved as slime/core/cores.py does, for this machine's
     cores unless `cores` is given)."""
-    from slime.core.cores import available_cores
-
     r, t, b = config["rollout"], config["trainer"], config["buffer"]
-    on_cpu = not r.get("gpus_per_worker") and not t.get("gpus_per_rank")
-    if cores is None:
-        cores = float(available_cores(int((config.get("ray") or {}).get("num_cpus") or 0))) if on_cpu else 0.0
+    if not _on_cpu(config):
+        cores = 0.0
+    elif cores is None:
+        cores = float(available_cores(int((config.get("ray") or {}).get("num_cpus") or 0)))
     workers, ranks, staleness = int(r["num_workers"]), int(t["num_ranks"]), int(b["max_staleness"])
     engine_threads = int(r.get("threads_per_worker") or 0)
     if not engine_threads:  # auto: slime/core/cores.py engine_threads
@@ -940,7 +1029,7 @@ def workload_of(run: Run, steps: Iterable[int] | None = None) -> dict[str, Any]:
     share of groups dropped and of tokens the trainer skipped. These describe what was run, not how
     fast: `calibrate` fits the speeds, and `--compare` puts one run's speeds on another's workload."""
     rows = _fit_steps(run, steps)
-    shape = shape_from_config(run.config)
+    shape = shape_from_config(run.config, run.cores if _on_cpu(run.config) else None)
     put = sum(float(r.get("episode/count", 0.0)) for r in rows) / max(1, shape["group_size"])
     dropped = sum(
         float(r.get("buffer/dropped_zero_variance", 0)) + float(r.get("buffer/dropped_failed", 0))
@@ -1137,6 +1226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--holdout", action="store_true", help="fit on odd steps, compare on even ones")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ap.add_argument("--params", action="store_true", help="print the parameters used")
+    ap.add_argument(
+        "--pack", metavar="FILE.json", help="write RUN_DIR as one small JSON file others can read"
+    )
     args = ap.parse_args(argv)
     settings = dict(parse_setting(s) for s in args.settings)
     prior = {k: v for k, v in settings.items() if k in ("b_sat", "seed", "warmup")}
@@ -1144,6 +1236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured: dict[str, float] | None = None
     if args.run_dir:
         run = read_run(args.run_dir)
+        if args.pack:
+            with open(args.pack, "w", encoding="utf-8") as f:
+                json.dump(pack_run(run), f)
+            print(f"wrote {args.pack}")
+            return 0
         steps = [int(r["step"]) for r in run.rows[1:]]
         fit = [s for s in steps if s % 2] if args.holdout else steps
         params, notes = calibrate(run, fit, base)

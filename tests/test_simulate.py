@@ -327,3 +327,11 @@ def test_cli_prints_a_sweep_and_a_comparison(tmp_path: Path, capsys: pytest.Capt
     assert "measured step s" in out and "from RUN_DIR" in out
     assert sim.main(["--set", "max_staleness=0", "--set", "steps=5"]) == 0
     assert "predicted" in capsys.readouterr().out
+    # a run packed into one small JSON file calibrates exactly as its run dir
+    packed = str(tmp_path / "run.json")
+    assert sim.main([str(tmp_path / "run"), "--pack", packed]) == 0
+    capsys.readouterr()
+    from_dir, _ = sim.calibrate(str(tmp_path / "run"))
+    from_json, _ = sim.calibrate(packed)
+    assert from_json.seq_tok_s == pytest.approx(from_dir.seq_tok_s, rel=1e-3)
+    assert sim.predict(from_json)["step_s"] == pytest.approx(sim.predict(from_dir)["step_s"], rel=1e-3)
