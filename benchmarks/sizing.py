@@ -107,7 +107,9 @@ def tables(rows: list[dict]) -> None:
             cells.append(f"{r['step_s']:.0f} s, idle {r['trainer_idle_frac']:.0%}")
         print(f"| {e / RANKS:.3g} ({e} engines) | " + " | ".join(cells) + " |")
     print()
-    print("| engines per rank | S | samples/s | x sync | idle | staleness mean / max | window full | all slots busy |")
+    print(
+        "| engines per rank | S | samples/s | x sync | idle | staleness mean / max | window full | all slots busy |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for e in ENGINES:
         sync = next(r for r in base if r["engines"] == e and r["staleness"] == 0)
@@ -123,8 +125,12 @@ def tables(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|")
     for lat in LATENCIES:
         for e in ENGINES:
-            sync = next(r for r in rows if r["latency_median_s"] == lat and r["engines"] == e and r["staleness"] == 0)
-            s2 = next(r for r in rows if r["latency_median_s"] == lat and r["engines"] == e and r["staleness"] == 2)
+            sync = next(
+                r for r in rows if r["latency_median_s"] == lat and r["engines"] == e and r["staleness"] == 0
+            )
+            s2 = next(
+                r for r in rows if r["latency_median_s"] == lat and r["engines"] == e and r["staleness"] == 2
+            )
             print(
                 f"| {lat:g} s | {e / RANKS:.3g} | {sync['samples_s']:.3f} | {s2['samples_s']:.3f} "
                 f"| {s2['samples_s'] / sync['samples_s']:.2f} | {s2['trainer_idle_frac']:.0%} |"
@@ -150,7 +156,11 @@ def plot(rows: list[dict], path: str) -> None:
             axes[2].plot(x, [r["window_full_frac"] for r in rs], marker="o", label=f"window full, S={s}")
     engines_bound = [next(r for r in base if r["engines"] == e and r["staleness"] == 4) for e in ENGINES]
     axes[2].plot(
-        x, [r["slots_full_frac"] for r in engines_bound], "k--", marker="x", label="all engine slots busy, S=4"
+        x,
+        [r["slots_full_frac"] for r in engines_bound],
+        "k--",
+        marker="x",
+        label="all engine slots busy, S=4",
     )
     trainer_rate = bound["episodes_per_step"] / bound["trainer_bound_step_s"]
     axes[0].axhline(trainer_rate, color="grey", ls=":", label="trainer bound (T + P)")
