@@ -134,9 +134,25 @@ def report(rounds: list[str], reference: str) -> list[dict]:
                 f"| {p['step_s'] / m['step_s'] - 1:+.1%} | {m['trainer_idle_frac']:.0%} / {p['trainer_idle_frac']:.0%} "
                 f"| {m['staleness_mean']:.2f} / {p['staleness_mean']:.2f} |"
             )
+    print("\nThe fitted speeds, run by run (every step after the first)\n")
+    print(
+        "| run | round | engine tok/s, one sequence | s per generate call | trainer s per 1k tokens computed "
+        "| trainer fixed s | push s (engines paused) | controller s | tokens skipped | own fit's step error |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    all_fits = []
     for i, where in enumerate(rounds, 1):
         runs = {name: read_run(path) for name, path in _runs(where).items()}
         fits = {name: calibrate(run)[0] for name, run in runs.items()}
+        all_fits.append((runs, fits))
+        for name, f in fits.items():
+            m = measured_summary(runs[name])["step_s"]
+            print(
+                f"| {name} | {i} | {f.seq_tok_s:.1f} | {f.turn_overhead_s:.3f} | {1000 / f.train_tok_s:.3f} "
+                f"| {f.train_fixed_s:.3f} | {f.export_s + f.load_s:.3f} ({f.load_s:.3f}) | {f.overhead_s:.3f} "
+                f"| {f.skip_frac:.0%} | {predict(f)['step_s'] / m - 1:+.1%} |"
+            )
+    for i, (runs, fits) in enumerate(all_fits, 1):
         print(
             f"\nRound {i}: step time error predicting each run (row) from each run's calibration (column)\n"
         )

@@ -49,7 +49,8 @@ GLM5 = Params(
     steps=12,
     warmup=4,
 )
-ENGINES = [2, 3, 4, 6, 8, 10, 12, 16, 20, 24]
+ENGINES = [2, 3, 4, 6, 8, 12, 16, 24]
+LATENCY_ENGINES = [4, 8, 16]  # the sensitivity sweep's engines
 STALENESS = [0, 1, 2, 4]
 LATENCIES = [0.5, 2.0, 8.0]  # median tool seconds: the sensitivity sweep (S = 2 and sync)
 
@@ -57,7 +58,7 @@ LATENCIES = [0.5, 2.0, 8.0]  # median tool seconds: the sensitivity sweep (S = 2
 def grid(steps: int) -> list[dict]:
     out = []
     points = [(e, s, 2.0) for s in STALENESS for e in ENGINES]
-    points += [(e, s, lat) for lat in LATENCIES if lat != 2.0 for s in (0, 2) for e in ENGINES]
+    points += [(e, s, lat) for lat in LATENCIES if lat != 2.0 for s in (0, 2) for e in LATENCY_ENGINES]
     for engines, staleness, latency in points:
         p = GLM5.with_(
             num_workers=engines,
@@ -96,6 +97,20 @@ def ideal() -> dict[str, float]:
     }
 
 
+def bottleneck(r: dict) -> str:
+    """What bounds a grid point's throughput: the slowest group of each batch (synchronous), the
+    engines (every loop busy most of the time), the trainer (idle no more than the push), or else
+    the staleness window (loops wait for tickets while the trainer waits for groups)."""
+    if r["staleness"] == 0:
+        return "slowest group"
+    if r["slots_full_frac"] >= 0.5:
+        return "engines"
+    push = GLM5.export_s + GLM5.load_s + GLM5.overhead_s
+    if r["trainer_idle_frac"] <= (push + 10.0) / r["step_s"]:
+        return "trainer"
+    return "staleness window"
+
+
 def tables(rows: list[dict]) -> None:
     base = [r for r in rows if r["latency_median_s"] == 2.0]
     print("| engines per trainer rank | " + " | ".join(f"S={s}" if s else "sync" for s in STALENESS) + " |")
@@ -104,7 +119,7 @@ def tables(rows: list[dict]) -> None:
         cells = []
         for s in STALENESS:
             r = next(r for r in base if r["engines"] == e and r["staleness"] == s)
-            cells.append(f"{r['step_s']:.0f} s, idle {r['trainer_idle_frac']:.0%}")
+            cells.append(f"{r['step_s']:.0f} s, idle {r['trainer_idle_frac']:.0%}, {bottleneck(r)}")
         print(f"| {e / RANKS:.3g} ({e} engines) | " + " | ".join(cells) + " |")
     print()
     print(
@@ -124,7 +139,7 @@ def tables(rows: list[dict]) -> None:
     print("| tool latency median | engines per rank | sync samples/s | S=2 samples/s | x sync | S=2 idle |")
     print("|---|---|---|---|---|---|")
     for lat in LATENCIES:
-        for e in ENGINES:
+        for e in LATENCY_ENGINES:
             sync = next(
                 r for r in rows if r["latency_median_s"] == lat and r["engines"] == e and r["staleness"] == 0
             )
@@ -137,44 +152,50 @@ def tables(rows: list[dict]) -> None:
             )
 
 
+MARKERS = {"slowest group": "D", "engines": "o", "staleness window": "s", "trainer": "^"}
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     base = [r for r in rows if r["latency_median_s"] == 2.0]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     x = [e / RANKS for e in ENGINES]
     bound = ideal()
     for s in STALENESS:
         rs = [next(r for r in base if r["engines"] == e and r["staleness"] == s) for e in ENGINES]
         label = "sync" if s == 0 else f"async S={s}"
-        axes[0].plot(x, [r["samples_s"] for r in rs], marker="o", label=label)
-        axes[1].plot(x, [r["trainer_idle_frac"] for r in rs], marker="o", label=label)
-        if s:
-            axes[2].plot(x, [r["window_full_frac"] for r in rs], marker="o", label=f"window full, S={s}")
-    engines_bound = [next(r for r in base if r["engines"] == e and r["staleness"] == 4) for e in ENGINES]
-    axes[2].plot(
-        x,
-        [r["slots_full_frac"] for r in engines_bound],
-        "k--",
-        marker="x",
-        label="all engine slots busy, S=4",
-    )
+        (line,) = axes[0].plot(x, [r["samples_s"] for r in rs], label=label)
+        for xi, r in zip(x, rs, strict=True):
+            axes[0].plot(xi, r["samples_s"], MARKERS[bottleneck(r)], color=line.get_color())
+        axes[1].plot(x, [r["trainer_idle_frac"] for r in rs], marker="o", color=line.get_color(), label=label)
+        axes[2].plot(x, [r["staleness_mean"] for r in rs], marker="o", color=line.get_color(), label=label)
     trainer_rate = bound["episodes_per_step"] / bound["trainer_bound_step_s"]
-    axes[0].axhline(trainer_rate, color="grey", ls=":", label="trainer bound (T + P)")
+    axes[0].axhline(trainer_rate, color="grey", ls=":")
+    handles, _ = axes[0].get_legend_handles_labels()
+    handles += [Line2D([], [], color="grey", ls=":", label="trainer bound: 512 / (T + P)")]
+    handles += [
+        Line2D([], [], color="black", marker=m, ls="", label=f"bound by: {name}")
+        for name, m in MARKERS.items()
+    ]
+    axes[0].legend(handles=handles, fontsize=7, loc="lower right")
     axes[0].set_ylabel("trained episodes / s")
-    axes[1].set_ylabel("trainer idle (share of step)")
-    axes[2].set_ylabel("share of time")
-    titles = ("throughput", "trainer idle", "what holds generation back")
-    for ax, title in zip(axes, titles, strict=True):
+    axes[1].set_ylabel("trainer idle (share of step; the push alone is 10%)")
+    axes[2].set_ylabel("staleness of trained tokens, mean (versions)")
+    titles = ("throughput, and what bounds it", "trainer idle", "what the overlap costs: staleness")
+    for i, (ax, title) in enumerate(zip(axes, titles, strict=True)):
         ax.set_xlabel("engines (8-GPU nodes) per trainer rank (8-GPU node)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if i:
+            ax.legend(fontsize=8)
     fig.suptitle(
-        "GLM-5-shaped agentic RL in slime.simulate (assumed speeds; 16 trainer ranks, 64 groups x 8 per step)"
+        "GLM-5-shaped agentic RL in slime.simulate (assumed speeds, docs/scaling.md; 16 trainer ranks, "
+        "64 groups x 8 episodes per step)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
