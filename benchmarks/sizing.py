@@ -4,6 +4,7 @@ docs/scaling.md; nothing here was measured on such hardware.
 
     python -m benchmarks.sizing [--out docs] [--steps 12]     # the grid, docs/scaling_sizing.json, docs/scaling.png
     python -m benchmarks.sizing --table docs/scaling_sizing.json   # the tables again, without simulating
+    python -m benchmarks.sizing --set seq_tok_s=30 --sweep num_workers=4,8,16   # other points of GLM5
 
 Units: an engine is one inference instance on one 8-GPU node; a trainer rank is one 8-GPU node's
 share of the training job (its trained tokens/s). The grid varies the engines for 16 trainer
@@ -207,7 +208,18 @@ def main() -> None:
     ap.add_argument("--out", default="docs")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--table", help="print the tables (and redraw the plot) from this JSON instead")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...")
     args = ap.parse_args()
+    if args.sweep or args.settings:  # other points of GLM5, as slime.simulate's --set/--sweep
+        from slime.simulate import COLUMNS, _figures, _sweep_grid, _table, parse_setting, predict
+
+        base = GLM5.with_(**dict(parse_setting(x) for x in args.settings))
+        grid_ = _sweep_grid(args.sweep) if args.sweep else [{}]
+        keys = list(grid_[0])
+        rows_ = [[str(c[k]) for k in keys] + _figures(predict(base.with_(**c))) for c in grid_]
+        print(_table(keys + [h for _, h, _ in COLUMNS], rows_))
+        return
     if args.table:
         with open(args.table) as f:
             rows = json.load(f)["grid"]
