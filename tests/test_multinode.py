@@ -45,18 +45,24 @@ def _trained_tickets(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_two_nodes_train_with_a_broadcast_push_and_survive_losing_a_worker_node(tmp_path):
-    report = _run(tmp_path, "--kill-worker-node-after-step", "2", *TWO_NODES, "trainer.steps=5")
+    # Enough steps after the loss for the worker's engine to start again on the head node (30-120 s).
+    report = _run(tmp_path, "--kill-worker-node-after-step", "2", *TWO_NODES, "trainer.steps=14")
     assert sorted(set(report["started_on"].values())) == sorted([report["head"], report["second"]])
     assert "weights: broadcast transport" in report["console"]
     rows = report["rows"]
-    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in rows] == list(range(14))
     assert rows[-1]["rollout/restarts"] >= 1
     assert set(report["after_loss"].values()) == {
         report["head"]
     }  # the lost worker came back on the head node
     print(f"worker back {report['back_after_s']:.1f}s after its node was removed")
     tickets = _trained_tickets(tmp_path)
-    assert sorted(tickets) == list(range(5 * 4))  # synchronous: every ticket trained once, none lost
+    assert sorted(tickets) == list(range(14 * 4))  # synchronous: every ticket trained once, none lost
     back = [line for line in report["console"].splitlines() if " back in " in line]
-    assert back, "the restart should be logged with its recovery time"
+    assert back, report["console"][-3000:]
     print("recovery:", back[-1])
+    # Back at the current version and generating again: tokens from both workers in the last steps.
+    assert any(
+        r.get("rollout/worker0/tokens_per_s", 0) > 0 and r.get("rollout/worker1/tokens_per_s", 0) > 0
+        for r in rows[-4:]
+    )
