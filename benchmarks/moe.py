@@ -86,8 +86,8 @@ def _groups(seed: int, num_groups: int = 8, n: int = 4, length: int = 96) -> lis
 
 async def _ep_one(model_dir: str, ep: int, steps: int) -> dict[str, Any]:
     from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
+    from trainer.actors import TrainerRanks
     from trainer.rank import TrainerSpec
-    from trainer.ranks import TrainerRanks
 
     tcfg = TrainerConfig(
         steps=steps,
@@ -168,8 +168,8 @@ async def push(cache_dir: str, reps: int, work: str) -> dict[str, Any]:
     from rollout.engines.vllm import VLLMEngine
     from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
     from slime.core.transport import read_weights
+    from trainer.actors import TrainerRanks
     from trainer.rank import TrainerSpec
-    from trainer.ranks import TrainerRanks
 
     model_dir = config_model_dir("glm5_tiny", cache_dir)
     tcfg = TrainerConfig(

@@ -30,7 +30,7 @@ SUMMARY_WINDOW = 0.2  # the summary's reward is averaged over the first and the 
 
 class ConsoleFilter(logging.Filter):
     """Lets slime's own lines through from INFO, any other logger's from WARNING: the libraries'
-    INFO lines (and `trainer.ranks`' set-up details) stay in train.log."""
+    INFO lines (and `trainer.actors`' set-up details) stay in train.log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or record.name == "slime" or record.name.startswith("slime.")

@@ -9,7 +9,7 @@
         |  get_batch(B, version)  (blocks until B fresh groups: the trainer's only wait)
         v
     Controller (this module, driver process)
-        |  train_step(batch, version)  -> TrainerRanks (trainer/ranks.py -> trainer/rank.py per rank)
+        |  train_step(batch, version)  -> TrainerRanks (trainer/actors.py -> trainer/rank.py per rank)
         |  version += 1
         |  push.publish(version) (slime/weight_push.py): rank 0 writes the weights through its transport
         |      (weights.transport shm, broadcast or files), every live worker's engine loads them
@@ -162,8 +162,8 @@ class Controller:
         from slime.buffer import ReplayBuffer
         from slime.fleet import RolloutFleet
         from slime.placement import cluster_nodes, plan, requests, watch
+        from trainer.actors import TrainerRanks
         from trainer.rank import TrainerSpec
-        from trainer.ranks import TrainerRanks
 
         # Every actor's request against the cluster before any starts (shared cores on a small one).
         cfg = self.cfg = plan(self.cfg, cluster_nodes())

@@ -10,7 +10,7 @@
 
 The transports are strategies (slime/core/transport.py); this module decides when each end opens,
 what is delivered to whom, and what happens when an engine misses a version. Trainer rank 0 hosts the
-sender (it holds the weights); `TrainerRanks` (trainer/ranks.py) and the rank (trainer/rank.py) only
+sender (it holds the weights); `TrainerRanks` (trainer/actors.py) and the rank (trainer/rank.py) only
 relay these calls to it. Engines load a manifest between decoding steps (rollout/engines/).
 
 Recovery. A worker that dies during a push is skipped by it; one that is up but failed to load it

@@ -91,8 +91,8 @@ def test_the_console_shows_slimes_lines_and_every_warning_only() -> None:
 
     keep = ConsoleFilter().filter
     assert keep(record("slime", logging.INFO, "env target: 1000 tasks"))
-    assert not keep(record("trainer.ranks", logging.INFO, "trainer ready: {...}"))
-    assert keep(record("trainer.ranks", logging.WARNING, "cut"))
+    assert not keep(record("trainer.actors", logging.INFO, "trainer ready: {...}"))
+    assert keep(record("trainer.actors", logging.WARNING, "cut"))
     fmt = ConsoleFormatter()
     line = fmt.format(record("slime", logging.INFO, "weights: shm transport"))
     assert re.fullmatch(r"\d\d:\d\d:\d\d weights: shm transport", line), line

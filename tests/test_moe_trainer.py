@@ -409,8 +409,8 @@ async def test_expert_parallel_matches_one_rank(stage, tiny_moe_dir, tokenizer, 
     the exported weights equal the one-rank export (abs 2e-4 after one AdamW step at lr 1e-3)."""
     from slime.core.config import MoeConfig
     from slime.core.transport import read_weights
+    from trainer.actors import TrainerRanks
     from trainer.rank import TrainerSpec
-    from trainer.ranks import TrainerRanks
 
     acfg = algo_cfg(loss_agg="token_mean")
     batch = make_groups(tokenizer, num_groups=2, n=4, seed=7)

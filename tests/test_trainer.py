@@ -589,8 +589,8 @@ async def test_ranks_two_ranks_match_one_rank(
 ) -> None:
     """Two Ray ranks take the same steps as one rank, for every loss aggregation: the loss is
     normalised over the global batch (units and the seq_sum_norm constant all-reduced)."""
+    from trainer.actors import TrainerRanks
     from trainer.rank import TrainerSpec
-    from trainer.ranks import TrainerRanks
 
     acfg = algo_cfg(loss_agg=loss_agg)
     # Groups of 6 and 2 trajectories: the ranks get 8 and 4 sequences (4 and 2 micro-batches), so

@@ -1,6 +1,6 @@
 """One DeepSpeed trainer rank: a transformers causal LM (dense or MoE) under ZeRO 0-3.
 
-`TrainerRank` is a plain class: tests drive it in-process (world size 1), and `trainer.ranks`
+`TrainerRank` is a plain class: tests drive it in-process (world size 1), and `trainer.actors`
 wraps it in a Ray actor per rank. All ranks must call `setup`, `train_step`, `publish_weights`,
 `save_checkpoint` and `load_checkpoint` together (they contain collectives).
 
