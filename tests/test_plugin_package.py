@@ -75,7 +75,7 @@ def test_registry_resolves_the_entry_point(plugin_path: str):
 
 
 def test_cli_lists_the_plugin(plugin_path: str):
-    done = _run(["-m", "slime.envs", "list"], plugin_path)
+    done = _run(["-m", "envs", "list"], plugin_path)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next((ln for ln in done.stdout.splitlines() if "reverse" in ln), "")
     assert "slime_env_example:ReverseEnv" in line, done.stdout
