@@ -1,6 +1,6 @@
 """Async vs sync on the same workload, in one run: samples/s, trainer idle fraction, their ratio.
 
-    python -m benchmarks.async_vs_sync                       # SmolLM2-135M agentic workload
+    python -m benchmarks.async_vs_sync                       # SmolLM2-135M calculator workload
     python -m benchmarks.async_vs_sync +experiment=tiny trainer.steps=8   # any overrides
 
 Both runs share one Ray cluster and differ only in buffer.max_staleness (1 vs 0). The first step of
@@ -32,7 +32,7 @@ def _summary(rows: list[dict]) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> None:
-    overrides = argv or ["+experiment=agentic", "trainer.steps=8", "logger.mode=disabled"]
+    overrides = argv or ["+experiment=calculator", "trainer.steps=8", "logger.mode=disabled"]
     out = tempfile.mkdtemp(prefix="slime-bench-")
     results = {}
     for name, staleness in (("async", 1), ("sync", 0)):

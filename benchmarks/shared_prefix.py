@@ -3,7 +3,7 @@
     python -m benchmarks.shared_prefix                      # SmolLM2-135M, fp32, 16 sequences, 1 thread
     python -m benchmarks.shared_prefix --model-dir DIR --seqs 32 --micro-batch 8 --reps 3
 
-The batch is what `+experiment=agentic` trains on: the calculator env's real first prompt (system
+The batch is what `+experiment=calculator` trains on: the calculator env's real first prompt (system
 prompt, tool list, one worked example, the question) rendered by the model's chat format, groups of 4
 replies of `--reply-tokens` tokens sampled from the vocabulary. One `TrainerRank` (DeepSpeed,
 world size 1, lr 0 so both settings see the same weights) runs `train_step` with `share_prefix` off

@@ -29,6 +29,7 @@ BUILTIN_ENVS: dict[str, str] = {
     "reward_fn": "envs.reward_fn:RewardFnEnv",
     "flaky": "envs.flaky:FlakyEnv",
     "long_tail": "envs.long_tail:LongTailEnv",
+    "parcel": "envs.parcel:ParcelEnv",
     # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent/runner.py).
     "openai_agent": "envs.openai_agent:OpenAIAgentEnv",
 }

@@ -99,14 +99,22 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def summary(rows: list[dict[str, Any]], outcome: str, wall_s: float, run_dir: str, total_steps: int) -> str:
+def summary(
+    rows: list[dict[str, Any]],
+    outcome: str,
+    wall_s: float,
+    run_dir: str,
+    total_steps: int,
+    log_path: str = "",
+) -> str:
     """The block the console ends with, headed "run <outcome>:" ("finished", "stopped by SIGINT",
     "failed"): the steps in `rows` (the run's training rows, `train_rows`: a resumed run's earlier
     steps included) against `total_steps`; `wall_s` (this process's); the mean `reward/mean` over
     the first and over the last ceil(n / 5) of the n steps; the tokens generated but never trained on
     (`rollout/tokens_lost`, by reason), out of those generated (each step's
     `perf/rollout_tokens_per_s` times its `time/step_s`); the run dir, where the logs are, and the
-    command that plots the run.
+    command that plots the run. `log_path`: the driver's log file where it is not
+    `<run_dir>/train.log` (Hydra writes it in its own run dir, which a `run_dir=` override does not move).
     """
     n = len(rows)
     lines = [f"run {outcome}:", f"  steps        {n} of {total_steps}", f"  wall time    {duration(wall_s)}"]
@@ -136,7 +144,7 @@ def summary(rows: list[dict[str, Any]], outcome: str, wall_s: float, run_dir: st
     lines += [
         f"  run dir      {run_dir}",
         f"  logs         {os.path.join(run_dir, LOGS_DIR)}/ (engines, trainer ranks, Ray)",
-        f"  driver log   {os.path.join(run_dir, DRIVER_LOG)} (this console and more)",
+        f"  driver log   {log_path or os.path.join(run_dir, DRIVER_LOG)} (this console and more)",
         f"  plot         python -m slime.plot {run_dir}",
     ]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ import sys
 import time
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from slime.core.config import Dtype, SlimeConfig, register_configs
@@ -125,6 +126,12 @@ def config_yaml(cfg: SlimeConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def hydra_log_path() -> str:
+    """The driver's log file, `<Hydra's run dir>/<job name>.log`."""
+    hc = HydraConfig.get()
+    return os.path.join(hc.runtime.output_dir, f"{hc.job.name}.log")
+
+
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     t0 = time.perf_counter()
@@ -161,7 +168,8 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(128 + signal.Signals[stop.signal_name].value)
     finally:
         rows = train_rows(cfg.run_dir)
-        log.info("%s", summary(rows, outcome, time.perf_counter() - t0, cfg.run_dir, cfg.trainer.steps))
+        wall = time.perf_counter() - t0
+        log.info("%s", summary(rows, outcome, wall, cfg.run_dir, cfg.trainer.steps, hydra_log_path()))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_every_builtin_env_has_a_group_file():
     assert {"calculator", "math", "guess_number", "reasoning_gym", "target", "openai_agent"} <= set(
         ENV_OPTIONS
     )
-    assert {"agentic", "tiny"} <= set(EXPERIMENTS)
+    assert {"agentic", "calculator", "tiny"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("env", ENV_OPTIONS)
@@ -105,22 +105,32 @@ def test_env_name_override_gets_that_envs_own_defaults(experiment, env):
 
 
 def test_the_agent_command_of_the_readme_composes():
-    """Issue: calculator-only kwargs of +experiment=agentic used to follow env=openai_agent."""
+    """Issue: calculator-only kwargs of the calculator experiment used to follow env=openai_agent."""
     cfg = _compose(
         [
-            "+experiment=agentic",
+            "+experiment=calculator",
             "env=openai_agent",
             "env.agent=examples.agents.calculator_agent:run",
             FEW_TASKS,
         ]
     )
     assert cfg.env.kwargs == {}
-    assert cfg.env.dataset.kwargs == {"digits": 1, "num_ops": 1}  # agentic's easy tasks, for the agent too
+    # the experiment's easy tasks, for the agent too
+    assert cfg.env.dataset.kwargs == {"digits": 1, "num_ops": 1}
     _check(cfg)
 
 
-def test_agentic_keeps_its_calculator_settings():
+def test_agentic_is_the_long_horizon_parcel_job():
     cfg = _compose(["+experiment=agentic"])
+    assert cfg.env.name == "parcel"
+    assert cfg.env.kwargs == {"demonstrations": 2, "show_previous": True, "max_turns": 8}
+    assert cfg.env.dataset.kwargs == {"min_hops": 3, "max_hops": 5}  # 4-6 dependent track calls
+    assert cfg.rollout.max_turns == 8
+    _check(cfg)
+
+
+def test_calculator_keeps_its_calculator_settings():
+    cfg = _compose(["+experiment=calculator"])
     assert cfg.env.name == "calculator"
     assert cfg.env.kwargs == {"demonstrations": 3, "tool_bonus": 0.2}
     assert cfg.env.dataset.kwargs == {"digits": 1, "num_ops": 1}
@@ -130,7 +140,7 @@ def test_agentic_keeps_its_calculator_settings():
 def test_explicit_env_kwargs_still_apply_and_win(env):
     cfg = _compose(
         [
-            "+experiment=agentic",
+            "+experiment=calculator",
             f"env={env}",
             "env.kwargs.system_prompt=Be brief.",
             "env.dataset.kwargs.difficulty=2" if env == "math" else "env.dataset.kwargs.digits=2",

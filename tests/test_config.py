@@ -47,7 +47,7 @@ def _compose(overrides: list[str]) -> SlimeConfig:
     return to_config(dcfg)
 
 
-@pytest.mark.parametrize("experiment", ["agentic", "tiny"])
+@pytest.mark.parametrize("experiment", ["agentic", "calculator", "tiny"])
 def test_experiments_compose_and_validate(experiment):
     cfg = _compose([f"+experiment={experiment}"])
     validate(cfg)
@@ -195,6 +195,7 @@ def test_wheel_ships_configs(tmp_path):
     for required in (
         "slime/configs/config.yaml",
         "slime/configs/experiment/agentic.yaml",
+        "slime/configs/experiment/calculator.yaml",
         "envs/__init__.py",
     ):
         assert required in names

@@ -2,7 +2,7 @@
 
 Train it with:
 
-    python -m slime.train +experiment=agentic env=openai_agent \
+    python -m slime.train +experiment=calculator env=openai_agent \
         env.agent=examples.agents.calculator_agent:run
 
 (run from the repository root so `examples` is importable). The agent knows nothing about slime: it

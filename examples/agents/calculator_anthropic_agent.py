@@ -2,7 +2,7 @@
 
 Train it with:
 
-    python -m slime.train +experiment=agentic env=openai_agent \
+    python -m slime.train +experiment=calculator env=openai_agent \
         env.agent=examples.agents.calculator_anthropic_agent:run
 
 The agent uses `client.messages.create` as it would against Anthropic: `system`, the conversation as
