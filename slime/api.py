@@ -32,11 +32,14 @@ def compose_config(overrides: list[str], run_dir: str) -> SlimeConfig:
 
 
 def run(overrides: list[str], run_dir: str) -> list[dict[str, Any]]:
-    """Run one training job; returns the metric rows (also in <run_dir>/metrics.jsonl)."""
+    """Run one training job; returns the metric rows (also in <run_dir>/metrics.jsonl). Writes
+    <run_dir>/config.yaml as the CLI does (what `slime.simulate` and the benchmarks' reports read)."""
     from slime.controller import run_controller, to_dict
-    from slime.train import prepare
+    from slime.train import config_yaml, prepare
 
     cfg = compose_config(overrides, run_dir)
     model_dir = prepare(cfg)
     os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(config_yaml(cfg))
     return asyncio.run(run_controller(cfg, model_dir, to_dict(cfg)))
