@@ -251,7 +251,9 @@ class _Episode:
             )
             self.generate_s += time.perf_counter() - t0
             out.check_lengths()
-            self.seg.add_generated(out.token_ids, out.logprobs, out.versions, out.routed_experts)
+            self.seg.add_generated(
+                out.token_ids, out.logprobs, out.versions, out.routed_experts, out.sample_kept
+            )
             self.blocks.append(_Block([int(t) for t in out.token_ids]))
             self.turns += 1
             if out.finish_reason == "abort":
@@ -364,6 +366,7 @@ async def run_episode(
             timings=timings,
             start_version=ep.start_version,
             routed_experts=s.final_routes(),
+            sample_kept=s.final_kept(),
             episode_id=ep.request_prefix,
             segment=i,
         )

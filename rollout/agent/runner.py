@@ -173,7 +173,9 @@ class Segment(TokenLog):
         if not self.calls:
             self.prompt_len = len(call.prompt_ids)
         self.add_context(call.prompt_ids[len(self.token_ids) :])
-        self.add_generated(call.completion_ids, call.logprobs, call.versions, call.routed_experts)
+        self.add_generated(
+            call.completion_ids, call.logprobs, call.versions, call.routed_experts, call.sample_kept
+        )
         self.calls.append(call)
 
 
@@ -378,6 +380,7 @@ async def run_agent_episode(
                 prompt_len=seg.prompt_len,
                 turns=len(seg.calls),
                 routed_experts=seg.final_routes(),
+                sample_kept=seg.final_kept(),
             )
         traj.info.update(common, segment=len(segments) - 1, num_segments=len(segments))
         traj.episode_id = session.episode_id
@@ -417,6 +420,7 @@ async def run_agent_episode(
                 },
                 start_version=start_version,
                 routed_experts=seg.final_routes(),
+                sample_kept=seg.final_kept(),
                 episode_id=session.episode_id,
                 segment=j,
             )

@@ -41,6 +41,7 @@ class CallRecord:
     prompt_text: str | None = None
     continuation_text: str | None = None  # prompt_text + completion text, when the text is exact
     routed_experts: RoutedExperts | None = None  # MoE routes of prompt + completion, when captured
+    sample_kept: list[int] | None = None  # the sampling mask of the completion (top-p / top-k requests)
 
 
 @dataclass
