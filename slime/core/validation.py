@@ -71,6 +71,7 @@ def validate(cfg: SlimeConfig) -> None:
         "> 0); set weights.backend=auto or gloo",
     )
     _check_lora(cfg)
+    _check_off_policy(cfg)
     _require(
         not cfg.rollout.weight_alias or cfg.weights.transport != Transport.broadcast,
         "rollout.weight_alias=true serves the weights from the trainer's shm slot; set weights.transport=shm "
@@ -146,6 +147,24 @@ def _check_routing_replay(cfg: SlimeConfig) -> None:
         f"algorithm.routing_replay={replay.value} cannot be combined with trainer.gradient_checkpointing=true: "
         "set one of them back",
     )
+
+
+def _check_off_policy(cfg: SlimeConfig) -> None:
+    algo = cfg.algorithm
+    if algo.behavior_snapshots:
+        # A snapshot forward swaps the rank's own full trainable weights in: ZeRO-3 holds only a
+        # partition, and expert parallelism's forward is a collective each rank would run differently.
+        _require(
+            cfg.trainer.zero_stage != 3 and cfg.trainer.expert_parallel_size == 1,
+            f"algorithm.behavior_snapshots={algo.behavior_snapshots} needs trainer.zero_stage 0-2 and "
+            "trainer.expert_parallel_size=1 (a rank swaps its whole weights in); set "
+            "algorithm.behavior_snapshots=0",
+        )
+    if algo.distill.teacher:
+        _require(
+            cfg.rollout.engine == Engine.vllm,
+            "algorithm.distill.teacher scores with a vLLM engine beside each worker's: set rollout.engine=vllm",
+        )
 
 
 def _check_lora(cfg: SlimeConfig) -> None:
