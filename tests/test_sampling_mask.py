@@ -171,3 +171,24 @@ def test_top_p_run_scores_the_distribution_it_sampled(tmp_path, ray_cluster):
     # top-p 1, 4e-7. (bfloat16 engines give ~8e-4 with or without top-p.)
     print("step-0 mismatch/logprob_abs with top_p=0.8:", rows[0]["mismatch/logprob_abs"])
     assert rows[0]["mismatch/logprob_abs"] < 1e-5, rows[0]["mismatch/logprob_abs"]
+
+
+async def test_the_transformers_engine_keeps_the_mask_too(tiny_dense_dir, tokenizer, hf_dense):
+    from rollout.engines.hf import TransformersEngine
+
+    eng = TransformersEngine(tiny_dense_dir, dtype="float32", max_batch_size=4)
+    await eng.start()
+    try:
+        prompt = prompts(tokenizer, 1)[0]
+        for top_p, top_k in ((0.9, -1), (1.0, 20)):
+            sp = SamplingParams(max_tokens=8, temperature=0.7, top_p=top_p, top_k=top_k, seed=3)
+            out = await eng.generate(prompt, sp)
+            assert out.sample_kept is not None and all(
+                0 < k < hf_dense.config.vocab_size for k in out.sample_kept
+            )
+            mine = _trainer_logprobs(hf_dense, prompt, out, 0.7, out.sample_kept)
+            assert (mine - torch.tensor(out.logprobs)).abs().max() < 1e-4
+        plain = await eng.generate(prompt, SamplingParams(max_tokens=4, temperature=1.0))
+        assert plain.sample_kept is None
+    finally:
+        await eng.shutdown()
