@@ -133,7 +133,8 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
     any_kept = any(s.traj.sample_kept is not None for s in seqs)
     any_teacher = any(s.traj.teacher_logprobs is not None for s in seqs)
     kept = torch.zeros((b, length), dtype=torch.int64) if any_kept else None
-    teacher = torch.zeros((b, length), dtype=torch.float32) if any_teacher else None
+    # nan: a row the teacher did not score (trainer/advantages.py `distill_advantages` skips it).
+    teacher = torch.full((b, length), torch.nan, dtype=torch.float32) if any_teacher else None
     for row, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         t = s.traj
         input_ids[row, :n] = torch.tensor(t.token_ids[:n], dtype=torch.int64)
@@ -159,7 +160,7 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
         behavior_logprobs=behavior[:, 1:].contiguous() * loss_mask[:, 1:],
         versions=torch.where(gen, versions[:, 1:], -1),
         kept=None if kept is None else torch.where(gen, kept[:, 1:], 0),
-        teacher_logprobs=None if teacher is None else torch.where(gen, teacher[:, 1:], 0.0),
+        teacher_logprobs=None if teacher is None else torch.where(gen, teacher[:, 1:], torch.nan),
         seq_index=torch.tensor([s.index for s in seqs], dtype=torch.int64),
         lengths=torch.tensor(lengths, dtype=torch.int64),
     )
