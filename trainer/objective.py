@@ -48,12 +48,19 @@ from slime.core.types import Group
 from trainer.advantages import (
     Moments,
     broadcast_to_tokens,
+    distill_advantages,
     gae,
     overlong_shaping,
     sequence_advantages,
     whiten,
 )
 from trainer.batching import MicroBatch, SeqRef
+from trainer.importance import (
+    behavior_train_logprobs,
+    fallback_gap,
+    importance_weights,
+    offpolicy_stats,
+)
 from trainer.losses import (
     aggregate,
     entropy_from_logits,
@@ -78,6 +85,14 @@ class Scored:
     old_values: Tensor | None = None  # critic values before the update
     adv: Tensor | None = None  # per-token advantages
     returns: Tensor | None = None  # value targets (GAE)
+    # The trainer's logprob of each stale token under its own version's weights (pi_v, from a kept
+    # snapshot) where `beh_known`; None without snapshots (trainer/importance.py).
+    beh: Tensor | None = None
+    beh_known: Tensor | None = None
+    version: int | None = None  # the policy version being trained (token staleness = version - its own)
+    # Sums over the micro-batch's loss tokens of the applied importance weight and of its square, and
+    # the token count (the ESS step control of trainer/rank.py), set by `micro_step_loss`.
+    is_sums: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 # Minibatches (one optimizer step each) of micro-batches (one forward/backward each).
@@ -96,6 +111,7 @@ def skips_zero_advantage(algo: AlgorithmConfig, router_losses: bool, max_respons
     `max_response_len`: the fallback, the widest trained sequence, would depend on what was left out."""
     return (
         algo.advantage != "gae"
+        and not algo.distill.teacher  # the teacher's per-token term does not vanish with A
         and algo.kl_coef == 0
         and algo.entropy_coef == 0
         and not router_losses
@@ -210,6 +226,20 @@ def assign_sequence_advantages(plan: Plan, seq_adv: Tensor) -> None:
     `seq_adv` [N_local] (`global_sequence_advantages`)."""
     for w in (w for mini in plan for w in mini):
         w.adv = broadcast_to_tokens(seq_adv[w.mb.seq_index].to(w.mb.loss_mask.device), w.mb.loss_mask)
+
+
+def add_distillation(plan: Plan, algo: AlgorithmConfig) -> None:
+    """algorithm.distill: every micro-batch's advantages become env_coef * A + coef * (teacher -
+    student) per token (trainer/advantages.py `distill_advantages`)."""
+    d = algo.distill
+    for w in (w for mini in plan for w in mini):
+        if w.mb.teacher_logprobs is None or w.adv is None:
+            if w.adv is not None and not w.mb.dummy:
+                w.adv = w.adv * d.env_coef  # no sequence of it was scored: the environment's term only
+            continue
+        w.adv = distill_advantages(
+            w.adv, w.mb.teacher_logprobs, w.mb.behavior_logprobs, w.mb.loss_mask, d.coef, d.env_coef
+        )
 
 
 def token_rewards(w: Scored, rewards: Tensor, algo: AlgorithmConfig) -> Tensor:
@@ -393,16 +423,21 @@ def micro_step_loss(
     n_tok = float(mb.num_loss_tokens)
     rows = (lambda x: x) if layout is None else layout.to_rows
     targets = mb.targets if layout is None else layout.kept(mb.targets)
+    # The sampling mask: each token scored under the truncation it was sampled from.
+    kept = mb.kept if layout is None or mb.kept is None else layout.kept(mb.kept)
     if algo.entropy_coef > 0:
-        lp = rows(token_logprobs_from_logits(logits, targets, temperature))  # [B, T] float32
-        ent = rows(entropy_from_logits(logits, temperature))  # [B, T], with grad for the bonus
+        lp = rows(token_logprobs_from_logits(logits, targets, temperature, kept))  # [B, T] float32
+        # [B, T], with grad for the bonus
+        ent = rows(entropy_from_logits(logits, temperature, kept, None if kept is None else targets))
     else:  # the entropy is only reported: from the logprobs' pass over the vocabulary
-        lp, ent = (rows(x) for x in token_logprobs_and_entropy(logits, targets, temperature))
+        lp, ent = (rows(x) for x in token_logprobs_and_entropy(logits, targets, temperature, kept))
     if w.prox is None:
         # Single update per batch: the proximal policy is the current one (same weights).
         w.prox = lp.detach()
         m.mean("mismatch/logprob_abs", masked_abs_mean(mb.behavior_logprobs, w.prox, mb.loss_mask), n_tok)
-    loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm)
+    beh, staleness = behavior_train(w)
+    loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm, beh)
+    record_offpolicy(w, beh, staleness, algo, m)
     total = loss
     if algo.entropy_coef > 0:
         total = total - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.loss_agg, loss_norm)
@@ -415,6 +450,17 @@ def micro_step_loss(
             m.mean("loss/kl", float(kl_loss.detach()), weight)
         m.mean("kl", masked_mean(kl_tok, mb.loss_mask), n_tok)
     m.mean("entropy", masked_mean(ent, mb.loss_mask), n_tok)
+    if algo.distill.teacher:
+        # Reverse KL estimate per token, log student - log teacher, over the scored tokens.
+        teacher = mb.teacher_logprobs
+        scored = (mb.loss_mask != 0) & ~torch.isnan(teacher) if teacher is not None else mb.loss_mask < 0
+        n_scored = float(scored.sum())
+        rkl = (
+            masked_mean(mb.behavior_logprobs - torch.nan_to_num(teacher), scored)
+            if teacher is not None
+            else 0.0
+        )
+        m.mean("distill/reverse_kl", rkl, n_scored)
     for key in _MEAN_KEYS:
         m.mean(key, float(pm[key]), n_tok)
     # Always recorded (the reduce needs the same keys on every rank); a micro-batch without loss
@@ -424,6 +470,44 @@ def micro_step_loss(
     for key in ("is_ratio/min", "policy_ratio/min"):
         m.min(key, float(pm[key]) if n_tok > 0 else math.inf)
     return total, loss.detach()
+
+
+def behavior_train(w: Scored) -> tuple[Tensor, Tensor | None]:
+    """pi_v per token (trainer/importance.py `behavior_train_logprobs`) and each token's staleness in
+    versions ([B, T]; None when the version being trained is not known: every token counts as fresh)."""
+    mb = w.mb
+    assert w.prox is not None
+    if w.version is None or mb.versions is None:
+        return w.prox, None
+    staleness = (w.version - mb.versions).clamp(min=0)
+    fresh = staleness == 0
+    return behavior_train_logprobs(w.prox, mb.behavior_logprobs, w.beh, w.beh_known, fresh), staleness
+
+
+def record_offpolicy(
+    w: Scored, beh: Tensor, staleness: Tensor | None, algo: AlgorithmConfig, m: StepMetrics
+) -> None:
+    """The off-policy statistics of one micro-batch (trainer/importance.py `offpolicy_stats`, and
+    `fallback_gap` where snapshots gave exact pi_v for stale tokens) into `m`; the applied weights'
+    sums into `w.is_sums` for the ESS step control."""
+    mb = w.mb
+    assert w.prox is not None
+    with torch.no_grad():
+        iw = importance_weights(w.prox, mb.behavior_logprobs, beh, mb.loss_mask, algo)
+        for key, (value, weight) in offpolicy_stats(
+            w.prox, mb.behavior_logprobs, beh, iw, mb.loss_mask, staleness
+        ).items():
+            m.mean(key, value, weight)
+        if w.beh_known is not None and staleness is not None:
+            stale = (staleness > 0) & (mb.loss_mask != 0)
+            known = w.beh_known & stale
+            for key, (value, weight) in fallback_gap(w.prox, mb.behavior_logprobs, beh, known, algo).items():
+                m.mean(key, value, weight)
+            # The share of stale tokens whose version's snapshot was kept (the others use the fallback).
+            n_stale = float(stale.sum())
+            m.mean("offpolicy/exact_frac", float(known.sum()) / max(n_stale, 1.0), n_stale)
+        applied = torch.where(iw.keep, iw.weight, 0.0)
+        w.is_sums = (float(applied.sum()), float(applied.square().sum()), float((mb.loss_mask != 0).sum()))
 
 
 def value_step_loss(values: Tensor, w: Scored, algo: AlgorithmConfig, m: StepMetrics) -> Tensor:
