@@ -253,7 +253,12 @@ class _Episode:
             self.generate_s += time.perf_counter() - t0
             out.check_lengths()
             self.seg.add_generated(
-                out.token_ids, out.logprobs, out.versions, out.routed_experts, out.indexer_keys
+                out.token_ids,
+                out.logprobs,
+                out.versions,
+                out.routed_experts,
+                out.indexer_keys,
+                kept=out.sample_kept,
             )
             self.blocks.append(_Block([int(t) for t in out.token_ids]))
             self.turns += 1
@@ -368,6 +373,7 @@ async def run_episode(
             start_version=ep.start_version,
             routed_experts=s.final_routes(),
             indexer_keys=s.final_keys(),
+            sample_kept=s.final_kept(),
             episode_id=ep.request_prefix,
             segment=i,
         )

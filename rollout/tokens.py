@@ -28,12 +28,14 @@ class TokenLog:
     prompt_len: int = 0
     routes: RoutedExperts | None = None  # MoE routes (engines that capture them)
     keys: IndexerKeys | None = None  # sparse-attention key selections (engines that capture them)
+    kept: list[int] = field(default_factory=list)  # the sampling mask per token (0: whole vocabulary)
 
     def add_context(self, ids: Sequence[int]) -> None:
         self.token_ids.extend(int(t) for t in ids)
         self.loss_mask.extend([0] * len(ids))
         self.logprobs.extend([0.0] * len(ids))
         self.versions.extend([-1] * len(ids))
+        self.kept.extend([0] * len(ids))
 
     def add_generated(
         self,
@@ -42,23 +44,33 @@ class TokenLog:
         versions: Sequence[int],
         routes: RoutedExperts | None = None,
         keys: IndexerKeys | None = None,
+        kept: Sequence[int] | None = None,
     ) -> None:
         """Append generated ids; `routes` and `keys` cover the request's prompt (this sequence so
-        far) and its output, so a later request's overlay earlier ones (the latest computation wins)."""
+        far) and its output, so a later request's overlay earlier ones (the latest computation wins).
+        `kept`: the engine's sampling mask of the new ids (GenerateOutput.sample_kept)."""
         if not len(ids) == len(logprobs) == len(versions):
             raise RuntimeError(f"{len(ids)} tokens, {len(logprobs)} logprobs, {len(versions)} versions")
+        if kept is not None and len(kept) != len(ids):
+            raise RuntimeError(f"{len(ids)} tokens, {len(kept)} sampling-mask entries")
         if self.prompt_len == 0 and not any(self.loss_mask):
             self.prompt_len = len(self.token_ids)
         self.token_ids.extend(int(t) for t in ids)
         self.loss_mask.extend([1] * len(ids))
         self.logprobs.extend(float(x) for x in logprobs)
         self.versions.extend(int(v) for v in versions)
+        self.kept.extend([0] * len(ids) if kept is None else (int(k) for k in kept))
         self.routes = RoutedExperts.merge(self.routes, routes)
         self.keys = IndexerKeys.merge(self.keys, keys)
 
     def final_keys(self) -> IndexerKeys | None:
         """The indexer selections with one row per token, or None when the engine captured none."""
         return None if self.keys is None else self.keys.padded(len(self.token_ids))
+
+    def final_kept(self) -> list[int] | None:
+        """The sampling mask for a Trajectory: None when no token was sampled from a truncated
+        distribution (nothing to record)."""
+        return list(self.kept) if any(self.kept) else None
 
     def final_routes(self) -> RoutedExperts | None:
         """The routes with one row per token (context tokens after the last request have none), or

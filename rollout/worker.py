@@ -184,6 +184,7 @@ class RolloutWorker:
             max_tokens=self.cfg.max_tokens_per_turn,
             temperature=self.cfg.temperature,
             top_p=self.cfg.top_p,
+            top_k=self.cfg.top_k,
             stop=list(self.cfg.stop),
             seed=seed,
         )

@@ -30,6 +30,9 @@ import torch
 from slime.core.types import Group, Trajectory
 from trainer.packing import balance_tokens
 
+# The shifted per-token tensors of a MicroBatch ([B, T]; None when absent).
+PER_TOKEN = ("loss_mask", "behavior_logprobs", "versions", "kept")
+
 
 @dataclass
 class SeqRef:
@@ -70,6 +73,10 @@ class MicroBatch:
     index_keys: torch.Tensor | None = None  # [B, L, M, K] int32
     index_valid: torch.Tensor | None = None  # [B, L] bool
     index_layers: tuple[int, ...] = ()
+    # Shifted like loss_mask ([B, T]): the policy version that generated each token (-1 elsewhere);
+    # the sampling mask (support size, 0 = whole vocabulary; None when no row was truncated).
+    versions: torch.Tensor | None = None  # [B, T] int64
+    kept: torch.Tensor | None = None  # [B, T] int64
 
     @property
     def targets(self) -> torch.Tensor:
@@ -126,14 +133,21 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
     attention_mask = torch.zeros((b, length), dtype=torch.int64)
     loss_mask = torch.zeros((b, length), dtype=torch.float32)
     behavior = torch.zeros((b, length), dtype=torch.float32)
+    versions = torch.full((b, length), -1, dtype=torch.int64)
+    any_kept = any(s.traj.sample_kept is not None for s in seqs)
+    kept = torch.zeros((b, length), dtype=torch.int64) if any_kept else None
     for row, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         t = s.traj
         input_ids[row, :n] = torch.tensor(t.token_ids[:n], dtype=torch.int64)
         attention_mask[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(t.loss_mask[:n], dtype=torch.float32)
         behavior[row, :n] = torch.tensor(t.behavior_logprobs[:n], dtype=torch.float32)
+        versions[row, :n] = torch.tensor(t.versions[:n], dtype=torch.int64)
+        if kept is not None and t.sample_kept is not None:
+            kept[row, :n] = torch.tensor(t.sample_kept[:n], dtype=torch.int64)
     routes, routes_valid, route_layers = collate_routes(seqs, lengths, length)
     index_keys, index_valid, index_layers = collate_indexer_keys(seqs, lengths, length)
+    gen = loss_mask[:, 1:] != 0
     # Shift: column t of the per-token tensors describes token t+1 (what logits[:, t] predict). The
     # first token is never predicted, so its loss-mask entry is dropped (it is a prompt token anyway).
     return MicroBatch(
@@ -147,6 +161,8 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
         attention_mask=attention_mask,
         loss_mask=loss_mask[:, 1:].contiguous(),
         behavior_logprobs=behavior[:, 1:].contiguous() * loss_mask[:, 1:],
+        versions=torch.where(gen, versions[:, 1:], -1),
+        kept=None if kept is None else torch.where(gen, kept[:, 1:], 0),
         seq_index=torch.tensor([s.index for s in seqs], dtype=torch.int64),
         lengths=torch.tensor(lengths, dtype=torch.int64),
     )
@@ -216,8 +232,10 @@ def trim_leading(mb: MicroBatch) -> MicroBatch:
     cols = (mb.loss_mask != 0).any(dim=0).nonzero()  # [K, 1] columns with any loss token
     drop = int(cols[0, 0]) if cols.numel() else mb.loss_mask.shape[1] - 1
     if drop > 0:
-        mb.loss_mask = mb.loss_mask[:, drop:].contiguous()
-        mb.behavior_logprobs = mb.behavior_logprobs[:, drop:].contiguous()
+        for name in PER_TOKEN:
+            value = getattr(mb, name)
+            if value is not None:
+                setattr(mb, name, value[:, drop:].contiguous())
         mb.start += drop
     return mb
 
@@ -246,6 +264,8 @@ def dummy_micro_batch(like: SeqRef, pad_id: int) -> MicroBatch:
     mb = collate([like], pad_id)
     mb.loss_mask.zero_()
     mb.behavior_logprobs.zero_()
+    if mb.versions is not None:
+        mb.versions.fill_(-1)
     mb.dummy = True
     return mb
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from trainer.batching import MicroBatch
+from trainer.batching import PER_TOKEN, MicroBatch
 from trainer.flops import ModelFlops, forward_flops, packed_flops
 from trainer.packing import Packed, pack, placeholder_mask, uses_segment_attention
 
@@ -163,14 +163,18 @@ class Forward:
         measure: bool = False,
         indexing: Indexing | None = None,
     ) -> Tensor:
-        """[B, T] float32 logprobs of the micro-batch's target tokens under softmax(logits / T)
-        (0 on padding when packed)."""
+        """[B, T] float32 logprobs of the micro-batch's target tokens under softmax(logits / T),
+        truncated to each token's sampling support where the engine recorded one (`mb.kept`);
+        0 on padding when packed."""
         from trainer.losses import token_logprobs_from_logits
 
         logits, layout = self.kept_logits(model, mb, routing, measure, indexing)
         if layout is None:
-            return token_logprobs_from_logits(logits, mb.targets, self.temperature)
-        return layout.to_rows(token_logprobs_from_logits(logits, layout.kept(mb.targets), self.temperature))
+            return token_logprobs_from_logits(logits, mb.targets, self.temperature, mb.kept)
+        kept = None if mb.kept is None else layout.kept(mb.kept)
+        return layout.to_rows(
+            token_logprobs_from_logits(logits, layout.kept(mb.targets), self.temperature, kept)
+        )
 
 
 def packed_logits(model: Any, pk: Packed, prefix_cache: Any = None) -> Tensor:
@@ -280,12 +284,11 @@ def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
     for name in (
         "input_ids",
         "attention_mask",
-        "loss_mask",
-        "behavior_logprobs",
         "routes",
         "routes_valid",
         "index_keys",
         "index_valid",
+        *PER_TOKEN,
     ):
         if getattr(mb, name) is not None:
             setattr(mb, name, getattr(mb, name).to(device, non_blocking=True))

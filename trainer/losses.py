@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from slime.core.config import AlgorithmConfig
+from trainer.importance import importance_weights
 
 LOG_RATIO_CLAMP = 20.0
 # Elements of one [rows, V] float32 slab materialised at a time by the logits functions (64 MiB).
@@ -125,11 +126,13 @@ def policy_loss(
     mask: Tensor,
     cfg: AlgorithmConfig,
     loss_norm: float | None = None,
+    behavior_train_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate policy loss with an off-policy correction for asynchronous rollouts.
 
     All tensors are [B, T]; only `logprobs` needs grad (the others are detached here). `advantages`
-    are per token (use `broadcast_to_tokens` for sequence-level estimators).
+    are per token (use `broadcast_to_tokens` for sequence-level estimators). `behavior_train_logprobs`
+    (pi_v, off_policy=factored only) defaults to `proximal_logprobs` (every token fresh).
 
     1. Anchor ("old" policy of the clip): pi_prox, except `cfg.off_policy == "none"` where the
        anchor is mu (proximal := behaviour: classic PPO straight on the engine's logprobs; the
@@ -142,14 +145,18 @@ def policy_loss(
          per sequence) and the gradient is s_i * grad logprob_t, i.e. GSPO's gradient.
     3. Per-token clipped loss with asymmetric range (DAPO clip-higher):
        l_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high)).
-    4. Off-policy correction from the behaviour ratio rho = pi_prox / mu (token level, or the
-       product over the sequence's loss tokens at `cfg.off_policy_level == "sequence"`):
+    4. Off-policy correction (trainer/importance.py `importance_weights`) from the behaviour ratio
+       rho = pi_prox / mu (token level, the product over the sequence's loss tokens at
+       `cfg.off_policy_level == "sequence"`, their geometric mean at "geomean"):
        - "none":      nothing beyond step 1.
        - "tis":       l_t *= min(rho, tis_cap)  (truncated importance sampling, detached).
        - "mask":      drop tokens (or whole sequences) with rho outside [mask_low, mask_high].
        - "decoupled": l_t *= rho, untruncated (AReaL's decoupled PPO: clip against pi_prox, correct
                       pi_prox -> mu by importance weighting); with `decoupled_cap > 0` tokens whose
                       rho exceeds the cap are dropped instead (AReaL's behav_imp_weight_cap).
+       - "factored":  rho = d * s split at the trainer's logprob under the token's own version
+                      (`behavior_train_logprobs`, pi_v: d = pi_v / mu, s = pi_prox / pi_v), each factor
+                      weighted, truncated, clipped or masked as `cfg.discrepancy` / `cfg.staleness` say.
        Dropped tokens contribute 0 but stay in the aggregation's denominators, so the loss scale
        and the micro-batch weighting rule of `aggregate` do not depend on how many were dropped.
     5. `aggregate(l, mask, cfg.loss_agg, loss_norm)`.
@@ -169,7 +176,8 @@ def policy_loss(
         - "is_ratio/mean|max|min": rho before truncation/masking, over loss tokens (over non-empty
           sequences at off_policy_level sequence). Reported for every mode, "none" included.
         - "is_weight/mean": weight that multiplied the loss, over contributing tokens (1 for none/mask).
-        - "is_truncated_frac": fraction of loss units with rho > tis_cap (tis only, else 0).
+        - "is_truncated_frac": fraction of loss units whose weight truncation or clipping changed
+          (tis: rho > tis_cap; factored: tokens where either factor's did).
         - "masked_frac": fraction of loss tokens dropped by the correction (mask/decoupled cap).
         - "approx_kl": k3 estimate of KL(anchor || pi_theta) over contributing tokens.
         - "mismatch/logprob_abs": mean |behavior - proximal| logprob over loss tokens.
@@ -194,38 +202,12 @@ def policy_loss(
     behav = clean(behavior_logprobs.detach())
     adv = clean(advantages.detach())
     tokens = m.sum(dim=-1)  # [B]
-    seq_valid = tokens > 0  # [B]
 
-    # --- off-policy correction: behaviour ratio rho = pi_prox / mu -----------------------------
-    off, level = cfg.off_policy, cfg.off_policy_level
-    if level not in ("token", "sequence"):
-        raise ValueError(f"unknown off_policy_level {level!r}")
-    log_rho_tok = prox - behav  # [B, T], 0 at masked positions
-    if level == "sequence":
-        # The importance weight of a whole sequence is the product of its token ratios.
-        log_rho_seq = log_rho_tok.sum(dim=-1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # [B]
-        rho_unit, unit_valid = torch.exp(log_rho_seq), seq_valid  # [B], per sequence
-        rho = rho_unit[:, None].expand(shape)  # [B, T]
-    else:
-        rho = _safe_exp(log_rho_tok)  # [B, T]
-        rho_unit, unit_valid = rho, m
-    weight = torch.ones_like(rho)
-    keep = m
-    if off == "none":
-        anchor = behav
-    elif off == "tis":
-        anchor = prox
-        weight = rho.clamp(max=cfg.tis_cap)
-    elif off == "mask":
-        anchor = prox
-        keep = m & (rho >= cfg.mask_low) & (rho <= cfg.mask_high)
-    elif off == "decoupled":
-        anchor = prox
-        weight = rho
-        if cfg.decoupled_cap > 0:
-            keep = m & (rho <= cfg.decoupled_cap)
-    else:
-        raise ValueError(f"unknown off_policy correction {off!r}")
+    # --- off-policy correction (trainer/importance.py) ------------------------------------------
+    beh_train = prox if behavior_train_logprobs is None else clean(behavior_train_logprobs.detach())
+    iw = importance_weights(prox, behav, beh_train, mask, cfg)
+    weight, keep, anchor = iw.weight.to(dt), iw.keep, iw.anchor
+    rho_unit, unit_valid = iw.rho_unit, iw.rho_valid
 
     # --- policy ratio r = pi_theta / anchor ------------------------------------------------------
     log_ratio_tok = lp - anchor  # [B, T]
@@ -263,8 +245,7 @@ def policy_loss(
         metrics["policy_ratio/mean"], metrics["policy_ratio/max"], metrics["policy_ratio/min"] = stats
         stats = _stats(rho_unit, unit_valid)
         metrics["is_ratio/mean"], metrics["is_ratio/max"], metrics["is_ratio/min"] = stats
-        truncated = rho_unit > cfg.tis_cap if off == "tis" else torch.zeros_like(unit_valid)
-        metrics["is_truncated_frac"] = _masked_mean(truncated, unit_valid)
+        metrics["is_truncated_frac"] = _masked_mean(iw.changed, unit_valid)
         metrics["is_weight/mean"] = _masked_mean(weight, keep)
         metrics["masked_frac"] = _masked_mean(m & ~keep, m)
         d = log_ratio_tok.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -352,6 +333,39 @@ def _chunks(shape: torch.Size):
             yield b, s, min(s + rows, T)
 
 
+def _support_threshold(z: Tensor, kept: Tensor | None) -> Tensor | None:
+    """The sampling support of each row of `z` [n, V]: the value of its `kept[r]`-th largest logit
+    (rows with `kept[r] <= 0` or `>= V` keep the whole vocabulary: -inf). None when no row is
+    truncated. Ties at the threshold are kept, as vLLM's top-k keeps them."""
+    if kept is None:
+        return None
+    V = z.shape[-1]
+    k = kept.to(torch.long)
+    trunc = (k > 0) & (k < V)
+    if not bool(trunc.any()):
+        return None
+    thr = torch.full(k.shape, -torch.inf, dtype=z.dtype, device=z.device)
+    rows = trunc.nonzero().squeeze(-1)
+    kr = k[rows]
+    kmax = int(kr.max())
+    if kmax <= V // 4:
+        top = z[rows].topk(kmax, dim=-1).values  # [r, kmax], descending
+    else:
+        top = z[rows].sort(dim=-1, descending=True).values  # [r, V]
+    thr[rows] = top.gather(-1, (kr - 1)[:, None]).squeeze(-1)
+    return thr
+
+
+def _apply_support(z: Tensor, thr: Tensor | None, targets: Tensor) -> Tensor:
+    """`z` [n, V] with the logits outside each row's support (below `thr` [n]) set to -inf; the target
+    token always stays in (a trainer whose logits order the boundary differently from the engine's
+    must still give the sampled token a finite logprob)."""
+    if thr is None:
+        return z
+    out = z.masked_fill(z < thr[:, None], -torch.inf)
+    return out.scatter(-1, targets[:, None], z.gather(-1, targets[:, None]))
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits / tau)[target], without materialising log_softmax over [B, T, V]; with
     `with_entropy`, also the (non-differentiable) entropy from the same pass over the vocabulary.
@@ -362,17 +376,24 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool
+        ctx, logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool, kept: Tensor | None
     ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         cdt = _dtype(logits)
         B, T, _ = logits.shape
         out = torch.empty((B, T), dtype=cdt, device=logits.device)
         lse = torch.empty((B, T), dtype=cdt, device=logits.device)
         ent = torch.empty((B, T) if with_entropy else (0, 0), dtype=cdt, device=logits.device)
+        # Per-row support thresholds (-inf: the whole vocabulary), kept for the backward.
+        thr_all = None if kept is None else torch.full((B, T), -torch.inf, dtype=cdt, device=logits.device)
         for b, s, e in _chunks(logits.shape):
             z = logits[b, s:e].to(cdt)  # [n, V], a view when possible; upcast per chunk only
             if temperature != 1.0:
                 z = z / temperature
+            thr = _support_threshold(z, None if kept is None else kept[b, s:e])
+            if thr is not None:
+                assert thr_all is not None
+                thr_all[b, s:e] = thr
+                z = _apply_support(z, thr, targets[b, s:e])
             if with_entropy:
                 # One pass for both: shift by the max, exponentiate once. H = log S - E_p[z - max]
                 # with S = sum exp(z - max); p == 0 where z == -inf, whose 0 * -inf nansum skips.
@@ -387,15 +408,16 @@ class _TokenLogprobs(torch.autograd.Function):
                 chunk_lse = torch.logsumexp(z, dim=-1)  # [n]
             out[b, s:e] = z.gather(-1, targets[b, s:e, None]).squeeze(-1) - chunk_lse
             lse[b, s:e] = chunk_lse
-        ctx.save_for_backward(logits, targets, lse)
+        ctx.save_for_backward(logits, targets, lse, thr_all if thr_all is not None else lse.new_empty(0))
         ctx.temperature = temperature
+        ctx.truncated = thr_all is not None
         ctx.mark_non_differentiable(ent)
         return out, ent
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor, _grad_ent: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        logits, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor, _grad_ent: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        logits, targets, lse, thr_all = ctx.saved_tensors
         tau = ctx.temperature
         cdt = lse.dtype
         grad = torch.empty_like(logits)  # [B, T, V] in the logits' dtype
@@ -403,16 +425,20 @@ class _TokenLogprobs(torch.autograd.Function):
             z = logits[b, s:e].to(cdt)
             if tau != 1.0:
                 z = z / tau
+            if ctx.truncated:  # outside the support: softmax 0, so no gradient there
+                z = _apply_support(z, thr_all[b, s:e], targets[b, s:e])
             g = grad_out[b, s:e].to(cdt)  # [n]
             d = torch.exp(z - lse[b, s:e, None]).mul_(-g[:, None])  # -g * softmax
             d.scatter_add_(-1, targets[b, s:e, None], g[:, None])  # + g at the target
             if tau != 1.0:
                 d.div_(tau)
             grad[b, s:e] = d.to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def token_logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: float = 1.0) -> Tensor:
+def token_logprobs_from_logits(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, kept: Tensor | None = None
+) -> Tensor:
     """Logprob of each target token under softmax(logits / temperature).
 
     Memory-frugal: computes z[target] - logsumexp(z) chunk by chunk (at most CHUNK_ELEMENTS logits
@@ -426,37 +452,47 @@ def token_logprobs_from_logits(logits: Tensor, targets: Tensor, temperature: flo
         targets: [B, T] (or [T]) token ids.
         temperature: the sampling temperature the engine used (its logprobs are of the scaled
             distribution), > 0.
+        kept: [B, T] (or [T]) the size of the support the engine sampled each token from (top-p /
+            top-k: the sampling mask, rollout/engines/vllm.py); the logprob is then of the softmax over
+            the `kept` largest logits of this row (and the target), as the engine's was. 0 (or >= V)
+            keeps the whole vocabulary. None: no truncation anywhere.
 
     Returns:
         [B, T] float32 logprobs (float64 for float64 logits), differentiable w.r.t. logits
         (first order).
     """
     if logits.dim() == 2:
-        return token_logprobs_from_logits(logits[None], targets[None], temperature)[0]
-    _check_logprob_args(logits, targets, temperature)
-    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), False)[0]
+        k = None if kept is None else kept[None]
+        return token_logprobs_from_logits(logits[None], targets[None], temperature, k)[0]
+    _check_logprob_args(logits, targets, temperature, kept)
+    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), False, kept)[0]
 
 
-def _check_logprob_args(logits: Tensor, targets: Tensor, temperature: float) -> None:
-    """ValueError unless temperature > 0, logits are [B, T, V] and targets [B, T]."""
+def _check_logprob_args(
+    logits: Tensor, targets: Tensor, temperature: float, kept: Tensor | None = None
+) -> None:
+    """ValueError unless temperature > 0, logits are [B, T, V] and targets (and kept) [B, T]."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(
             f"expected logits [B, T, V] and targets [B, T], got {tuple(logits.shape)}, {tuple(targets.shape)}"
         )
+    if kept is not None and kept.shape != targets.shape:
+        raise ValueError(f"kept must be [B, T] like targets, got {tuple(kept.shape)}, {tuple(targets.shape)}")
 
 
 def token_logprobs_and_entropy(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, kept: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """`token_logprobs_from_logits` (differentiable) and `entropy_from_logits` (detached) from one
-    pass over the vocabulary, for an entropy that is only reported: one exp instead of three.
+    pass over the vocabulary, for an entropy that is only reported: one exp instead of three. With
+    `kept`, both are of the truncated distribution the engine sampled from.
 
     Args and shapes as `token_logprobs_from_logits`; returns ([B, T] logprobs, [B, T] entropies).
     """
-    _check_logprob_args(logits, targets, temperature)
-    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), True)
+    _check_logprob_args(logits, targets, temperature, kept)
+    return _TokenLogprobs.apply(logits, targets.long(), float(temperature), True, kept)
 
 
 class _Entropy(torch.autograd.Function):
@@ -468,16 +504,24 @@ class _Entropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, logits: Tensor, temperature: float, kept: Tensor | None, targets: Tensor | None
+    ) -> Tensor:
         cdt = _dtype(logits)
         B, T, _ = logits.shape
         ent = torch.empty((B, T), dtype=cdt, device=logits.device)
         lse = torch.empty_like(ent)
         mean_z = torch.empty_like(ent)
+        thr_all = None if kept is None else torch.full((B, T), -torch.inf, dtype=cdt, device=logits.device)
         for b, s, e in _chunks(logits.shape):
             z = logits[b, s:e].to(cdt)
             if temperature != 1.0:
                 z = z / temperature
+            thr = _support_threshold(z, None if kept is None else kept[b, s:e])
+            if thr is not None:
+                assert thr_all is not None and targets is not None
+                thr_all[b, s:e] = thr
+                z = _apply_support(z, thr, targets[b, s:e])
             z = z - z.amax(dim=-1, keepdim=True)  # [n, V], <= 0
             chunk_lse = torch.logsumexp(z, dim=-1)  # [n]
             p = torch.exp(z - chunk_lse[:, None])
@@ -486,14 +530,18 @@ class _Entropy(torch.autograd.Function):
             ent[b, s:e] = chunk_lse - ez
             lse[b, s:e] = chunk_lse
             mean_z[b, s:e] = ez
-        ctx.save_for_backward(logits, lse, mean_z)
+        empty = lse.new_empty(0)
+        ctx.save_for_backward(
+            logits, lse, mean_z, empty if thr_all is None else thr_all, empty if targets is None else targets
+        )
         ctx.temperature = temperature
+        ctx.truncated = thr_all is not None
         return ent
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        logits, lse, mean_z = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        logits, lse, mean_z, thr_all, targets = ctx.saved_tensors
         tau = ctx.temperature
         cdt = lse.dtype
         grad = torch.empty_like(logits)
@@ -501,15 +549,19 @@ class _Entropy(torch.autograd.Function):
             z = logits[b, s:e].to(cdt)
             if tau != 1.0:
                 z = z / tau
+            if ctx.truncated:
+                z = _apply_support(z, thr_all[b, s:e], targets[b, s:e])
             z = z - z.amax(dim=-1, keepdim=True)
             p = torch.exp(z - lse[b, s:e, None])
             d = torch.where(p > 0, p * (z - mean_z[b, s:e, None]), 0.0)
             # dH/dlogits = dH/dz / tau
             grad[b, s:e] = (d * (-grad_out[b, s:e, None].to(cdt) / tau)).to(grad.dtype)
-        return grad, None
+        return grad, None, None, None
 
 
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+def entropy_from_logits(
+    logits: Tensor, temperature: float = 1.0, kept: Tensor | None = None, targets: Tensor | None = None
+) -> Tensor:
     """Entropy of softmax(logits / temperature) per position, in nats.
 
     Numerically stable (max-shifted logsumexp; -inf logits allowed) and chunk-friendly: processes
@@ -519,14 +571,23 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     Args:
         logits: [B, T, V] (or [T, V]), any float dtype.
         temperature: the sampling temperature (scaled chunk by chunk; no scaled copy is kept).
+        kept, targets: [B, T] the sampling support and the sampled tokens (see
+            `token_logprobs_from_logits`): the entropy of the truncated distribution. Both or neither.
 
     Returns:
         [B, T] float32 entropies (float64 for float64 logits); unmasked, aggregate with the mask.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if (kept is None) != (targets is None):
+        raise ValueError("entropy_from_logits: pass kept and targets together")
     if logits.dim() == 2:
-        return entropy_from_logits(logits[None], temperature)[0]
+        if kept is None or targets is None:
+            return entropy_from_logits(logits[None], temperature)[0]
+        return entropy_from_logits(logits[None], temperature, kept[None], targets[None])[0]
     if logits.dim() != 3:
         raise ValueError(f"expected logits [B, T, V], got {tuple(logits.shape)}")
-    return _Entropy.apply(logits, float(temperature))
+    if kept is not None:
+        _check_logprob_args(logits, targets, temperature, kept)  # type: ignore[arg-type]
+        targets = targets.long()  # type: ignore[union-attr]
+    return _Entropy.apply(logits, float(temperature), kept, targets)

@@ -54,6 +54,12 @@ from trainer.advantages import (
     whiten,
 )
 from trainer.batching import MicroBatch, SeqRef
+from trainer.importance import (
+    behavior_train_logprobs,
+    fallback_gap,
+    importance_weights,
+    offpolicy_stats,
+)
 from trainer.losses import (
     aggregate,
     entropy_from_logits,
@@ -78,6 +84,14 @@ class Scored:
     old_values: Tensor | None = None  # critic values before the update
     adv: Tensor | None = None  # per-token advantages
     returns: Tensor | None = None  # value targets (GAE)
+    # The trainer's logprob of each stale token under its own version's weights (pi_v, from a kept
+    # snapshot) where `beh_known`; None without snapshots (trainer/importance.py).
+    beh: Tensor | None = None
+    beh_known: Tensor | None = None
+    version: int | None = None  # the policy version being trained (token staleness = version - its own)
+    # Sums over the micro-batch's loss tokens of the applied importance weight and of its square, and
+    # the token count (the ESS step control of trainer/rank.py), set by `micro_step_loss`.
+    is_sums: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 # Minibatches (one optimizer step each) of micro-batches (one forward/backward each).
@@ -393,16 +407,21 @@ def micro_step_loss(
     n_tok = float(mb.num_loss_tokens)
     rows = (lambda x: x) if layout is None else layout.to_rows
     targets = mb.targets if layout is None else layout.kept(mb.targets)
+    # The sampling mask: each token scored under the truncation it was sampled from.
+    kept = mb.kept if layout is None or mb.kept is None else layout.kept(mb.kept)
     if algo.entropy_coef > 0:
-        lp = rows(token_logprobs_from_logits(logits, targets, temperature))  # [B, T] float32
-        ent = rows(entropy_from_logits(logits, temperature))  # [B, T], with grad for the bonus
+        lp = rows(token_logprobs_from_logits(logits, targets, temperature, kept))  # [B, T] float32
+        # [B, T], with grad for the bonus
+        ent = rows(entropy_from_logits(logits, temperature, kept, None if kept is None else targets))
     else:  # the entropy is only reported: from the logprobs' pass over the vocabulary
-        lp, ent = (rows(x) for x in token_logprobs_and_entropy(logits, targets, temperature))
+        lp, ent = (rows(x) for x in token_logprobs_and_entropy(logits, targets, temperature, kept))
     if w.prox is None:
         # Single update per batch: the proximal policy is the current one (same weights).
         w.prox = lp.detach()
         m.mean("mismatch/logprob_abs", masked_abs_mean(mb.behavior_logprobs, w.prox, mb.loss_mask), n_tok)
-    loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm)
+    beh, staleness = behavior_train(w)
+    loss, pm = policy_loss(lp, w.prox, mb.behavior_logprobs, w.adv, mb.loss_mask, algo, loss_norm, beh)
+    record_offpolicy(w, beh, staleness, algo, m)
     total = loss
     if algo.entropy_coef > 0:
         total = total - algo.entropy_coef * aggregate(ent, mb.loss_mask, algo.loss_agg, loss_norm)
@@ -424,6 +443,44 @@ def micro_step_loss(
     for key in ("is_ratio/min", "policy_ratio/min"):
         m.min(key, float(pm[key]) if n_tok > 0 else math.inf)
     return total, loss.detach()
+
+
+def behavior_train(w: Scored) -> tuple[Tensor, Tensor | None]:
+    """pi_v per token (trainer/importance.py `behavior_train_logprobs`) and each token's staleness in
+    versions ([B, T]; None when the version being trained is not known: every token counts as fresh)."""
+    mb = w.mb
+    assert w.prox is not None
+    if w.version is None or mb.versions is None:
+        return w.prox, None
+    staleness = (w.version - mb.versions).clamp(min=0)
+    fresh = staleness == 0
+    return behavior_train_logprobs(w.prox, mb.behavior_logprobs, w.beh, w.beh_known, fresh), staleness
+
+
+def record_offpolicy(
+    w: Scored, beh: Tensor, staleness: Tensor | None, algo: AlgorithmConfig, m: StepMetrics
+) -> None:
+    """The off-policy statistics of one micro-batch (trainer/importance.py `offpolicy_stats`, and
+    `fallback_gap` where snapshots gave exact pi_v for stale tokens) into `m`; the applied weights'
+    sums into `w.is_sums` for the ESS step control."""
+    mb = w.mb
+    assert w.prox is not None
+    with torch.no_grad():
+        iw = importance_weights(w.prox, mb.behavior_logprobs, beh, mb.loss_mask, algo)
+        for key, (value, weight) in offpolicy_stats(
+            w.prox, mb.behavior_logprobs, beh, iw, mb.loss_mask, staleness
+        ).items():
+            m.mean(key, value, weight)
+        if w.beh_known is not None and staleness is not None:
+            stale = (staleness > 0) & (mb.loss_mask != 0)
+            known = w.beh_known & stale
+            for key, (value, weight) in fallback_gap(w.prox, mb.behavior_logprobs, beh, known, algo).items():
+                m.mean(key, value, weight)
+            # The share of stale tokens whose version's snapshot was kept (the others use the fallback).
+            n_stale = float(stale.sum())
+            m.mean("offpolicy/exact_frac", float(known.sum()) / max(n_stale, 1.0), n_stale)
+        applied = torch.where(iw.keep, iw.weight, 0.0)
+        w.is_sums = (float(applied.sum()), float(applied.square().sum()), float((mb.loss_mask != 0).sum()))
 
 
 def value_step_loss(values: Tensor, w: Scored, algo: AlgorithmConfig, m: StepMetrics) -> Tensor:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +147,9 @@ class TrainerRank:
         self.setup_s = 0.0
         self._process_env = contextlib.ExitStack()
         self.weight_sender: WeightSender | None = None  # rank 0's end of the weight transport
+        # Trainable weights of past policy versions (algorithm.behavior_snapshots): version -> tensors
+        # in `_trainable()` order, to score stale tokens under their own version (trainer/importance.py).
+        self.snapshots: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
 
     # -- lifecycle --------------------------------------------------------------------------------
     def node_address(self) -> tuple[str, int]:
@@ -342,7 +347,10 @@ class TrainerRank:
         seq_adv = self._sequence_advantages(groups, refs, []) if self.skip_zero_advantage else None
         skip = obj.zero_advantage_indices(seq_adv) if seq_adv is not None else set()
         plan, skipped = self._plan_micro_batches(refs, skip)
+        for w in (w for mini in plan for w in mini):
+            w.version = version
         self._score_before_update(plan, m)
+        self._score_behavior_versions(plan, version)
         self._compute_advantages(plan, groups, refs, seq_adv)
         counts = obj.StepCounts.of(plan, self.algo.loss_agg, skipped, self.max_positions).all_reduce(
             self.comm
@@ -416,6 +424,53 @@ class TrainerRank:
                 mismatch = obj.masked_abs_mean(w.mb.behavior_logprobs, w.prox, w.mb.loss_mask)
                 m.mean("mismatch/logprob_abs", mismatch, float(w.mb.num_loss_tokens))
 
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.policy.module.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _weights_of(self, version: int) -> Iterator[None]:
+        """The policy's trainable weights set to those it had at `version` (a kept snapshot) inside the
+        block, for no-grad forwards; its own are put back after (by reference, no copies)."""
+        params = self._trainable()
+        own = [p.data for p in params]
+        try:
+            for p, snap in zip(params, self.snapshots[version], strict=True):
+                p.data = snap
+            yield
+        finally:
+            for p, data in zip(params, own, strict=True):
+                p.data = data
+
+    @torch.no_grad()
+    def _score_behavior_versions(self, plan: obj.Plan, version: int) -> None:
+        """With algorithm.behavior_snapshots = K > 0: every stale token whose version's weights are
+        kept gets the trainer's logprob under them (`w.beh` where `w.beh_known`; one forward per kept
+        version over the micro-batches holding its tokens), so the factored correction separates the
+        train-inference discrepancy from staleness exactly (trainer/importance.py). Then this version's
+        weights join the snapshots and the oldest beyond K go."""
+        k = self.algo.behavior_snapshots
+        if k <= 0:
+            return
+        works = [w for mini in plan for w in mini]
+        for w in works:
+            w.beh = torch.zeros_like(w.mb.behavior_logprobs)
+            w.beh_known = torch.zeros_like(w.mb.loss_mask, dtype=torch.bool)
+        for v in [v for v in self.snapshots if v < version]:
+            holding = [w for w in works if w.mb.versions is not None and bool((w.mb.versions == v).any())]
+            if not holding:
+                continue
+            with self._weights_of(v):
+                for w in holding:
+                    lp = self.forward.logprobs(
+                        self.policy, w.mb, self.routing, indexing=self.indexing
+                    ).float()
+                    mine = w.mb.versions == v
+                    w.beh = torch.where(mine, lp, w.beh)
+                    w.beh_known |= mine
+        self.snapshots[version] = [p.detach().clone() for p in self._trainable()]
+        for old in [v for v in self.snapshots if v <= version - k]:
+            del self.snapshots[old]
+
     def _sequence_advantages(self, groups: list[Group], refs: list[SeqRef], plan: obj.Plan) -> torch.Tensor:
         """[N_local] advantages of this rank's sequences from the global batch's rewards (a collective)."""
         rewards = obj.shaped_rewards(refs, plan, self.algo, self.spec.max_response_len)
@@ -448,7 +503,8 @@ class TrainerRank:
                 share = 0.0  # this rank's share of the global minibatch loss
                 for w in mini:
                     share += self._micro_step(i, w, norms, m)
-                self.policy.step()
+                with self._ess_step(mini, m):
+                    self.policy.step()
                 grad_norms.append(grad_norm(self.policy))
                 if self.critic is not None:
                     self.critic.step()
@@ -457,6 +513,32 @@ class TrainerRank:
                 # size yields the global minibatch loss averaged over the optimizer steps.
                 m.mean("loss/policy", share * self.world_size, 1.0)
         return grad_norms, critic_norms
+
+    @contextlib.contextmanager
+    def _ess_step(self, mini: list[obj.Scored], m: StepMetrics) -> Iterator[None]:
+        """VCPO-style step control (algorithm.ess_lr_power > 0): this optimizer step's learning rate
+        times ESS^power, ESS the normalised effective sample size of the importance weights the
+        minibatch's loss applied (over every rank; trainer/importance.py `ess`)."""
+        power = self.algo.ess_lr_power
+        if power <= 0:
+            yield
+            return
+        from trainer.importance import ess, ess_lr_scale
+
+        local = [sum(w.is_sums[i] for w in mini) for i in range(3)]
+        total, total_sq, n = self.comm.all_reduce(local)
+        value = ess(total / max(n, 1.0), total_sq / max(n, 1.0))
+        scale = ess_lr_scale(value, power, self.algo.ess_lr_floor)
+        m.mean("offpolicy/lr_scale", scale, 1.0)
+        groups = self.policy.optimizer.param_groups
+        base = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = g["lr"] * scale
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, base, strict=True):
+                g["lr"] = lr
 
     def _micro_step(self, minibatch: int, w: obj.Scored, norms: obj.Normalisers, m: StepMetrics) -> float:
         """Forward and backward of one micro-batch; returns its weighted policy loss. DeepSpeed
@@ -492,6 +574,15 @@ class TrainerRank:
         t0: float,
     ) -> dict[str, float]:
         metrics = m.reduce(self.comm)
+        from trainer.importance import ess
+
+        # Normalised effective sample size of the applied and of the untouched importance weights.
+        metrics["offpolicy/ess"] = ess(
+            metrics.pop("offpolicy/w_mean", 0.0), metrics.pop("offpolicy/w_sq_mean", 0.0)
+        )
+        metrics["offpolicy/ess_raw"] = ess(
+            metrics.pop("offpolicy/raw_w_mean", 0.0), metrics.pop("offpolicy/raw_w_sq_mean", 0.0)
+        )
         if self.routing is not None:
             metrics.update(self.routing.reduce_metrics(self.comm))
         if self.indexing is not None:

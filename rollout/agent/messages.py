@@ -12,8 +12,8 @@ messages and chat tools of rollout/agent/protocol.py: the same prompt ids as Cha
 the same token-exact continuation of earlier calls.
 
 Sampling: `max_tokens`, `stop_sequences`, `temperature`, `top_p`, `top_k` as in
-protocol.sampling_params (temperature / top_p other than the rollout's, and top_k, refused naming the
-key; Anthropic's current clients take them through `extra_body`). Refused with a 400 naming them:
+protocol.sampling_params (a temperature other than the rollout's refused naming the key; top_p / top_k
+accepted, their sampling mask recorded; Anthropic's current clients take them through `extra_body`). Refused with a 400 naming them:
 extended `thinking`, `output_config` (structured output, effort), forcing a named tool (`tool_choice`
 `{"type": "tool"}`), a final assistant message (prefill), image / document / thinking blocks,
 `mcp_servers`, `container`.

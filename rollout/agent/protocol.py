@@ -9,10 +9,11 @@ Shared: `normal_message` / `parse_messages` (the normal form every API's message
 Requests: `parse_chat_request` / `parse_completion_request` validate a JSON body and return what the
 server needs; anything the endpoint cannot honour raises `RequestError` naming the option (it becomes
 an OpenAI-style error response). Sampling (`sampling_params`): temperature, top_p, top_k, seed, stop
-and max_tokens / max_completion_tokens come from the request (temperature and top_p default to the
-rollout config's, and a request that sets them to other values, or sets top_k, is refused: the trainer
-scores every token under the rollout's sampling, so other tokens would train a policy that never
-produced them); max_tokens is capped by `rollout.max_tokens_per_turn` and by what is left of
+and max_tokens / max_completion_tokens come from the request (temperature, top_p and top_k default to
+the rollout config's; a request that sets another temperature is refused: the trainer scores every
+token at the rollout's temperature, so other tokens would train a policy that never produced them;
+top_p and top_k are free: the engine records each token's sampling mask and the trainer scores it under
+the same truncation); max_tokens is capped by `rollout.max_tokens_per_turn` and by what is left of
 `rollout.max_total_tokens` after the prompt; a prompt that leaves no room is rejected (400, code
 `context_length_exceeded`). Only n=1. Options that would change the output and that the endpoint
 cannot honour (penalties, logit_bias, n>1, echo, best_of, structured output, forcing a named tool)
@@ -297,6 +298,8 @@ def sampling_params(
         raise RequestError("top_k must be an integer", param="top_k")
     temperature = _number(body, "temperature", cfg.temperature, 0.0, 2.0)
     top_p = _number(body, "top_p", cfg.top_p, 1e-6, 1.0)
+    if "top_k" not in body or body.get("top_k") is None:
+        top_k = cfg.top_k or -1
     _require_trainable(temperature, top_p, top_k, cfg)
     return SamplingParams(
         max_tokens=limit,
@@ -309,22 +312,20 @@ def sampling_params(
 
 
 def _require_trainable(temperature: float, top_p: float, top_k: int, cfg: RolloutConfig) -> None:
-    """The trainer scores every generated token under softmax(logits / rollout.temperature) (with the
-    rollout's top_p): tokens an agent sampled under other settings would get importance weights and a
-    mismatch metric for a policy that never produced them. Such requests are refused, naming the fix."""
-    for key, got, want in (("temperature", temperature, cfg.temperature), ("top_p", top_p, cfg.top_p)):
-        if not math.isclose(got, want, rel_tol=0.0, abs_tol=1e-9):
-            raise RequestError(
-                f"{key}={got} differs from rollout.{key}={want}, the sampling the trainer scores tokens "
-                f"under: omit {key} in the agent's requests, or set rollout.{key}={got}",
-                param=key,
-            )
-    if top_k not in (-1, 0):
+    """The trainer scores every generated token under softmax(logits / rollout.temperature): tokens an
+    agent sampled at another temperature would get importance weights and a mismatch metric for a
+    policy that never produced them, so such requests are refused, naming the fix. top_p and top_k are
+    the agent's to choose: the engine records each token's sampling mask and the trainer scores the
+    token under the same truncation (docs/algorithms.md, "Keep the sampling mask")."""
+    if not math.isclose(temperature, cfg.temperature, rel_tol=0.0, abs_tol=1e-9):
         raise RequestError(
-            f"top_k={top_k}: the trainer cannot score tokens sampled from a top-k truncated distribution; "
-            "omit top_k in the agent's requests",
-            param="top_k",
+            f"temperature={temperature} differs from rollout.temperature={cfg.temperature}, the sampling the "
+            f"trainer scores tokens under: omit temperature in the agent's requests, or set "
+            f"rollout.temperature={temperature}",
+            param="temperature",
         )
+    if top_k < -1:
+        raise RequestError(f"top_k must be -1, 0 (off) or positive, got {top_k}", param="top_k")
 
 
 # ------------------------------------------------------------------------------ responses

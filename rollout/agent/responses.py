@@ -13,7 +13,8 @@ conversation gets exactly the prompt ids a Chat Completions one would, with the 
 continuation of earlier calls.
 
 Sampling: `max_output_tokens`, `temperature`, `top_p` as in protocol.sampling_params (capped by the
-rollout config; temperature / top_p other than the rollout's, and top_k, refused naming the key).
+rollout config; a temperature other than the rollout's refused naming the key; top_p / top_k
+accepted, their sampling mask recorded).
 Options the endpoint cannot honour get a 400 naming them: structured output (`text.format`),
 `reasoning`, `background`, `conversation`, stored `prompt`s, `max_tool_calls`, forcing a named tool.
 

@@ -174,7 +174,12 @@ class Segment(TokenLog):
             self.prompt_len = len(call.prompt_ids)
         self.add_context(call.prompt_ids[len(self.token_ids) :])
         self.add_generated(
-            call.completion_ids, call.logprobs, call.versions, call.routed_experts, call.indexer_keys
+            call.completion_ids,
+            call.logprobs,
+            call.versions,
+            call.routed_experts,
+            call.indexer_keys,
+            kept=call.sample_kept,
         )
         self.calls.append(call)
 
@@ -381,6 +386,7 @@ async def run_agent_episode(
                 turns=len(seg.calls),
                 routed_experts=seg.final_routes(),
                 indexer_keys=seg.final_keys(),
+                sample_kept=seg.final_kept(),
             )
         traj.info.update(common, segment=len(segments) - 1, num_segments=len(segments))
         traj.episode_id = session.episode_id
@@ -421,6 +427,7 @@ async def run_agent_episode(
                 start_version=start_version,
                 routed_experts=seg.final_routes(),
                 indexer_keys=seg.final_keys(),
+                sample_kept=seg.final_kept(),
                 episode_id=session.episode_id,
                 segment=j,
             )

@@ -314,6 +314,7 @@ class AgentServer:
             generate_s=time.perf_counter() - t0,
             routed_experts=out.routed_experts,
             indexer_keys=out.indexer_keys,
+            sample_kept=out.sample_kept,
         )
 
     def _token_texts(self, ids: list[int]) -> list[str]:

@@ -42,6 +42,7 @@ class CallRecord:
     continuation_text: str | None = None  # prompt_text + completion text, when the text is exact
     routed_experts: RoutedExperts | None = None  # MoE routes of prompt + completion, when captured
     indexer_keys: IndexerKeys | None = None  # sparse-attention key selections, likewise
+    sample_kept: list[int] | None = None  # the sampling mask of the completion (top-p / top-k requests)
 
 
 @dataclass

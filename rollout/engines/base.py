@@ -19,6 +19,9 @@ one from `EngineSettings`. What every engine promises:
 - Abort and progress: `abort(request_id)` ends a request with finish_reason "abort" and the tokens
   so far (never resumed); `wait_generated(request_id, n)` resolves once a running request has n
   tokens (tests land an update or an abort mid-generation with it, without sleeping).
+- The sampling mask: a request that samples from a truncated distribution (top_p < 1 or top_k > 0)
+  gets, per new token, the size of the support it was sampled from (`GenerateOutput.sample_kept`),
+  so the trainer scores it under the same truncation; its logprobs are of that truncated distribution.
 - Routes: an engine built with `capture_routes` returns every output's MoE routes
   (`GenerateOutput.routed_experts`, slime/core/types.py RoutedExperts); one that cannot capture them
   refuses `capture_routes` (at construction or start).
@@ -221,6 +224,7 @@ class Segment:
     by_update: bool = False
     routes: RoutedExperts | None = None
     keys: IndexerKeys | None = None
+    kept: list[int] | None = None  # the sampling mask of `tokens` (truncating requests only)
 
 
 # (request id, segment index (0, then 1.. for resumptions), prompt = prompt ids + tokens so far,
@@ -264,6 +268,7 @@ class RequestBook:
         tokens: list[int] = []
         logprobs: list[float] = []
         versions: list[int] = []
+        kept: list[int] = []
         routes: RoutedExperts | None = None
         keys: IndexerKeys | None = None
         reason = "length"
@@ -286,6 +291,7 @@ class RequestBook:
                 tokens += seg.tokens
                 logprobs += seg.logprobs
                 versions += seg.versions
+                kept += seg.kept if seg.kept is not None else [0] * len(seg.tokens)
                 routes = RoutedExperts.merge(routes, seg.routes)
                 keys = IndexerKeys.merge(keys, seg.keys)
                 if seg.by_update and rid not in self.user_aborted:
@@ -308,4 +314,5 @@ class RequestBook:
             finish_reason=reason,
             routed_experts=routes,
             indexer_keys=keys,
+            sample_kept=kept if sampling.truncates else None,
         )

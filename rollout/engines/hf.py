@@ -12,8 +12,10 @@ A stopping criterion runs between decoding steps, in that thread; it
   from prompt + tokens so far and prefilled again with the new weights (as `VLLMEngine` does); with
   `kv_after_update="keep"` the rows go on over the KV cache computed with the old weights,
 - ends rows that were aborted by the user or reached their own `max_tokens`.
-Logprobs are of softmax(logits / temperature) before top-p / top-k, the policy the trainer recomputes
-(the VLLMEngine's `processed_logprobs` agree with it when top_p = 1 and top_k is off). A request with
+Logprobs are of softmax(logits / temperature), the policy the trainer recomputes; a request with top-p or
+top-k is warped by the engine itself as vLLM warps it (`truncate_logits`: temperature, top-k, top-p), its
+logprobs are of the truncated distribution and each token's support size is its sampling mask, as
+`VLLMEngine` reports them. A request with
 a `seed` runs in a batch of its own after `torch.manual_seed(seed)`.
 
 Routes and indexer selections (`capture_routes`, `capture_indexer`): forward hooks on the model's MoE
@@ -31,6 +33,7 @@ MoE experts) through transformers' checkpoint conversion, as `from_pretrained` d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
@@ -99,6 +102,7 @@ class _SegmentResult:
     reason: str  # stop | length | abort | update_abort ("" while running)
     routes: RoutedExperts | None = None  # of prompt + tokens, when captured
     keys: IndexerKeys | None = None
+    kept: list[int] = dataclasses.field(default_factory=list)  # the sampling mask of `tokens`
 
 
 class TransformersEngine:
@@ -251,6 +255,7 @@ class TransformersEngine:
             by_update=by_update and rid not in self.requests.user_aborted,
             routes=seg.routes,
             keys=seg.keys,
+            kept=seg.kept if req.sampling.truncates else None,
         )
 
     async def wait_generated(self, request_id: str, n: int) -> int:
@@ -328,6 +333,7 @@ class TransformersEngine:
             mask[i, width - len(r.prompt) :] = 1
         rows = [_SegmentResult([], [], [], "") for _ in batch]
         last_logprobs: list[Any] = [None]
+        last_kept: list[Any] = [None]
         capture = self._capture
         if capture is not None:
             capture.begin([width - len(r.prompt) for r in batch], width + max(r.max_new for r in batch))
@@ -346,11 +352,22 @@ class TransformersEngine:
 
         tau = s.temperature if s.temperature > 0 else 1.0
 
+        greedy = s.temperature <= 0
+        truncate = s.truncates
+
         class _CaptureRaw(LogitsProcessor):
             # Custom processors run before temperature / top-k / top-p, so these are the raw logits.
+            # A truncating request is warped here, as vLLM does it (temperature, then top-k, then
+            # top-p), and sampled from the result; the logprobs are of that distribution and the
+            # support size of each row is its sampling mask.
             def __call__(self, input_ids, scores):
-                last_logprobs[0] = torch.log_softmax(scores.float() / tau, dim=-1)
-                return scores
+                if not truncate:
+                    last_logprobs[0] = torch.log_softmax(scores.float() / tau, dim=-1)
+                    return scores
+                z = truncate_logits(scores.float() / tau, s.top_k, s.top_p)
+                last_logprobs[0] = torch.log_softmax(z, dim=-1)
+                last_kept[0] = torch.isfinite(z).sum(dim=-1).tolist()
+                return z
 
         class _Control(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
@@ -365,6 +382,8 @@ class TransformersEngine:
                     loop.call_soon_threadsafe(engine.requests.progress.update, r.rid, r.generated)
                     row.logprobs.append(float(last_logprobs[0][i, new[i]]))
                     row.versions.append(version)
+                    if last_kept[0] is not None:
+                        row.kept.append(int(last_kept[0][i]))
                     if new[i] in engine._eos:
                         finish(i, "stop")
                     elif r.sampling.stop and engine._hits_stop(row.tokens, r.sampling.stop):
@@ -379,13 +398,13 @@ class TransformersEngine:
                             finish(i, "update_abort")
                 return torch.tensor([bool(row.reason) for row in rows], device=input_ids.device)
 
-        greedy = s.temperature <= 0
         cfg = GenerationConfig(
             max_new_tokens=max(r.max_new for r in batch),
             do_sample=not greedy,
-            temperature=None if greedy else s.temperature,
-            top_p=None if greedy else s.top_p,
-            top_k=None if greedy or s.top_k is None or s.top_k <= 0 else s.top_k,
+            # A truncating request's warping is done by _CaptureRaw (temperature included).
+            temperature=None if greedy else (1.0 if truncate else s.temperature),
+            top_p=None if greedy or truncate else s.top_p,
+            top_k=None if greedy or truncate or s.top_k is None or s.top_k <= 0 else s.top_k,
             eos_token_id=sorted(self._eos) or None,
             pad_token_id=self._pad,
         )
@@ -512,3 +531,23 @@ class TransformersEngine:
 
 def _batch_key(s: SamplingParams) -> tuple:
     return (s.temperature, s.top_p, s.top_k, s.seed)
+
+
+def truncate_logits(z: Any, top_k: int | None, top_p: float) -> Any:
+    """vLLM's top-k then top-p truncation (vllm/v1/sample/ops/topk_topp_sampler.py
+    `apply_top_k_top_p_pytorch`) of temperature-scaled logits `z` [n, V]: logits outside the support
+    become -inf. Ties at the top-k boundary are kept; top-p keeps the smallest set of largest logits
+    whose probability reaches p (at least one)."""
+    import torch
+
+    z = z.clone()
+    sorted_z, order = z.sort(dim=-1, descending=False)
+    if top_k is not None and 0 < top_k < z.shape[-1]:
+        kth = sorted_z[:, -top_k : -top_k + 1] if top_k > 1 else sorted_z[:, -1:]
+        sorted_z = sorted_z.masked_fill(sorted_z < kth, -torch.inf)
+    if top_p < 1.0:
+        cum = sorted_z.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1 - top_p
+        drop[:, -1] = False
+        sorted_z = sorted_z.masked_fill(drop, -torch.inf)
+    return z.scatter(-1, order, sorted_z)

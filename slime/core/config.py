@@ -30,13 +30,16 @@ from omegaconf import MISSING
 def opt(default: Any, help: str, choices: tuple[Any, ...] = ()) -> Any:
     """A config field with its one-line description (`help`, shown in docs/config.md).
 
-    `default` may be a value, MISSING (required), a list/dict (copied per instance) or a dataclass
-    type (a fresh instance per config). `choices` lists the allowed values of a non-enum field
+    `default` may be a value, MISSING (required), a list/dict (copied per instance), a dataclass
+    type (a fresh instance per config) or a dataclass instance (copied per config). `choices` lists the allowed values of a non-enum field
     (`slime.core.validation.validate` checks them); an enum-typed field's choices are its members.
     """
     meta = {"help": help, "choices": choices}
     if isinstance(default, type) and dataclasses.is_dataclass(default):
         return field(default_factory=default, metadata=meta)
+    if dataclasses.is_dataclass(default):  # an instance: a copy per config
+        instance = copy.deepcopy(default)
+        return field(default_factory=lambda: copy.deepcopy(instance), metadata=meta)
     if isinstance(default, list | dict):
         frozen = copy.deepcopy(default)
         return field(default_factory=lambda: copy.deepcopy(frozen), metadata=meta)
@@ -143,6 +146,23 @@ class OffPolicy(enum.StrEnum):
     tis = "tis"
     mask = "mask"
     decoupled = "decoupled"
+    factored = "factored"  # the discrepancy and staleness factors handled separately (trainer/importance.py)
+
+
+class IsLevel(enum.StrEnum):
+    token = "token"
+    sequence = "sequence"  # the product of the sequence's token ratios
+    geomean = "geomean"  # their geometric mean
+
+
+class IsMode(enum.StrEnum):
+    none = "none"
+    weight = "weight"
+    truncate = "truncate"
+    clip = "clip"
+    mask = "mask"
+    reject = "reject"
+    m2 = "m2"
 
 
 class KlEstimator(enum.StrEnum):
@@ -363,7 +383,10 @@ class RolloutConfig:
     temperature: float = opt(
         1.0, "sampling temperature (> 0); the trainer scores softmax(logits / temperature)"
     )
-    top_p: float = opt(1.0, "nucleus sampling, in (0, 1]")
+    top_p: float = opt(
+        1.0, "nucleus sampling, in (0, 1]; the trainer scores each token under the same truncation"
+    )
+    top_k: int = opt(0, "top-k sampling (0 = off); the trainer scores each token under the same truncation")
     stop: list[str] = opt(
         [], "strings that end an assistant turn (besides its turn-end token), as vLLM's stop"
     )
@@ -458,6 +481,7 @@ class RolloutConfig:
             "keep_tool_results",
         )
         _require(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
         _require(
             0.0 < self.gpu_memory_utilization <= 1.0,
             f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}",
@@ -591,6 +615,28 @@ class TrainerConfig:
 
 
 @dataclass
+class IsFactorConfig:
+    """One importance-sampling factor (trainer/importance.py): at what level its ratio is taken and how
+    it is handled. Modes: none (ignored), weight (w), truncate (min(w, high)), clip (clamp(w, low,
+    high)), mask (w, units outside [low, high] dropped), reject (1, units outside dropped), m2 (w,
+    units with the largest log(w)^2 dropped until their mean is <= algorithm.m2_tau)."""
+
+    level: IsLevel = opt(
+        IsLevel.token, "per token, per sequence (product) or geometric mean over the sequence"
+    )
+    mode: IsMode = opt(IsMode.truncate, "none, weight, truncate, clip, mask, reject or m2")
+    low: float = opt(0.0, "clip / mask / reject: lower bound of the weight")
+    high: float = opt(2.0, "truncate / clip / mask / reject: upper bound of the weight")
+
+    def check(self, key: str) -> None:
+        _require(
+            0.0 <= self.low <= 1.0 <= self.high,
+            f"{key}.low ({self.low}) and {key}.high ({self.high}) must satisfy 0 <= low <= 1 <= high "
+            "(an on-policy token keeps weight 1)",
+        )
+
+
+@dataclass
 class AlgorithmConfig:
     """The RL objective: advantages, policy loss, off-policy correction, regularisers."""
 
@@ -604,13 +650,35 @@ class AlgorithmConfig:
         LossAgg.token_mean, "loss aggregation (seq_sum_norm: Dr. GRPO constant normaliser)"
     )
     off_policy: OffPolicy = opt(
-        OffPolicy.tis, "off-policy correction: none, truncated IS, mask out-of-band tokens, or decoupled"
+        OffPolicy.tis,
+        "off-policy correction: none, truncated IS, mask out-of-band tokens, decoupled (one factor on "
+        "pi_prox / mu), or factored (algorithm.discrepancy and algorithm.staleness each their own way)",
     )
-    off_policy_level: Level = opt(Level.token, "apply the correction per token or per sequence")
+    off_policy_level: IsLevel = opt(
+        IsLevel.token, "none/tis/mask/decoupled: per token, per sequence (product) or geometric mean"
+    )
     tis_cap: float = opt(2.0, "truncation of the behaviour importance weight (>= 1)")
     mask_low: float = opt(0.5, "mask: drop tokens whose behaviour ratio is below this")
     mask_high: float = opt(2.0, "mask: ... or above this")
     decoupled_cap: float = opt(0.0, "decoupled: drop tokens whose behaviour weight exceeds this (0 = off)")
+    discrepancy: IsFactorConfig = opt(
+        IsFactorConfig(mode=IsMode.truncate, high=2.0),
+        "factored: the train-inference factor pi_v / mu (engine vs trainer at the token's own version)",
+    )
+    staleness: IsFactorConfig = opt(
+        IsFactorConfig(mode=IsMode.truncate, high=2.0),
+        "factored: the staleness factor pi_prox / pi_v (the token's version vs the current one)",
+    )
+    m2_tau: float = opt(0.04, "mode m2: bound on the mean squared log-ratio of the kept units (M2PO)")
+    behavior_snapshots: int = opt(
+        0,
+        "past versions whose weights the trainer keeps to score stale tokens at their own version "
+        "(pi_v, the factored split made exact); 0: pi_v is taken as mu for stale tokens",
+    )
+    ess_lr_power: float = opt(
+        0.0, "VCPO-style step control: each optimizer step's learning rate times ESS^power (0 = off)"
+    )
+    ess_lr_floor: float = opt(0.0, "the smallest learning-rate multiplier the ESS control may give")
     kl_coef: float = opt(0.0, "KL to a frozen reference model (0 = no reference model)")
     kl_estimator: KlEstimator = opt(KlEstimator.k3, "KL estimator")
     kl_mode: KlMode = opt(KlMode.loss, "KL as a loss term, or as a per-token reward penalty")
@@ -658,6 +726,14 @@ class AlgorithmConfig:
         _require(
             self.decoupled_cap == 0.0 or self.decoupled_cap >= 1.0,
             f"algorithm.decoupled_cap must be 0 or >= 1, got {self.decoupled_cap}",
+        )
+        self.discrepancy.check("algorithm.discrepancy")
+        self.staleness.check("algorithm.staleness")
+        _require_non_negative(self, "algorithm", "behavior_snapshots", "ess_lr_power")
+        _require(self.m2_tau > 0, f"algorithm.m2_tau must be > 0, got {self.m2_tau}")
+        _require(
+            0.0 <= self.ess_lr_floor <= 1.0,
+            f"algorithm.ess_lr_floor must be in [0, 1], got {self.ess_lr_floor}",
         )
         for name in ("gamma", "lam"):
             value = getattr(self, name)

@@ -344,6 +344,11 @@ class Trajectory:
     start_version: int = 0  # engine version when the episode started
     routed_experts: RoutedExperts | None = None
     indexer_keys: IndexerKeys | None = None
+    # The sampling mask (rollout.top_p / top_k, or an agent's own): per token, how many tokens the
+    # distribution it was sampled from kept (0 = the whole vocabulary, and on every token the policy
+    # did not generate); None when no token was sampled from a truncated distribution. The trainer
+    # scores each token under the same truncation (trainer/losses.py `token_logprobs_from_logits`).
+    sample_kept: list[int] | None = None
     # Which episode this is a segment of (rollout/episode.py: a context limit can split an episode
     # into several training sequences that share its reward); "" = an episode of its own.
     episode_id: str = ""
@@ -358,6 +363,8 @@ class Trajectory:
             raise ValueError(f"Trajectory.routed_experts has {len(self.routed_experts)} rows, token_ids {n}")
         if self.indexer_keys is not None and len(self.indexer_keys) != n:
             raise ValueError(f"Trajectory.indexer_keys has {len(self.indexer_keys)} rows, token_ids {n}")
+        if self.sample_kept is not None and len(self.sample_kept) != n:
+            raise ValueError(f"Trajectory.sample_kept has {len(self.sample_kept)} entries, token_ids {n}")
 
     @property
     def num_generated(self) -> int:
@@ -468,6 +475,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    @property
+    def truncates(self) -> bool:
+        """Whether tokens are sampled from a truncated distribution (top-p < 1 or top-k on), whose
+        support the engine then records per token (`GenerateOutput.sample_kept`)."""
+        return self.temperature > 0 and (self.top_p < 1.0 or (self.top_k is not None and self.top_k > 0))
+
 
 @dataclass
 class GenerateOutput:
@@ -482,6 +495,9 @@ class GenerateOutput:
     routed_experts: RoutedExperts | None = None
     # The sparse-attention indexer's key selections of the whole sequence, likewise.
     indexer_keys: IndexerKeys | None = None
+    # The sampling mask: per new token, the size of the truncated (top-p / top-k) distribution it was
+    # sampled from (0 = the whole vocabulary); None when the request did not truncate.
+    sample_kept: list[int] | None = None
 
     def check_lengths(self) -> int:
         """The number of generated tokens; RuntimeError when logprobs or versions do not line up with
@@ -490,6 +506,10 @@ class GenerateOutput:
         if len(self.logprobs) != n or len(self.versions) != n:
             raise RuntimeError(
                 f"engine returned {n} tokens, {len(self.logprobs)} logprobs, {len(self.versions)} versions"
+            )
+        if self.sample_kept is not None and len(self.sample_kept) != n:
+            raise RuntimeError(
+                f"engine returned {n} tokens and {len(self.sample_kept)} sampling-mask entries"
             )
         return n
 

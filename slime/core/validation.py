@@ -79,6 +79,7 @@ def validate(cfg: SlimeConfig) -> None:
         "> 0); set weights.backend=auto or gloo",
     )
     _check_lora(cfg)
+    _check_off_policy(cfg)
     _require(
         not cfg.rollout.weight_alias or cfg.weights.transport != Transport.broadcast,
         "rollout.weight_alias=true serves the weights from the trainer's shm slot; set weights.transport=shm "
@@ -198,6 +199,19 @@ def _check_sparse_attention(cfg: SlimeConfig) -> None:
         "cannot run ('Sparse Attention is not supported on CPU'): set rollout.engine=transformers on CPU "
         "machines (vLLM runs it on GPUs: rollout.gpus_per_worker > 0)",
     )
+
+
+def _check_off_policy(cfg: SlimeConfig) -> None:
+    algo = cfg.algorithm
+    if algo.behavior_snapshots:
+        # A snapshot forward swaps the rank's own full trainable weights in: ZeRO-3 holds only a
+        # partition, and expert parallelism's forward is a collective each rank would run differently.
+        _require(
+            cfg.trainer.zero_stage != 3 and cfg.trainer.expert_parallel_size == 1,
+            f"algorithm.behavior_snapshots={algo.behavior_snapshots} needs trainer.zero_stage 0-2 and "
+            "trainer.expert_parallel_size=1 (a rank swaps its whole weights in); set "
+            "algorithm.behavior_snapshots=0",
+        )
 
 
 def _check_lora(cfg: SlimeConfig) -> None:
