@@ -220,4 +220,7 @@ def test_algorithm_yaml_files_map_onto_the_schema() -> None:
         assert isinstance(cfg, AlgorithmConfig) and cfg.name == path.stem
         for key, allowed in CHOICES.items():
             if key.startswith("algorithm."):
-                assert getattr(cfg, key.split(".", 1)[1]) in allowed, (path.name, key)
+                value = cfg
+                for part in key.split(".")[1:]:  # nested sections too (algorithm.staleness.level)
+                    value = getattr(value, part)
+                assert value in allowed, (path.name, key)
