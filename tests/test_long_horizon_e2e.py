@@ -89,3 +89,18 @@ def test_a_context_limit_splits_episodes_into_segments_that_train(tmp_path, ray_
     assert max(r["episode/segments_mean"] for r in rows) > 1
     assert all(r["batch/trajectories"] > r["batch/episodes"] for r in rows)
     assert all(r["loss/policy"] == r["loss/policy"] and r["train/loss_tokens"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_main_job_runs_through_the_loop_on_the_tiny_model(tmp_path, ray_cluster):
+    """`+experiment=agentic` (the parcel chain) as the README runs it, the tiny random model in
+    SmolLM2's place: the worked examples render through the real chat format and engine, episodes
+    end within their limits, and two steps complete (the random model rarely calls `track`, so its
+    reward is ~0; the learning figures come from the real run, README "Measured")."""
+    rows = api.run(
+        ["+experiment=agentic", "model=tiny_dense", "trainer.steps=2", "rollout.max_tokens_per_turn=8"],
+        run_dir=str(tmp_path),
+    )
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(r["episode/count"] >= 16 and r["episode/failed"] == 0 for r in rows)
+    assert min(r["episode/context_tokens_mean"] for r in rows) > 600  # two worked examples in the prompt
