@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -30,11 +31,24 @@ def _worker_nodes() -> dict[str, str]:
     return out
 
 
+def _generating(metrics: str, workers: int) -> int:
+    """Rows (steps) of the run so far, after the first restart, with tokens from every worker."""
+    if not os.path.exists(metrics):
+        return 0
+    with open(metrics, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    after = [r for r in rows if r.get("rollout/restarts", 0) >= 1]
+    return sum(all(r.get(f"rollout/worker{i}/tokens_per_s", 0) > 0 for i in range(workers)) for r in after)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("--kill-worker-node-after-step", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="rollout workers to see alive before noting where")
+    ap.add_argument(
+        "--stop-when-back", action="store_true", help="stop the run once every worker generates again"
+    )
     args, overrides = ap.parse_known_args()
     import logging
 
@@ -71,18 +85,27 @@ def main() -> None:
                 if done >= args.kill_worker_node_after_step and report["removed_at_s"] is None:
                     report["removed_at_s"] = time.time()
                     cluster.remove_node(second)
-            if report["removed_at_s"] is not None and len(nodes) >= args.workers:
+            if report["removed_at_s"] is not None and len(nodes) >= args.workers and not report["after_loss"]:
                 alive = dict(nodes)
                 if second.node_id not in alive.values():  # every worker up again, none on the lost node
                     report["after_loss"] = alive
-                    report["back_after_s"] = time.time() - report["removed_at_s"]
-                    return
+            if report["after_loss"] and args.stop_when_back and _generating(metrics, args.workers) >= 2:
+                # Two steps with tokens from every worker since the loss: stop the run cleanly (SIGINT,
+                # as Ctrl-C), however many steps that took; trainer.steps is only the cap.
+                os.kill(os.getpid(), signal.SIGINT)
+                return
             time.sleep(0.5)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    rows = api.run([*overrides, f"ray.address={cluster.address}"], run_dir=args.run_dir)
-    report["rows"] = rows
+    from slime.controller import Stopped
+
+    try:
+        api.run([*overrides, f"ray.address={cluster.address}"], run_dir=args.run_dir)
+    except Stopped as e:
+        report["stopped"] = str(e)
+    with open(os.path.join(args.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        report["rows"] = [json.loads(line) for line in f if line.strip()]
     print(json.dumps(report, default=str))
     ray.shutdown()
     cluster.shutdown()

@@ -175,7 +175,10 @@ async def test_transformers_engine_kv_after_update(tiny_dense_dir, tokenizer, mo
     await eng.start()
     try:
         prompt = long_prompt(tokenizer, f"hf-{kv}-")
-        task = asyncio.create_task(eng.generate(prompt, SamplingParams(max_tokens=40), request_id="hf"))
+        # Long enough that the update (it reads the new weights first) lands before the request ends:
+        # 40 tokens of the tiny model could all be out by then on an idle machine.
+        sampling = SamplingParams(max_tokens=160)
+        task = asyncio.create_task(eng.generate(prompt, sampling, request_id="hf"))
         await progress(eng, "hf", n=2)
         await eng.update_weights(manifest(1, 1), mode="keep", kv_after_update=kv)
         out = await task

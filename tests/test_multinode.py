@@ -45,24 +45,30 @@ def _trained_tickets(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_two_nodes_train_with_a_broadcast_push_and_survive_losing_a_worker_node(tmp_path):
-    # Enough steps after the loss for the worker's engine to start again on the head node (30-120 s).
-    report = _run(tmp_path, "--kill-worker-node-after-step", "2", *TWO_NODES, "trainer.steps=14")
+    # The run goes on until the lost worker's engine has started again on the head node (30-120 s
+    # under load, seconds of steps when idle) and both workers have generated for two steps, then
+    # stops cleanly (SIGINT); trainer.steps is only the cap.
+    report = _run(
+        tmp_path, "--kill-worker-node-after-step", "2", "--stop-when-back", *TWO_NODES, "trainer.steps=400"
+    )
     assert sorted(set(report["started_on"].values())) == sorted([report["head"], report["second"]])
     assert "weights: broadcast transport" in report["console"]
+    assert "stopped by SIGINT" in report.get("stopped", ""), report["console"][-3000:]
     rows = report["rows"]
-    assert [r["step"] for r in rows] == list(range(14))
+    n = len(rows)
+    assert n >= 4 and [r["step"] for r in rows] == list(range(n))
     assert rows[-1]["rollout/restarts"] >= 1
-    assert set(report["after_loss"].values()) == {
-        report["head"]
-    }  # the lost worker came back on the head node
-    print(f"worker back {report['back_after_s']:.1f}s after its node was removed")
+    assert set(report["after_loss"].values()) == {report["head"]}  # the lost worker is back on the head node
     tickets = _trained_tickets(tmp_path)
-    assert sorted(tickets) == list(range(14 * 4))  # synchronous: every ticket trained once, none lost
+    assert sorted(tickets) == list(range(n * 4))  # synchronous: every ticket trained once, none lost
     back = [line for line in report["console"].splitlines() if " back in " in line]
     assert back, report["console"][-3000:]
     print("recovery:", back[-1])
     # Back at the current version and generating again: tokens from both workers in the last steps.
-    assert any(
-        r.get("rollout/worker0/tokens_per_s", 0) > 0 and r.get("rollout/worker1/tokens_per_s", 0) > 0
-        for r in rows[-4:]
+    assert (
+        sum(
+            r.get("rollout/worker0/tokens_per_s", 0) > 0 and r.get("rollout/worker1/tokens_per_s", 0) > 0
+            for r in rows[-2:]
+        )
+        >= 1
     )
