@@ -14,7 +14,7 @@ already there is not repeated: an interrupted grid resumes where it stopped (`--
 Settings:
 - `tiny`: `+experiment=tiny`, the tiny random Llama learning the `target` env (reward: the share of
   lowercase words), lr 5e-2, 4 groups of 4 per step: a policy that moves a lot per version.
-- `smollm2`: `+experiment=agentic`, SmolLM2-135M-Instruct on calculator word problems with the tool,
+- `smollm2`: `+experiment=calculator`, SmolLM2-135M-Instruct on calculator word problems with the tool,
   lr 5e-5.
 
 Corrections (`CORRECTIONS`): the old `tis` (the default: clip at pi_prox, min(pi_prox / mu, 2)) and
@@ -52,7 +52,7 @@ CORRECTIONS: dict[str, list[str]] = {
 }
 SETTINGS: dict[str, list[str]] = {
     "tiny": ["+experiment=tiny"],
-    "smollm2": ["+experiment=agentic", "logger.sample_every=0", "trainer.save_every=0"],
+    "smollm2": ["+experiment=calculator", "logger.sample_every=0", "trainer.save_every=0"],
 }
 # Per-step metrics averaged into the table (absent ones are left out).
 MEANS = (
