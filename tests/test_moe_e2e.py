@@ -49,7 +49,7 @@ def test_glm5_tiny_learns_with_routing_replay(glm_run):
     run_dir, rows = glm_run
     assert [r["step"] for r in rows] == list(range(GLM_STEPS))
     scores = [r["reward/mean"] for r in rows]
-    # The tiny model takes off at a step that varies from run to run (5 to 13 in 12 runs at lr 0.1), so
+    # The tiny model takes off at a step that varies from run to run (5 to 13 in 13 runs at lr 0.1), so
     # the check is the best 3-step mean after the first three steps, not the last one.
     first = _mean(scores[:3])
     best = max(_mean(scores[i : i + 3]) for i in range(3, GLM_STEPS - 2))
