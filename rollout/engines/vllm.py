@@ -426,6 +426,28 @@ class VLLMEngine:
                 kept[p - prompt_len] = k
         return kept
 
+    async def score(self, token_ids: list[int], request_id: str | None = None) -> list[float]:
+        """The logprob of every token of `token_ids` given the ones before it under this engine's
+        model (temperature 1: vLLM's prompt logprobs are of the raw logits); 0.0 for the first token.
+        One prefill (and one sampled token, discarded): an on-policy distillation teacher scores a
+        student's sequence with it."""
+        import uuid
+
+        llm = self._require()
+        if len(token_ids) < 2:
+            return [0.0] * len(token_ids)
+        params = self._vllm["SamplingParams"](
+            n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False
+        )
+        prompt = self._vllm["TokensPrompt"](prompt_token_ids=list(token_ids))
+        final = None
+        async for out in llm.generate(prompt, params, request_id or f"score-{uuid.uuid4().hex}"):
+            final = out
+        entries = None if final is None else final.prompt_logprobs
+        if entries is None or len(entries) != len(token_ids):
+            raise RuntimeError(f"engine returned no prompt logprobs for a {len(token_ids)}-token sequence")
+        return [0.0] + [float(entries[i][tok].logprob) for i, tok in enumerate(token_ids) if i > 0]
+
     async def wait_generated(self, request_id: str, n: int) -> int:
         """Wait until running request `request_id` has at least `n` tokens, or has ended; return its count
         then. Returns at once (0) for an id that is not running: a request submitted from a task that has
