@@ -170,6 +170,10 @@ class RolloutWorker:
                 self.teacher_dir, self.model_cfg, self.cfg, self.seed + self.index, self.work_dir + "-teacher"
             )
             await self.teacher.start()
+            # The student's behaviour logprobs are of softmax(logits / T) at the rollout temperature;
+            # the teacher's must be of the same temperature, or a student equal to its teacher would
+            # still see a reverse KL (and be pushed to flatten its logits) when T != 1.
+            await self.teacher.set_score_temperature(self.cfg.temperature)
         self.agent_server = None
         from envs.openai_agent import uses_agent
 

@@ -62,6 +62,9 @@ def resolve_teacher(spec: str, cfg: SlimeConfig, model_dir: str) -> str:
     from slime.core.model import load_tokenizer, resolve_model
 
     path = Path(os.path.expanduser(spec))
+    if spec.startswith(("/", ".", "~")) and not path.is_dir():
+        # A path, not a hub id: say so now rather than after a failed hub look-up.
+        raise ValueError(f"algorithm.distill.teacher={spec!r}: no such checkpoint directory")
     preset = Path(__file__).resolve().parent / "configs" / "model" / f"{spec}.yaml"
     if path.is_dir() and not (path / "config.json").exists() and (path / "hf" / "config.json").exists():
         path = path / "hf"

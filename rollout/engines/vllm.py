@@ -426,10 +426,22 @@ class VLLMEngine:
                 kept[p - prompt_len] = k
         return kept
 
+    async def set_score_temperature(self, temperature: float) -> None:
+        """Make `score` return logprobs of softmax(logits / temperature) (1.0: the raw logits). For an
+        engine that only scores (a distillation teacher): its sampling is tempered twice after this."""
+        if temperature <= 0:
+            raise ValueError(f"score temperature must be > 0, got {temperature}")
+        changed = await self._require().collective_rpc("slime_set_logit_scale", args=(1.0 / temperature,))
+        if not all(changed):
+            raise RuntimeError(
+                f"{self.model_dir}: no logits processor to scale for temperature {temperature}"
+            )
+
     async def score(self, token_ids: list[int], request_id: str | None = None) -> list[float]:
         """The logprob of every token of `token_ids` given the ones before it under this engine's
-        model (temperature 1: vLLM's prompt logprobs are of the raw logits); 0.0 for the first token.
-        One prefill (and one sampled token, discarded): an on-policy distillation teacher scores a
+        model; 0.0 for the first token. Of the raw logits (vLLM's prompt logprobs skip temperature and
+        the other sampling processors) unless `set_score_temperature` chose another temperature. One
+        prefill (and one sampled token, discarded): an on-policy distillation teacher scores a
         student's sequence with it."""
         import uuid
 
