@@ -58,7 +58,10 @@ def extract_answer(text: str) -> str | None:
         return tags[-1].strip()
     phrases = list(_ANSWER_PHRASE.finditer(text))
     if phrases:
-        line = phrases[-1].group(1).strip().splitlines()[0].strip()
+        lines = phrases[-1].group(1).strip().splitlines()
+        if not lines:  # "Answer:" and nothing after it (a reply cut off there raised IndexError)
+            return None
+        line = lines[0].strip()
         # "Answer: 12 apples." -> the number in the line when there is one.
         nums = _NUMBER.findall(line)
         return nums[0].strip() if nums else line.rstrip(".").strip()

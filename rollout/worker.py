@@ -108,10 +108,13 @@ class RolloutWorker:
         capture_routes: bool = False,
         capture_indexer: bool = False,
         log_path: str = "",
+        teacher_dir: str = "",
     ) -> None:
         """`log_path`: the file this actor's process writes its output to (slime/core/logs.py: vLLM's
         logs and its engine-core process included); empty leaves the output where it is (a worker
-        built inside a test process)."""
+        built inside a test process). `teacher_dir`: an on-policy distillation teacher's checkpoint
+        (algorithm.distill.teacher, resolved): the worker runs it on an engine of its own and scores
+        every trajectory's tokens with it (`Trajectory.teacher_logprobs`)."""
         if log_path:
             send_output_to(log_path)  # before the engine starts: its process inherits the redirection
         self.index = index
@@ -124,6 +127,9 @@ class RolloutWorker:
         self.seed = seed
         self.work_dir = work_dir
         self.engine: Engine | None = None
+        self.teacher_dir = teacher_dir
+        self.teacher: Any = None  # the teacher's engine (a VLLMEngine), with algorithm.distill.teacher
+        self._teacher_s = 0.0  # seconds spent scoring with it
         self._stopping = False
         self._tokens = 0
         self._episodes_done = 0
@@ -158,6 +164,16 @@ class RolloutWorker:
             capture_indexer=self.capture_indexer,
         )
         await self.engine.start()
+        if self.teacher_dir:
+            # Never updated, so no weight transport; prompt logprobs only (rollout/engines/vllm.py `score`).
+            self.teacher = make_engine(
+                self.teacher_dir, self.model_cfg, self.cfg, self.seed + self.index, self.work_dir + "-teacher"
+            )
+            await self.teacher.start()
+            # The student's behaviour logprobs are of softmax(logits / T) at the rollout temperature;
+            # the teacher's must be of the same temperature, or a student equal to its teacher would
+            # still see a reverse KL (and be pushed to flatten its logits) when T != 1.
+            await self.teacher.set_score_temperature(self.cfg.temperature)
         self.agent_server = None
         from envs.openai_agent import uses_agent
 
@@ -191,11 +207,29 @@ class RolloutWorker:
 
     async def _generate_group(self, task: Task, ticket: int, start_version: int) -> Group:
         trajs = await self._episodes(task, self.cfg.group_size, self._sampling(ticket))
+        if self.teacher is not None:
+            trajs = await self._teacher_scores(trajs, ticket)
         self._tokens += sum(t.num_generated for t in trajs)
         self._episodes_done += len(trajs)
         return Group(
             task=task, trajectories=trajs, ticket=ticket, start_version=start_version, worker=self.index
         )
+
+    async def _teacher_scores(self, trajs: list[Trajectory], ticket: int) -> list[Trajectory]:
+        """The trajectories with the teacher's logprob of each generated token (0.0 elsewhere); all of
+        a group's sequences are scored concurrently (one prefill each on the teacher's engine)."""
+        t0 = time.perf_counter()
+        todo = [i for i, t in enumerate(trajs) if t.num_generated and len(t.token_ids) >= 2]
+        scores = await asyncio.gather(
+            *(self.teacher.score(trajs[i].token_ids, f"teacher-{ticket}-{i}") for i in todo)
+        )
+        out = list(trajs)
+        for i, lp in zip(todo, scores, strict=True):
+            t = trajs[i]
+            teacher = [x if m else 0.0 for x, m in zip(lp, t.loss_mask, strict=True)]
+            out[i] = dataclasses.replace(t, teacher_logprobs=teacher)
+        self._teacher_s += time.perf_counter() - t0
+        return out
 
     async def _episodes(self, task: Task, n: int, sampling: SamplingParams) -> list[Trajectory]:
         from rollout.agent.runner import run_agent_group
@@ -271,6 +305,9 @@ class RolloutWorker:
             "gen_s": self.clock.take(),
             "groups_in_flight": float(self.clock.in_flight),
         }
+        if self.teacher is not None:
+            out["teacher_s"] = self._teacher_s
+            self._teacher_s = 0.0
         self._tokens, self._episodes_done = 0, 0
         return out
 
@@ -281,6 +318,8 @@ class RolloutWorker:
             await self.agent_server.stop()
         if self.engine is not None:
             await self.engine.shutdown()
+        if self.teacher is not None:
+            await self.teacher.shutdown()
 
 
 def _ray_node_id() -> str | None:

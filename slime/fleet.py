@@ -91,6 +91,7 @@ class RolloutFleet:
                 capture_routes=capture_routes,
                 capture_indexer=capture_indexer,
                 log_path=self.log_paths[i],
+                teacher_dir=cfg.algorithm.distill.teacher,  # resolved to a checkpoint by slime/train.py
             )
             for i in range(cfg.rollout.num_workers)
         ]
@@ -234,6 +235,8 @@ class RolloutFleet:
             busiest = max(busiest, row["gen_s"])
             per_worker[f"rollout/worker{i}/tokens_per_s"] = row["tokens"] / step_s if step_s > 0 else 0.0
             per_worker[f"rollout/worker{i}/groups_in_flight"] = row["groups_in_flight"]
+            if "teacher_s" in row:  # algorithm.distill: seconds the worker's teacher spent scoring
+                per_worker[f"rollout/worker{i}/teacher_s"] = row["teacher_s"]
         for i, n in enumerate(self.restarts):
             per_worker[f"rollout/worker{i}/restarts"] = float(n)
         return tokens, busiest, per_worker

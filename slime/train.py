@@ -44,7 +44,51 @@ def prepare(cfg: SlimeConfig) -> str:
     cfg.resume = resolve_resume(cfg.resume, cfg.run_dir)
     num_tasks = check_env(cfg)
     log.info("env %s: %d tasks", cfg.env.name, num_tasks)
-    return resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
+    model_dir = resolve_model(cfg.model, cfg.cache_dir, cfg.seed)
+    if cfg.algorithm.distill.teacher:
+        # Every actor gets the checkpoint itself (rollout workers start the teacher's engine from it).
+        cfg.algorithm.distill.teacher = resolve_teacher(cfg.algorithm.distill.teacher, cfg, model_dir)
+    return model_dir
+
+
+def resolve_teacher(spec: str, cfg: SlimeConfig, model_dir: str) -> str:
+    """The checkpoint dir (or hub id) of `algorithm.distill.teacher`: a transformers checkpoint dir (a
+    slime checkpoint's `hf/` export is found from the checkpoint dir), a configs/model name, or a hub
+    id. Raises ValueError naming the key when it cannot be found or does not share the student's
+    tokenizer (its logprobs would be of other tokens)."""
+    from pathlib import Path
+
+    from slime.core.config import ModelConfig, ModelSource
+    from slime.core.model import load_tokenizer, resolve_model
+
+    path = Path(os.path.expanduser(spec))
+    if spec.startswith(("/", ".", "~")) and not path.is_dir():
+        # A path, not a hub id: say so now rather than after a failed hub look-up.
+        raise ValueError(f"algorithm.distill.teacher={spec!r}: no such checkpoint directory")
+    preset = Path(__file__).resolve().parent / "configs" / "model" / f"{spec}.yaml"
+    if path.is_dir() and not (path / "config.json").exists() and (path / "hf" / "config.json").exists():
+        path = path / "hf"
+    if path.is_dir():
+        teacher = ModelConfig(name="teacher", source=ModelSource.pretrained, path=str(path))
+    elif "/" not in spec and preset.exists():
+        teacher = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(preset))
+        )
+    else:
+        teacher = ModelConfig(name="teacher", source=ModelSource.pretrained, path=spec)
+    try:
+        teacher_dir = resolve_model(teacher, cfg.cache_dir, cfg.seed)
+        theirs = load_tokenizer(teacher_dir, cfg.model.trust_remote_code).get_vocab()
+    except Exception as e:
+        raise ValueError(f"algorithm.distill.teacher={spec!r}: {e}") from e
+    ours = load_tokenizer(model_dir, cfg.model.trust_remote_code).get_vocab()
+    if theirs != ours:
+        raise ValueError(
+            f"algorithm.distill.teacher={spec!r} has another tokenizer than the student ({len(theirs)} vs "
+            f"{len(ours)} tokens): the teacher must score the student's own token ids"
+        )
+    log.info("distillation teacher: %s", teacher_dir)
+    return teacher_dir
 
 
 def check_env(cfg: SlimeConfig) -> int:

@@ -444,6 +444,7 @@ def test_answers_do_not_match(pred, ref):
         ("First 10, then 20, finally 35", "35"),
         ("no numbers here", None),
         ("\\boxed{x^{2}}", "x^{2}"),
+        ("Answer: ", None),  # nothing after the phrase (raised IndexError, failing the episode)
     ],
 )
 def test_extract_answer(text, answer):

@@ -258,3 +258,33 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, moments: Moments | 
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, 0.0)
+
+
+def distill_advantages(
+    adv: Tensor, teacher: Tensor, student: Tensor, mask: Tensor, coef: float, env_coef: float
+) -> Tensor:
+    """On-policy distillation (Agarwal et al. 2024; Thinking Machines 2025): the per-token reverse KL
+    estimate log p_teacher(y_t) - log p_student(y_t) of the student's own token as its advantage,
+    beside the environment's:
+
+        A'_t = env_coef * A_t + coef * (teacher_t - student_t)      on loss tokens, 0 elsewhere.
+
+    Its expectation under the student's sampling is -KL(student || teacher) per token, so the policy
+    gradient with it descends the reverse KL. `student` is the behaviour logprob (what the student
+    sampled with, at the rollout temperature); tokens whose `teacher` is nan (a sequence the teacher
+    did not score) get the environment's term only.
+
+    Args:
+        adv: [B, T] the environment's advantages per token.
+        teacher, student: [B, T] logprobs of the sampled tokens.
+        mask: [B, T] loss tokens.
+    """
+    if not adv.shape == teacher.shape == student.shape == mask.shape:
+        raise ValueError(
+            f"distill_advantages expects [B, T] tensors of one shape, got "
+            f"{[tuple(t.shape) for t in (adv, teacher, student, mask)]}"
+        )
+    m = mask != 0
+    scored = m & ~torch.isnan(teacher)
+    rkl = torch.where(scored, teacher - student, 0.0)
+    return torch.where(m, env_coef * adv + coef * rkl, 0.0)

@@ -31,7 +31,7 @@ from slime.core.types import Group, Trajectory
 from trainer.packing import balance_tokens
 
 # The shifted per-token tensors of a MicroBatch ([B, T]; None when absent).
-PER_TOKEN = ("loss_mask", "behavior_logprobs", "versions", "kept")
+PER_TOKEN = ("loss_mask", "behavior_logprobs", "versions", "kept", "teacher_logprobs")
 
 
 @dataclass
@@ -74,9 +74,11 @@ class MicroBatch:
     index_valid: torch.Tensor | None = None  # [B, L] bool
     index_layers: tuple[int, ...] = ()
     # Shifted like loss_mask ([B, T]): the policy version that generated each token (-1 elsewhere);
-    # the sampling mask (support size, 0 = whole vocabulary; None when no row was truncated).
+    # the sampling mask (support size, 0 = whole vocabulary; None when no row was truncated); the
+    # teacher's logprob of each generated token (algorithm.distill; None without a teacher).
     versions: torch.Tensor | None = None  # [B, T] int64
     kept: torch.Tensor | None = None  # [B, T] int64
+    teacher_logprobs: torch.Tensor | None = None  # [B, T] float32
 
     @property
     def targets(self) -> torch.Tensor:
@@ -135,7 +137,10 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
     behavior = torch.zeros((b, length), dtype=torch.float32)
     versions = torch.full((b, length), -1, dtype=torch.int64)
     any_kept = any(s.traj.sample_kept is not None for s in seqs)
+    any_teacher = any(s.traj.teacher_logprobs is not None for s in seqs)
     kept = torch.zeros((b, length), dtype=torch.int64) if any_kept else None
+    # nan: a row the teacher did not score (trainer/advantages.py `distill_advantages` skips it).
+    teacher = torch.full((b, length), torch.nan, dtype=torch.float32) if any_teacher else None
     for row, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
         t = s.traj
         input_ids[row, :n] = torch.tensor(t.token_ids[:n], dtype=torch.int64)
@@ -145,6 +150,8 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
         versions[row, :n] = torch.tensor(t.versions[:n], dtype=torch.int64)
         if kept is not None and t.sample_kept is not None:
             kept[row, :n] = torch.tensor(t.sample_kept[:n], dtype=torch.int64)
+        if teacher is not None and t.teacher_logprobs is not None:
+            teacher[row, :n] = torch.tensor(t.teacher_logprobs[:n], dtype=torch.float32)
     routes, routes_valid, route_layers = collate_routes(seqs, lengths, length)
     index_keys, index_valid, index_layers = collate_indexer_keys(seqs, lengths, length)
     gen = loss_mask[:, 1:] != 0
@@ -163,6 +170,7 @@ def collate(seqs: Sequence[SeqRef], pad_id: int, max_len: int | None = None) -> 
         behavior_logprobs=behavior[:, 1:].contiguous() * loss_mask[:, 1:],
         versions=torch.where(gen, versions[:, 1:], -1),
         kept=None if kept is None else torch.where(gen, kept[:, 1:], 0),
+        teacher_logprobs=None if teacher is None else torch.where(gen, teacher[:, 1:], torch.nan),
         seq_index=torch.tensor([s.index for s in seqs], dtype=torch.int64),
         lengths=torch.tensor(lengths, dtype=torch.int64),
     )

@@ -48,6 +48,7 @@ from slime.core.types import Group
 from trainer.advantages import (
     Moments,
     broadcast_to_tokens,
+    distill_advantages,
     gae,
     overlong_shaping,
     sequence_advantages,
@@ -110,6 +111,7 @@ def skips_zero_advantage(algo: AlgorithmConfig, router_losses: bool, max_respons
     `max_response_len`: the fallback, the widest trained sequence, would depend on what was left out."""
     return (
         algo.advantage != "gae"
+        and not algo.distill.teacher  # the teacher's per-token term does not vanish with A
         and algo.kl_coef == 0
         and algo.entropy_coef == 0
         and not router_losses
@@ -224,6 +226,20 @@ def assign_sequence_advantages(plan: Plan, seq_adv: Tensor) -> None:
     `seq_adv` [N_local] (`global_sequence_advantages`)."""
     for w in (w for mini in plan for w in mini):
         w.adv = broadcast_to_tokens(seq_adv[w.mb.seq_index].to(w.mb.loss_mask.device), w.mb.loss_mask)
+
+
+def add_distillation(plan: Plan, algo: AlgorithmConfig) -> None:
+    """algorithm.distill: every micro-batch's advantages become env_coef * A + coef * (teacher -
+    student) per token (trainer/advantages.py `distill_advantages`)."""
+    d = algo.distill
+    for w in (w for mini in plan for w in mini):
+        if w.mb.teacher_logprobs is None or w.adv is None:
+            if w.adv is not None and not w.mb.dummy:
+                w.adv = w.adv * d.env_coef  # no sequence of it was scored: the environment's term only
+            continue
+        w.adv = distill_advantages(
+            w.adv, w.mb.teacher_logprobs, w.mb.behavior_logprobs, w.mb.loss_mask, d.coef, d.env_coef
+        )
 
 
 def token_rewards(w: Scored, rewards: Tensor, algo: AlgorithmConfig) -> Tensor:
@@ -434,6 +450,17 @@ def micro_step_loss(
             m.mean("loss/kl", float(kl_loss.detach()), weight)
         m.mean("kl", masked_mean(kl_tok, mb.loss_mask), n_tok)
     m.mean("entropy", masked_mean(ent, mb.loss_mask), n_tok)
+    if algo.distill.teacher:
+        # Reverse KL estimate per token, log student - log teacher, over the scored tokens.
+        teacher = mb.teacher_logprobs
+        scored = (mb.loss_mask != 0) & ~torch.isnan(teacher) if teacher is not None else mb.loss_mask < 0
+        n_scored = float(scored.sum())
+        rkl = (
+            masked_mean(mb.behavior_logprobs - torch.nan_to_num(teacher), scored)
+            if teacher is not None
+            else 0.0
+        )
+        m.mean("distill/reverse_kl", rkl, n_scored)
     for key in _MEAN_KEYS:
         m.mean(key, float(pm[key]), n_tok)
     # Always recorded (the reduce needs the same keys on every rank); a micro-batch without loss

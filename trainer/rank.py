@@ -484,10 +484,14 @@ class TrainerRank:
         if self.algo.advantage == "gae":
             rewards = obj.shaped_rewards(refs, plan, self.algo, self.spec.max_response_len)
             obj.assign_gae_advantages(plan, rewards, self.algo, self.comm)
+            if self.algo.distill.teacher:
+                obj.add_distillation(plan, self.algo)
             return
         if seq_adv is None:
             seq_adv = self._sequence_advantages(groups, refs, plan)
         obj.assign_sequence_advantages(plan, seq_adv)
+        if self.algo.distill.teacher:
+            obj.add_distillation(plan, self.algo)
 
     def _optimize(
         self, plan: obj.Plan, norms: obj.Normalisers, m: StepMetrics

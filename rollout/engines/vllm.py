@@ -426,6 +426,40 @@ class VLLMEngine:
                 kept[p - prompt_len] = k
         return kept
 
+    async def set_score_temperature(self, temperature: float) -> None:
+        """Make `score` return logprobs of softmax(logits / temperature) (1.0: the raw logits). For an
+        engine that only scores (a distillation teacher): its sampling is tempered twice after this."""
+        if temperature <= 0:
+            raise ValueError(f"score temperature must be > 0, got {temperature}")
+        changed = await self._require().collective_rpc("slime_set_logit_scale", args=(1.0 / temperature,))
+        if not all(changed):
+            raise RuntimeError(
+                f"{self.model_dir}: no logits processor to scale for temperature {temperature}"
+            )
+
+    async def score(self, token_ids: list[int], request_id: str | None = None) -> list[float]:
+        """The logprob of every token of `token_ids` given the ones before it under this engine's
+        model; 0.0 for the first token. Of the raw logits (vLLM's prompt logprobs skip temperature and
+        the other sampling processors) unless `set_score_temperature` chose another temperature. One
+        prefill (and one sampled token, discarded): an on-policy distillation teacher scores a
+        student's sequence with it."""
+        import uuid
+
+        llm = self._require()
+        if len(token_ids) < 2:
+            return [0.0] * len(token_ids)
+        params = self._vllm["SamplingParams"](
+            n=1, max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False
+        )
+        prompt = self._vllm["TokensPrompt"](prompt_token_ids=list(token_ids))
+        final = None
+        async for out in llm.generate(prompt, params, request_id or f"score-{uuid.uuid4().hex}"):
+            final = out
+        entries = None if final is None else final.prompt_logprobs
+        if entries is None or len(entries) != len(token_ids):
+            raise RuntimeError(f"engine returned no prompt logprobs for a {len(token_ids)}-token sequence")
+        return [0.0] + [float(entries[i][tok].logprob) for i, tok in enumerate(token_ids) if i > 0]
+
     async def wait_generated(self, request_id: str, n: int) -> int:
         """Wait until running request `request_id` has at least `n` tokens, or has ended; return its count
         then. Returns at once (0) for an id that is not running: a request submitted from a task that has

@@ -654,6 +654,21 @@ class SlimeWorkerExtension:
         capture = getattr(self, "_slime_masks", None)
         return {} if capture is None else capture.take(request_ids)
 
+    def slime_set_logit_scale(self, scale: float) -> int:
+        """Multiply every logits processor's output by `scale` (vLLM's `LogitsProcessor.scale`, which
+        Llama-style models take from `config.logit_scale`). A distillation teacher that only scores sets
+        1 / temperature: vLLM's prompt logprobs skip the sampling processors, so this is the one way to
+        have them of softmax(logits / T), the distribution the student samples from. Returns how many
+        processors were changed (0 would leave the teacher untempered: the caller refuses that)."""
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+        n = 0
+        for module in self.model_runner.get_model().modules():
+            if isinstance(module, LogitsProcessor):
+                module.scale = float(scale)
+                n += 1
+        return n
+
     def slime_param_checksums(self, names: list[str] | None = None) -> dict[str, float]:
         """Sum of each named vLLM parameter (vLLM names, e.g. fused `qkv_proj`), for debugging reloads."""
         out = {}

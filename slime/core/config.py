@@ -637,6 +637,29 @@ class IsFactorConfig:
 
 
 @dataclass
+class DistillConfig:
+    """On-policy distillation (docs/algorithms.md): a teacher scores the student's own tokens on its own
+    engine beside each rollout worker's, and the per-token reverse KL, log p_teacher - log p_student, is
+    the advantage (alone, or added to the environment's)."""
+
+    teacher: str = opt(
+        "",
+        "teacher model: a transformers checkpoint dir, a configs/model name (e.g. smollm2_135m) or a hub "
+        "id; it must share the student's tokenizer (empty: no distillation)",
+    )
+    coef: float = opt(1.0, "weight of the reverse-KL advantage (teacher logprob - student logprob) per token")
+    env_coef: float = opt(1.0, "weight of the environment's advantage beside it (0: distillation alone)")
+
+    def validate(self) -> None:
+        if self.teacher:
+            _require_non_negative(self, "algorithm.distill", "coef", "env_coef")
+            _require(
+                self.coef > 0 or self.env_coef > 0,
+                "algorithm.distill.coef and algorithm.distill.env_coef cannot both be 0",
+            )
+
+
+@dataclass
 class AlgorithmConfig:
     """The RL objective: advantages, policy loss, off-policy correction, regularisers."""
 
@@ -679,6 +702,7 @@ class AlgorithmConfig:
         0.0, "VCPO-style step control: each optimizer step's learning rate times ESS^power (0 = off)"
     )
     ess_lr_floor: float = opt(0.0, "the smallest learning-rate multiplier the ESS control may give")
+    distill: DistillConfig = opt(DistillConfig, "on-policy distillation from a teacher")
     kl_coef: float = opt(0.0, "KL to a frozen reference model (0 = no reference model)")
     kl_estimator: KlEstimator = opt(KlEstimator.k3, "KL estimator")
     kl_mode: KlMode = opt(KlMode.loss, "KL as a loss term, or as a per-token reward penalty")
@@ -735,6 +759,7 @@ class AlgorithmConfig:
             0.0 <= self.ess_lr_floor <= 1.0,
             f"algorithm.ess_lr_floor must be in [0, 1], got {self.ess_lr_floor}",
         )
+        self.distill.validate()
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, f"algorithm.{name} must be in [0, 1], got {value}")

@@ -349,6 +349,8 @@ class Trajectory:
     # did not generate); None when no token was sampled from a truncated distribution. The trainer
     # scores each token under the same truncation (trainer/losses.py `token_logprobs_from_logits`).
     sample_kept: list[int] | None = None
+    # Teacher logprob of each generated token (algorithm.distill; 0.0 elsewhere), None without a teacher.
+    teacher_logprobs: list[float] | None = None
     # Which episode this is a segment of (rollout/episode.py: a context limit can split an episode
     # into several training sequences that share its reward); "" = an episode of its own.
     episode_id: str = ""
@@ -363,8 +365,10 @@ class Trajectory:
             raise ValueError(f"Trajectory.routed_experts has {len(self.routed_experts)} rows, token_ids {n}")
         if self.indexer_keys is not None and len(self.indexer_keys) != n:
             raise ValueError(f"Trajectory.indexer_keys has {len(self.indexer_keys)} rows, token_ids {n}")
-        if self.sample_kept is not None and len(self.sample_kept) != n:
-            raise ValueError(f"Trajectory.sample_kept has {len(self.sample_kept)} entries, token_ids {n}")
+        for name in ("sample_kept", "teacher_logprobs"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ValueError(f"Trajectory.{name} has {len(values)} entries, token_ids {n}")
 
     @property
     def num_generated(self) -> int:

@@ -212,6 +212,11 @@ def _check_off_policy(cfg: SlimeConfig) -> None:
             "trainer.expert_parallel_size=1 (a rank swaps its whole weights in); set "
             "algorithm.behavior_snapshots=0",
         )
+    if algo.distill.teacher:
+        _require(
+            cfg.rollout.engine == Engine.vllm,
+            "algorithm.distill.teacher scores with a vLLM engine beside each worker's: set rollout.engine=vllm",
+        )
 
 
 def _check_lora(cfg: SlimeConfig) -> None:
