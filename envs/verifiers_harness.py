@@ -26,13 +26,13 @@ import traceback
 
 from verifiers.v1.clients import ModelContext
 from verifiers.v1.dialects.chat import message_to_wire
-from verifiers.v1.harnesses.null.harness import NullHarness, NullHarnessConfig
+from verifiers.v1.harnesses.null.harness import NullHarness
 from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
 from verifiers.v1.runtimes import ProgramResult, Runtime
 from verifiers.v1.task import TaskData
 from verifiers.v1.trace import Trace
 
-__all__ = ["SlimeChatHarness", "SlimeChatHarnessConfig"]
+__all__ = ["SlimeChatHarness"]  # verifiers takes the one Harness subclass exported here
 
 HARNESS_ID = "slime-chat"
 MODULE_NAME = "slime_chat"  # what verifiers imports for HARNESS_ID
@@ -40,10 +40,6 @@ MODULE_NAME = "slime_chat"  # what verifiers imports for HARNESS_ID
 # Compiled once; each episode executes it into a namespace of its own (its module-level state, the
 # argument parser it reads, stays per episode).
 _PROGRAM = compile(CHAT_PROGRAM_SOURCE, "<verifiers chat program>", "exec")
-
-
-class SlimeChatHarnessConfig(NullHarnessConfig):
-    pass
 
 
 class SlimeChatHarness(NullHarness):
