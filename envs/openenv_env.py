@@ -61,7 +61,9 @@ def _openenv() -> Any:
     try:
         import openenv.core.env_server.interfaces as interfaces
     except ImportError as e:
-        raise OpenEnvError(f"env=openenv needs the openenv-core library ({one_line(e)}): {INSTALL_HINT}") from e
+        raise OpenEnvError(
+            f"env=openenv needs the openenv-core library ({one_line(e)}): {INSTALL_HINT}"
+        ) from e
     return interfaces
 
 
@@ -165,7 +167,9 @@ def step_reward(reward: Any) -> float:
     if isinstance(reward, bool):
         return float(reward)
     if not isinstance(reward, int | float):
-        raise TypeError(f"the OpenEnv observation's reward is not a number: {reward!r} ({type(reward).__name__})")
+        raise TypeError(
+            f"the OpenEnv observation's reward is not a number: {reward!r} ({type(reward).__name__})"
+        )
     if not math.isfinite(reward):
         raise ValueError(f"the OpenEnv observation's reward is not finite: {reward}")
     return float(reward)
@@ -197,7 +201,9 @@ class OpenEnvEnv(Environment):
                 "env.kwargs.base_url=http://HOST:PORT (its server)"
             )
         if action_format not in ACTION_FORMATS:
-            raise OpenEnvError(f"env.kwargs.action_format must be one of {ACTION_FORMATS}, got {action_format!r}")
+            raise OpenEnvError(
+                f"env.kwargs.action_format must be one of {ACTION_FORMATS}, got {action_format!r}"
+            )
         self.env_id, self.base_url = id, base_url
         self.env_kwargs = dict(env_kwargs or {})
         self.action_format, self.observation_field = action_format, observation_field
@@ -235,7 +241,8 @@ class OpenEnvEnv(Environment):
         builds with env.kwargs.env_kwargs, or the server answers and its action field can be chosen."""
         probe = cls(**kwargs)
         if probe.base_url:
-            schema = check_server(probe.base_url, probe.connect_timeout_s)  # fresh: the server may have changed
+            # Fresh, not the per-process cache: a restarted server may serve another version.
+            schema = check_server(probe.base_url, probe.connect_timeout_s)
             choose_action_field(schema, probe._action_field_requested, probe.action_format)
             name = probe.base_url
         else:
@@ -271,7 +278,9 @@ class OpenEnvEnv(Environment):
             schema = server_action_schema(self.base_url, self.connect_timeout_s)
             self.action_field = choose_action_field(schema, self._action_field_requested, self.action_format)
             self._env = GenericEnvClient(
-                self.base_url, connect_timeout_s=self.connect_timeout_s, message_timeout_s=self.message_timeout_s
+                self.base_url,
+                connect_timeout_s=self.connect_timeout_s,
+                message_timeout_s=self.message_timeout_s,
             )
             result = await self._env.reset(**kwargs)
             fields, reward, done = result.observation, result.reward, result.done
@@ -284,7 +293,9 @@ class OpenEnvEnv(Environment):
         step_reward(reward)  # a malformed reward fails the episode now, not at the first step
         if done:
             raise ValueError("the OpenEnv environment was done at reset: nothing to play")
-        messages: list[Message] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages: list[Message] = (
+            [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        )
         messages.append({"role": "user", "content": observation_text(fields, self.observation_field)})
         return messages
 
@@ -299,7 +310,10 @@ class OpenEnvEnv(Environment):
             except json.JSONDecodeError as e:
                 return None, f"Your reply is not a JSON object of the action's fields ({e})."
             if not isinstance(fields, dict):
-                return None, f"Your reply must be a JSON object of the action's fields, got {type(fields).__name__}."
+                return (
+                    None,
+                    f"Your reply must be a JSON object of the action's fields, got {type(fields).__name__}.",
+                )
         if self._action_cls is not None:
             from pydantic import ValidationError
 
@@ -328,7 +342,9 @@ class OpenEnvEnv(Environment):
 
             wire = serialize_observation(await self._env.step_async(self._action_cls.model_validate(fields)))
             obs, reward, done = wire["observation"], wire["reward"], wire["done"]
-        observation = [] if done else [{"role": "user", "content": observation_text(obs, self.observation_field)}]
+        observation = (
+            [] if done else [{"role": "user", "content": observation_text(obs, self.observation_field)}]
+        )
         return StepResult(observation, step_reward(reward), bool(done), {})
 
     async def close(self) -> None:

@@ -80,7 +80,9 @@ def import_verifiers() -> Any:
     try:
         import verifiers.v1 as vf
     except ImportError as e:
-        raise VerifiersError(f"env=verifiers needs the verifiers library ({one_line(e)}): {INSTALL_HINT}") from e
+        raise VerifiersError(
+            f"env=verifiers needs the verifiers library ({one_line(e)}): {INSTALL_HINT}"
+        ) from e
     from envs import verifiers_harness
 
     sys.modules.setdefault(verifiers_harness.MODULE_NAME, verifiers_harness)
@@ -137,7 +139,9 @@ def build_config(vf: Any, env_id: str, kwargs: dict[str, Any]) -> Any:
             f"(pip install ...), or see `python -m envs list` for the installed ones"
         ) from e
     except Exception as e:
-        raise VerifiersError(f"env=verifiers env.id={env_id!r}: verifiers refused the config: {one_line(e)}") from e
+        raise VerifiersError(
+            f"env=verifiers env.id={env_id!r}: verifiers refused the config: {one_line(e)}"
+        ) from e
 
 
 def _check_local(config: Any) -> None:
@@ -360,7 +364,7 @@ def installed_environments() -> dict[str, str]:
     verifiers and export a Taskset subclass (verifiers has no registry: installing is registering).
     Empty when verifiers is not installed. Imports each candidate module."""
     try:
-        vf = import_verifiers()
+        import_verifiers()
     except VerifiersError:
         return {}
     found: dict[str, str] = {}

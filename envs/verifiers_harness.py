@@ -70,7 +70,8 @@ class SlimeChatHarness(NullHarness):
             json.dumps(
                 {
                     "mcpServers": {
-                        name: {"url": url, "timeout": self.config.tool_timeout} for name, url in mcp_urls.items()
+                        name: {"url": url, "timeout": self.config.tool_timeout}
+                        for name, url in mcp_urls.items()
                     }
                 }
             )

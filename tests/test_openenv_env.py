@@ -123,7 +123,7 @@ async def test_observations_become_turns_and_replies_become_actions(chat, where,
     assert f"My number is {hint} than {low}. 6 guesses left." in text
     assert "Please reply with a single integer between 1 and 100. 5 guesses left." in text
     # Each prompt continued the previous one token for token.
-    for before, after in zip(eng.prompts, eng.prompts[1:]):
+    for before, after in zip(eng.prompts, eng.prompts[1:], strict=False):
         assert after[: len(before)] == before
 
 
@@ -195,11 +195,23 @@ async def test_an_environment_that_raises_fails_only_that_episode(chat, monkeypa
     ("overrides", "words"),
     [
         ([], ["exactly one of env.id=package.module:EnvironmentClass", "env.kwargs.base_url"]),
-        (["env.id=examples.openenv_guess.nothing:Env"], ["cannot import module 'examples.openenv_guess.nothing'"]),
+        (
+            ["env.id=examples.openenv_guess.nothing:Env"],
+            ["cannot import module 'examples.openenv_guess.nothing'"],
+        ),
         (["env.id=examples.openenv_guess.env:GuessAction"], ["not an OpenEnv Environment subclass"]),
-        (["env.id=" + IN_PROCESS, "env.kwargs.action_field=answer"], ["action_field='answer' is not a field"]),
-        (["env.id=" + IN_PROCESS, "+env.kwargs.env_kwargs.high=0"], ["does not build", "high (0) must be > low"]),
-        (["env.kwargs.base_url=http://127.0.0.1:9"], ["base_url='http://127.0.0.1:9'", "does not answer", "start it"]),
+        (
+            ["env.id=" + IN_PROCESS, "env.kwargs.action_field=answer"],
+            ["action_field='answer' is not a field"],
+        ),
+        (
+            ["env.id=" + IN_PROCESS, "+env.kwargs.env_kwargs.high=0"],
+            ["does not build", "high (0) must be > low"],
+        ),
+        (
+            ["env.kwargs.base_url=http://127.0.0.1:9"],
+            ["base_url='http://127.0.0.1:9'", "does not answer", "start it"],
+        ),
     ],
 )
 def test_bad_configurations_fail_at_start_up_naming_the_fix(overrides, words, tmp_path):
@@ -225,7 +237,8 @@ def test_the_docs_give_both_commands():
 @pytest.mark.slow
 def test_the_documented_command_trains_two_steps(tmp_path, ray_cluster):
     rows = api.run(
-        [*documented_commands()["in process"], "trainer.steps=2", "logger.mode=disabled"], run_dir=str(tmp_path)
+        [*documented_commands()["in process"], "trainer.steps=2", "logger.mode=disabled"],
+        run_dir=str(tmp_path),
     )
     assert [r["step"] for r in rows] == [0, 1]
     assert all(r["batch/trajectories"] > 0 and r["episode/failed"] == 0 for r in rows), [

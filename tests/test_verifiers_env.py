@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from test_openai_agent import ToolCallingEngine, check_alignment, mask_runs
 
-from envs.verifiers_env import TASK_KEY, VerifiersEnv, VerifiersError
+from envs.verifiers_env import TASK_KEY, VerifiersEnv
 from rollout.agent.runner import run_agent_group
 from rollout.agent.server import AgentServer
 from rollout.chat import ChatFormat
@@ -135,7 +135,10 @@ async def test_a_failing_reward_fails_only_its_episode(chat, fault, words):
         (["env.id=no-such-env"], ["env.id='no-such-env'", "not found", "python -m envs list"]),
         ([], ["env=verifiers needs env.id=NAME"]),
         (["env.id=vf-faulty", "+env.kwargs.taskset.fault=load"], ["loading its tasks raised OSError"]),
-        (["env.id=vf-faulty", "+env.kwargs.taskset.nonsense=1"], ["verifiers refused the config", "nonsense"]),
+        (
+            ["env.id=vf-faulty", "+env.kwargs.taskset.nonsense=1"],
+            ["verifiers refused the config", "nonsense"],
+        ),
         (["env.id=vf-faulty", "env.agent=examples.agents.calculator_agent:run"], ["remove env.agent"]),
         (["env.id=vf-faulty", "+env.kwargs.agent.runtime.type=docker"], ["runtime.type=subprocess"]),
     ],

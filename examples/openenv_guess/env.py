@@ -33,7 +33,12 @@ class GuessEnvironment(Environment[GuessAction, GuessObservation, State]):
     SUPPORTS_CONCURRENT_SESSIONS = True
 
     def __init__(
-        self, low: int = 1, high: int = 100, max_guesses: int = 7, shaping: float = 0.5, reward_kind: str = "number"
+        self,
+        low: int = 1,
+        high: int = 100,
+        max_guesses: int = 7,
+        shaping: float = 0.5,
+        reward_kind: str = "number",
     ) -> None:
         super().__init__()
         if high <= low:
@@ -43,7 +48,9 @@ class GuessEnvironment(Environment[GuessAction, GuessObservation, State]):
         self.target = low
         self._state = State(step_count=0)
 
-    def reset(self, seed: int | None = None, episode_id: str | None = None, **kwargs: Any) -> GuessObservation:
+    def reset(
+        self, seed: int | None = None, episode_id: str | None = None, **kwargs: Any
+    ) -> GuessObservation:
         self.target = random.Random(seed).randint(self.low, self.high)
         self._state = State(episode_id=episode_id, step_count=0)
         return GuessObservation(

@@ -138,7 +138,9 @@ def env_agent(env: Any, agent: str) -> AgentFn:
             "(its episodes are driven by its ecosystem's harness): remove env.agent"
         )
     if not inspect.iscoroutinefunction(own):
-        raise AgentLoadError(f"{type(env).__name__}.run_agent must be async def run_agent(base_url, model, task)")
+        raise AgentLoadError(
+            f"{type(env).__name__}.run_agent must be async def run_agent(base_url, model, task)"
+        )
     return own
 
 

@@ -5,11 +5,11 @@ import re
 
 import verifiers.v1 as vf
 from verifiers.v1.types import content_text
+
 from slime_vf_example.servers.calculator import CalculatorToolset
 
 SYSTEM_PROMPT = (
-    "Solve the arithmetic problem. You may use the calculator tool. "
-    "End your reply with 'Answer: <number>'."
+    "Solve the arithmetic problem. You may use the calculator tool. End your reply with 'Answer: <number>'."
 )
 
 
