@@ -15,7 +15,10 @@ One float32 `VLLMEngine` (one thread, eager) serves every mode; each mode runs a
   OpenAI chat call, the same reward: the endpoint's own share); and through env=verifiers (verifiers'
   interception server, chat program and rubric on top of the endpoint).
 
-Printed: episodes/s, generated tokens per episode, turns per episode and the ratio to the native mode
+In the game the random model's replies stop at `--stop` (a space by default): short replies that end
+with finish "stop", so episodes play all their turns and generation is cheap, which makes the adapters'
+share of the time as large as it gets. The single-turn task generates `--max-tokens` tokens per episode
+in every mode. Printed: episodes/s, generated tokens per episode, turns per episode and the ratio to the native mode
 of the same task. The tiny random model never solves either game, so every episode of one task plays
 the same number of turns whatever the mode.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -102,10 +106,21 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     )  # fmt: skip
     await engine.start()
     chat = ChatFormat(load_tokenizer(model_dir))
+    # A stop string ends the random model's replies early with finish "stop" (a reply cut at the token
+    # limit ends the episode), so the game really runs --max-turns turns.
+    stop = [args.stop] if args.stop else []
     cfg = RolloutConfig(
-        max_turns=args.max_turns, max_tokens_per_turn=args.max_tokens, max_total_tokens=1536, agent_timeout_s=300
+        max_turns=args.max_turns,
+        max_tokens_per_turn=args.max_tokens,
+        max_total_tokens=1536,
+        agent_timeout_s=300,
+        stop=stop,
     )
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=1.0)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, stop=stop)
+    # The single-turn task without it: the endpoint samples under its own config (agents' requests name
+    # no stop), so every mode generates --max-tokens tokens there.
+    arith_cfg = dataclasses.replace(cfg, stop=[])
+    arith_sampling = dataclasses.replace(sampling, stop=[])
     n = args.group_size
     results = []
 
@@ -139,7 +154,9 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             await measure(
                 "env=openenv, in process",
                 args.groups,
-                lambda g: run_env_group(engine, lambda: OpenEnvEnv(**ip), ip_tasks[g], n, chat, cfg, sampling),
+                lambda g: run_env_group(
+                    engine, lambda: OpenEnvEnv(**ip), ip_tasks[g], n, chat, cfg, sampling
+                ),
             )
         )
         srv_tasks = OpenEnvEnv.make_tasks(args.groups + 1, 0, base_url=url)
@@ -158,27 +175,31 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     vf_env = VerifiersEnv(id="slime-vf-example", taskset={"num_tasks": args.groups + 1, "tools": False})
     arith_tasks = vf_env.tasks(0)
-    agent_server = await AgentServer.start(engine, chat, cfg)
+    agent_server = await AgentServer.start(engine, chat, arith_cfg)
     try:
         results.append(
             await measure(
                 "arithmetic (native)",
                 args.groups,
-                lambda g: run_env_group(engine, ArithEnv, arith_tasks[g], n, chat, cfg, sampling),
+                lambda g: run_env_group(engine, ArithEnv, arith_tasks[g], n, chat, arith_cfg, arith_sampling),
             )
         )
         results.append(
             await measure(
                 "env=openai_agent (one chat call)",
                 args.groups,
-                lambda g: run_agent_group(engine, agent_server, chat, arith_tasks[g], n, chat_agent, cfg),
+                lambda g: run_agent_group(
+                    engine, agent_server, chat, arith_tasks[g], n, chat_agent, arith_cfg
+                ),
             )
         )
         results.append(
             await measure(
                 "env=verifiers",
                 args.groups,
-                lambda g: run_agent_group(engine, agent_server, chat, arith_tasks[g], n, vf_env.run_agent, cfg),
+                lambda g: run_agent_group(
+                    engine, agent_server, chat, arith_tasks[g], n, vf_env.run_agent, arith_cfg
+                ),
             )
         )
     finally:
@@ -194,8 +215,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--max-turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--stop", default=" ", help="stop string of every reply ('' for none)")
     ap.add_argument("--port", type=int, default=8779)
-    ap.add_argument("--cache-dir", default=os.environ.get("SLIME_CACHE_DIR", os.path.expanduser("~/.cache/slime")))
+    ap.add_argument(
+        "--cache-dir", default=os.environ.get("SLIME_CACHE_DIR", os.path.expanduser("~/.cache/slime"))
+    )
     ap.add_argument("--work-dir", default="runs/bench-adapters")
     ap.add_argument("--json", default="", help="also write the rows here")
     args = ap.parse_args()
