@@ -32,8 +32,8 @@ Defaults that make local, offline runs work (each overridable in `env.kwargs`, p
 `agent.runtime.type=subprocess` (verifiers defaults to a remote Prime sandbox), and, when the taskset
 bundles no harness of its own, `agent.harness.id=slime-chat` (`envs/verifiers_harness.py`: verifiers'
 `null` chat program run in process, since the stock `null`/`bash` harnesses re-resolve a `uv` script
-against PyPI in every process). slime's `configs/env/verifiers.yaml` sets `agent.max_turns` to
-`rollout.max_turns`.
+against PyPI in every process). How many model calls an episode makes is verifiers' to decide
+(`env.kwargs.agent.max_turns`); slime bounds the episode's time and each call's tokens.
 
 Failures: an id that is not installed, a config verifiers refuses or a taskset that raises while
 loading fail at start-up (`check_env`) with verifiers' message and what to change. An episode verifiers

@@ -11,6 +11,8 @@ command docs/environments.md gives.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +167,32 @@ def test_envs_list_shows_installed_verifiers_environments():
     assert done.returncode == 0, done.stderr[-2000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith(EXAMPLE))
     assert "slime_vf_example.taskset:ArithTaskset" in line and "env=verifiers env.id=slime-vf-example" in line
+
+
+def test_episodes_need_no_network():
+    """The tool episode again, in a network namespace with only loopback: verifiers' harness, its MCP
+    tool server and its rubric all run offline (the stock harnesses would fetch from PyPI)."""
+    if (
+        not (shutil.which("unshare") and shutil.which("ip"))
+        or subprocess.run(["unshare", "-rn", "true"]).returncode
+    ):
+        pytest.skip("no network namespaces on this machine (unshare -rn, ip)")
+    test = f"{Path(__file__).name}::test_a_tool_episode_is_recorded_token_exact"
+    pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    offline = (
+        "ip link set lo up && ! python3 -c 'import socket; socket.create_connection((\"pypi.org\", 443), 3)' "
+    )
+    offline += f"2>/dev/null && exec {shlex.join(pytest_cmd)}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        ["unshare", "-rn", "sh", "-c", offline],
+        capture_output=True,
+        text=True,
+        cwd=REPO / "tests",
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def documented_command() -> list[str]:
