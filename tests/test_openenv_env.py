@@ -223,15 +223,26 @@ def test_bad_configurations_fail_at_start_up_naming_the_fix(overrides, words, tm
 
 
 def documented_commands() -> dict[str, list[str]]:
-    """docs/environments.md's OpenEnv training commands, in process and over a server, as overrides."""
+    """docs/environments.md's OpenEnv training commands on the tiny model, in process and over a server."""
     from test_readme_commands import COMMANDS, overrides_of
 
-    found = [c for doc, c in COMMANDS if doc == "environments.md" and "env=openenv" in c]
+    found = [
+        c
+        for doc, c in COMMANDS
+        if doc == "environments.md" and "env=openenv" in c and "+experiment=tiny" in c
+    ]
     return {("server" if "base_url" in c else "in process"): overrides_of(c) for c in found}
 
 
 def test_the_docs_give_both_commands():
-    assert set(documented_commands()) == {"in process", "server"}
+    from test_readme_commands import COMMANDS
+
+    tiny = [
+        c
+        for doc, c in COMMANDS
+        if doc == "environments.md" and "env=openenv" in c and "+experiment=tiny" in c
+    ]
+    assert len(tiny) == 2 and set(documented_commands()) == {"in process", "server"}
 
 
 @pytest.mark.slow

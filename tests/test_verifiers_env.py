@@ -196,10 +196,14 @@ def test_episodes_need_no_network():
 
 
 def documented_command() -> list[str]:
-    """The overrides of docs/environments.md's verifiers training command."""
+    """The overrides of docs/environments.md's verifiers training command on the tiny model."""
     from test_readme_commands import COMMANDS, overrides_of
 
-    (command,) = [c for doc, c in COMMANDS if doc == "environments.md" and f"env.id={EXAMPLE}" in c]
+    (command,) = [
+        c
+        for doc, c in COMMANDS
+        if doc == "environments.md" and f"env.id={EXAMPLE}" in c and "+experiment=tiny" in c
+    ]
     return overrides_of(command)
 
 
