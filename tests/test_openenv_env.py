@@ -255,3 +255,20 @@ def test_the_documented_command_trains_two_steps(tmp_path, ray_cluster):
     assert all(r["batch/trajectories"] > 0 and r["episode/failed"] == 0 for r in rows), [
         r.get("episode/failure_reasons") for r in rows
     ]
+
+
+@pytest.mark.slow
+def test_the_documented_server_command_trains_two_steps(tmp_path, ray_cluster):
+    proc, url = start_server()
+    try:
+        overrides = [
+            f"env.kwargs.base_url={url}" if o.startswith("env.kwargs.base_url=") else o
+            for o in documented_commands()["server"]
+        ]
+        rows = api.run([*overrides, "trainer.steps=2", "logger.mode=disabled"], run_dir=str(tmp_path))
+    finally:
+        stop(proc)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(r["batch/trajectories"] > 0 and r["episode/failed"] == 0 for r in rows), [
+        r.get("episode/failure_reasons") for r in rows
+    ]
