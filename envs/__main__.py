@@ -1,6 +1,6 @@
 """Command line for environments (`python -m envs`, from slime's virtual environment).
 
-python -m envs list                # built-ins and installed `slime.envs` entry points
+python -m envs list                # built-ins, `slime.envs` entry points, installed verifiers envs
 python -m envs check NAME          # resolve NAME, check the contract, print its tools
 python -m envs sample NAME [-n 3]  # print a few generated tasks (envs with make_tasks)
 """
@@ -27,11 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     from envs.registry import BUILTIN_ENVS, list_envs, load_env_class
 
     if args.command == "list":
+        from envs.verifiers_env import installed_environments
+
         envs = list_envs()
-        width = max(len(n) for n in envs)
+        # Other ecosystems' environments, trained through an adapter (env=verifiers env.id=NAME).
+        verifiers_envs = installed_environments()
+        width = max(len(n) for n in [*envs, *verifiers_envs])
         for name, target in envs.items():
             origin = "built-in" if BUILTIN_ENVS.get(name) == target else "entry point"
             print(f"{name:<{width}}  {target}  ({origin})")
+        for vf_id, target in verifiers_envs.items():
+            print(f"{vf_id:<{width}}  {target}  (verifiers: env=verifiers env.id={vf_id})")
         return 0
     try:
         cls = load_env_class(args.name)

@@ -10,7 +10,9 @@ it with `EnvClass(**env.kwargs)`):
 - `async def step(self, action: Action) -> StepResult` -- react to one assistant turn. Tool results
   are messages with role "tool" in `StepResult.observation`.
 - optional `@classmethod make_tasks(cls, num: int, seed: int, **kwargs) -> list[Task]` -- for
-  environments that generate their own data locally and deterministically from a seed.
+  environments that generate their own data locally and deterministically from a seed. With the class
+  attribute `TASKS_FROM_KWARGS = True` it also receives `env.kwargs` (adapters of other ecosystems,
+  whose tasks come from the same configuration as their episodes).
 - optional `async def close(self) -> None` -- called once when the episode ends, however it ended.
 
 Subclassing `Environment` is convenient but not required: `check_environment_class` checks the shape

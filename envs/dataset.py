@@ -140,7 +140,9 @@ def load_tasks(env_cfg: EnvConfig, seed: int) -> list[Task]:
     """The task list for `env_cfg`.
 
     From `env.dataset.path` when set, else from the environment class's
-    `make_tasks(env.dataset.num_tasks, seed, **env.dataset.kwargs)`. Raises ValueError naming
+    `make_tasks(env.dataset.num_tasks, seed, **env.dataset.kwargs)` (plus `env.kwargs`, the dataset's
+    keys winning, for a class with `TASKS_FROM_KWARGS = True`: adapters such as env=verifiers, whose
+    tasks come from the same configuration as their episodes). Raises ValueError naming
     `env.dataset` when the result is empty, when ids repeat, when a file lacks the prompt column, or
     when neither a path nor a generator exists.
     """
@@ -157,10 +159,11 @@ def load_tasks(env_cfg: EnvConfig, seed: int) -> list[Task]:
                 f"env {env_cfg.name!r} does not generate tasks (no make_tasks): set env.dataset.path to a "
                 "JSONL/Parquet file, a save_to_disk directory or a hub id"
             )
-        tasks = make(int(ds_cfg.num_tasks), int(seed), **dict(ds_cfg.kwargs))
-        source = (
-            f"env {env_cfg.name!r} make_tasks(num_tasks={ds_cfg.num_tasks}, kwargs={dict(ds_cfg.kwargs)})"
-        )
+        kwargs = dict(ds_cfg.kwargs)
+        if getattr(cls, "TASKS_FROM_KWARGS", False):  # adapters: the tasks are part of the env's config
+            kwargs = {**env_cfg.kwargs, **kwargs}
+        tasks = make(int(ds_cfg.num_tasks), int(seed), **kwargs)
+        source = f"env {env_cfg.name!r} make_tasks(num_tasks={ds_cfg.num_tasks}, kwargs={kwargs})"
         if not isinstance(tasks, list) or not all(isinstance(t, Task) for t in tasks):
             raise ValueError(f"env.dataset: {source} must return a list of Task")
         for t in tasks:

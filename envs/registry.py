@@ -32,6 +32,9 @@ BUILTIN_ENVS: dict[str, str] = {
     "parcel": "envs.parcel:ParcelEnv",
     # Black-box agents over the OpenAI-compatible endpoint (run by rollout/agent/runner.py).
     "openai_agent": "envs.openai_agent:OpenAIAgentEnv",
+    # Environments of other ecosystems, named by env.id (docs/environments.md).
+    "verifiers": "envs.verifiers_env:VerifiersEnv",
+    "openenv": "envs.openenv_env:OpenEnvEnv",
 }
 
 

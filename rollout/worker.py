@@ -177,11 +177,14 @@ class RolloutWorker:
         self.agent_server = None
         from envs.openai_agent import uses_agent
 
-        if uses_agent(self.env_cls):  # env=openai_agent: black-box agent code drives the episodes
-            from rollout.agent.runner import load_agent
+        if uses_agent(self.env_cls):  # env=openai_agent, env=verifiers: agent code drives the episodes
+            from rollout.agent.runner import env_agent
             from rollout.agent.server import AgentServer
 
-            self.agent_fn = load_agent(self.env_cfg.agent)
+            # One instance for the worker's life: an env that brings its own agent (env=verifiers) keeps
+            # its ecosystem's loaded environment and serving resources on it.
+            self.agent_env = self.env_cls(**self.env_cfg.kwargs)
+            self.agent_fn = env_agent(self.agent_env, self.env_cfg.agent)
             self.agent_server = await AgentServer.start(
                 self.engine, self.chat, self.cfg, model_name=self.model_cfg.name
             )
@@ -316,6 +319,8 @@ class RolloutWorker:
         self.clock.claim.close()
         if getattr(self, "agent_server", None) is not None:
             await self.agent_server.stop()
+        if getattr(self, "agent_env", None) is not None:
+            await self.agent_env.close()  # env=verifiers: its serving resources (tool servers) shut down
         if self.engine is not None:
             await self.engine.shutdown()
         if self.teacher is not None:

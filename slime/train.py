@@ -93,29 +93,48 @@ def resolve_teacher(spec: str, cfg: SlimeConfig, model_dir: str) -> str:
 
 def check_env(cfg: SlimeConfig) -> int:
     """Everything that can be wrong with the environment, checked in the driver: the class resolves,
-    `env.kwargs` construct it, `env.agent` loads (or is unset for an env that runs no agent), and the
+    `env.id` is set only for one that takes it, `env.kwargs` construct it (an adapter such as
+    env=verifiers loads the named environment there), `env.agent` loads (or is unset for an env that
+    runs no agent or brings its own), and the
     dataset is non-empty and well-formed. Returns the number of tasks; raises ValueError (or a
     subclass) naming the key to change."""
     from envs.dataset import load_tasks
     from envs.registry import load_env_class
 
     env_cls = load_env_class(cfg.env.name)  # unknown env / broken plugin -> clear error now
+    if cfg.env.id and not _takes_id(env_cls):
+        raise ValueError(
+            f"env.id={cfg.env.id!r} is set but env.name={cfg.env.name} takes no id (env.id names the "
+            "environment for env=verifiers and env=openenv): remove env.id"
+        )
     try:
-        env_cls(**cfg.env.kwargs)  # wrong env.kwargs -> clear error now, not a failed episode each
+        env = env_cls(**cfg.env.kwargs)  # wrong env.kwargs -> clear error now, not a failed episode each
     except Exception as e:
+        if cfg.env.id:  # an adapter's message names what to fix (id not installed, config refused, ...)
+            raise ValueError(str(e)) from e
         raise ValueError(f"env.kwargs={cfg.env.kwargs} do not construct {cfg.env.name}: {e}") from e
     from envs.openai_agent import uses_agent
 
     if uses_agent(env_cls):
-        from rollout.agent.runner import load_agent
+        from rollout.agent.runner import env_agent
 
-        load_agent(cfg.env.agent)  # a wrong env.agent fails here, not inside a worker
+        env_agent(env, cfg.env.agent)  # a wrong env.agent fails here, not inside a worker
     elif cfg.env.agent:
         raise ValueError(
             f"env.agent={cfg.env.agent!r} is set but env.name={cfg.env.name} does not run agents "
             "(env.agent is for env=openai_agent): remove env.agent"
         )
     return len(load_tasks(cfg.env, cfg.seed))  # empty or malformed dataset -> clear error now
+
+
+def _takes_id(env_cls: type) -> bool:
+    """Whether the environment's constructor has a parameter `id` (where env.id goes)."""
+    import inspect
+
+    try:
+        return "id" in inspect.signature(env_cls).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def resolve_resume(resume: str, run_dir: str) -> str:

@@ -559,10 +559,13 @@ async def test_refusals_name_the_key_in_each_apis_format(server, session, openai
     assert e.value.param == "temperature" and "rollout.temperature=0.3" in e.value.message
     with pytest.raises(BadRequestError, match="top_k must be"):
         await openai_client.responses.create(**ask, extra_body={"top_k": -5})
-    with pytest.raises(BadRequestError, match="tool type 'file_search' is not supported"):
+    with pytest.raises(BadRequestError) as e:
         await openai_client.responses.create(
             **ask, tools=[{"type": "file_search", "vector_store_ids": ["v"]}]
         )
+    # The error body's message, not str(e): openai 2.x (which verifiers 0.4.0 pins) puts the body's repr
+    # there, quotes escaped.
+    assert "tool type 'file_search' is not supported" in e.value.body["message"]
     msgs = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi"}]}
     for extra, key in (({"temperature": 0.3}, "temperature"), ({"top_k": -5}, "top_k")):
         with pytest.raises(AnthropicBadRequest) as e:

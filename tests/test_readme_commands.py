@@ -8,8 +8,13 @@ checked up to the point where Ray would start, which is where a wrong key, value
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,13 +59,43 @@ def test_the_docs_show_commands():
     assert len(COMMANDS) >= 6 and any("+experiment=agentic" in c for _, c in COMMANDS)
 
 
+# An OpenEnv command over a server (docs/environments.md) follows the line that starts the example server.
+OPENENV_SERVER = re.compile(r"env\.kwargs\.base_url=http://127\.0\.0\.1:(\d+)")
+
+
+@contextlib.contextmanager
+def documented_server(command: str) -> Iterator[None]:
+    """The example OpenEnv server on the port `command` names, as the docs start it (nothing otherwise)."""
+    found = OPENENV_SERVER.search(command)
+    if found is None:
+        yield
+        return
+    import httpx
+
+    port = found.group(1)
+    server = [sys.executable, "-m", "examples.openenv_guess.server", "--port", port]
+    proc = subprocess.Popen(server, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
+                    break
+            time.sleep(0.3)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize(("doc", "command"), COMMANDS, ids=[f"{d}:{i}" for i, (d, _) in enumerate(COMMANDS)])
 def test_documented_command_validates(doc, command, tmp_path):
     cfg = api.compose_config(overrides_of(command), str(tmp_path))
     from slime.core.validation import validate
 
     validate(cfg)
-    assert check_env(cfg) > 0, (doc, command)
+    with documented_server(command):
+        assert check_env(cfg) > 0, (doc, command)
 
 
 # The documented black-box agent commands, one per API the endpoint serves (README and

@@ -124,6 +124,26 @@ def load_agent(dotted: str) -> AgentFn:
     return obj
 
 
+def env_agent(env: Any, agent: str) -> AgentFn:
+    """The agent function of an agent environment instance: its own `run_agent` method when it has
+    one (env=verifiers: the agent is the ecosystem's harness, built from env.kwargs), else the function
+    `env.agent` names. AgentLoadError when `env.agent` is missing, unloadable, or set for an
+    environment that brings its own agent."""
+    own = getattr(env, "run_agent", None)
+    if own is None:
+        return load_agent(agent)
+    if agent:
+        raise AgentLoadError(
+            f"env.agent={agent!r} is set but {type(env).__name__} runs its own agent "
+            "(its episodes are driven by its ecosystem's harness): remove env.agent"
+        )
+    if not inspect.iscoroutinefunction(own):
+        raise AgentLoadError(
+            f"{type(env).__name__}.run_agent must be async def run_agent(base_url, model, task)"
+        )
+    return own
+
+
 def coerce_agent_result(value: Any) -> tuple[float, dict[str, Any]]:
     """(reward, info) from what the agent returned: a finite number, or {"reward": number, "info": dict}.
 

@@ -325,6 +325,11 @@ class EnvConfig:
     """The environment every episode runs in."""
 
     name: str = opt(MISSING, "built-in short name, `package.module:Class`, or a `slime.envs` entry point")
+    id: str = opt(
+        "",
+        "which environment of another ecosystem: env=verifiers its id (an installed verifiers environment), "
+        "env=openenv `package.module:Class` of an OpenEnv Environment (reaches the env as its argument id)",
+    )
     kwargs: dict[str, Any] = opt({}, "passed to the environment's constructor")
     dataset: DatasetConfig = opt(DatasetConfig, "task source")
     agent: str = opt("", "for env=openai_agent: `package.module:function` of the black-box agent")
@@ -350,12 +355,19 @@ class EnvConfig:
 
     def select(self) -> None:
         """Fold `by_name[name]` under `kwargs` and `dataset.kwargs` (explicit keys win), then clear
-        `by_name`: afterwards the section says exactly what the selected environment gets."""
+        `by_name`, and pass `id` (when set) as `kwargs["id"]`: afterwards the section says exactly what
+        the selected environment gets."""
         chosen = self.by_name.get(self.name)
         if chosen is not None:
             self.kwargs = {**chosen.kwargs, **self.kwargs}
             self.dataset.kwargs = {**chosen.dataset_kwargs, **self.dataset.kwargs}
         self.by_name = {}
+        if self.id:  # the environment gets env.id as its argument `id`
+            if self.kwargs.get("id", self.id) != self.id:
+                raise ValueError(
+                    f"env.id={self.id!r} and env.kwargs.id={self.kwargs['id']!r} disagree: set only env.id"
+                )
+            self.kwargs = {"id": self.id, **self.kwargs}
 
     def validate(self) -> None:
         _require(
