@@ -42,7 +42,8 @@ def test_model_trust_remote_code_reaches_the_engine_settings():
 
 @pytest.mark.slow
 def test_the_gpu_extra_resolves_to_vllms_cuda_build():
-    """`pip install .[gpu]` as `make setup-gpu` runs it (no CPU constraints), resolved but not installed."""
+    """`pip install .[gpu,dev,verifiers,openenv]` as `make setup-gpu` runs it (no CPU constraints),
+    resolved but not installed: vLLM's CUDA build and the adapters' libraries fit together."""
     out = subprocess.run(
         [
             sys.executable,
@@ -54,7 +55,7 @@ def test_the_gpu_extra_resolves_to_vllms_cuda_build():
             "--ignore-installed",
             "--report",
             "-",
-            ".[gpu]",
+            ".[gpu,dev,verifiers,openenv]",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -70,3 +71,4 @@ def test_the_gpu_extra_resolves_to_vllms_cuda_build():
     # finds a local `+cpu` wheel first (like this project's CPU machines) resolves that one.
     assert resolved["torch"].split("+")[0] == "2.13.0"
     assert "triton" in resolved  # kept: vLLM's GPU kernels need it (the CPU set-up removes it)
+    assert resolved["verifiers"] == "0.4.0" and "openenv-core" in resolved
