@@ -5,11 +5,15 @@
     python -m benchmarks.staleness_study --staleness 4 --corrections tis m2 --steps 20
     python -m benchmarks.staleness_study --replot docs/staleness_study.json   # redraw from saved results
     python -m benchmarks.staleness_study --cost                           # cost of the corrections
+    python -m benchmarks.staleness_study --staleness 0 4 --corrections tis none m2 ess geo --repeats 3
 
 Every run of a setting uses the same task, seed and number of steps (so the same number of trained
 samples: steps x trainer.batch_groups x rollout.group_size); only `buffer.max_staleness` and the
 correction change. Results go to `<out>/staleness_study[_<setting>].json` after every run, and a run
 already there is not repeated: an interrupted grid resumes where it stopped (`--fresh` starts over).
+`--repeats N` runs every cell N times (repeat k with `seed=k`: other tasks, other samples); the table
+and the figure average a cell's repeats, reward curve by curve, and list each repeat's last 20%. One
+run of the tiny setting is not enough to rank corrections: its take-off step varies from run to run.
 
 Settings:
 - `tiny`: `+experiment=tiny`, the tiny random Llama learning the `target` env (reward: the share of
@@ -76,8 +80,30 @@ def _steps_to(rewards: list[float], level: float) -> int | None:
     return next((i + 1 for i, r in enumerate(_smooth(rewards)) if r >= level - 1e-9), None)
 
 
-def _name(s: int, corr: str) -> str:
-    return f"staleness={s} {corr}"
+def _name(s: int, corr: str, repeat: int = 0) -> str:
+    """A run's key in the results; repeat 0 keeps the name runs had before `--repeats`."""
+    return f"staleness={s} {corr}" + (f" repeat={repeat}" if repeat else "")
+
+
+def _cells(results: dict[str, dict]) -> dict[tuple[int, str], dict]:
+    """Each (staleness, correction) cell's repeats averaged: the mean reward curve (over the steps all
+    repeats have), the mean of every number, and `last20_each` with each repeat's last 20%."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in results.values():
+        groups.setdefault((r["staleness"], r["correction"]), []).append(r)
+    cells = {}
+    for key, runs in groups.items():
+        n = min(len(r["rewards"]) for r in runs)
+        cell = {k: v for k, v in runs[0].items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+        for k in {k for r in runs for k, v in r.items() if isinstance(v, (int, float))}:
+            vals = [r[k] for r in runs if k in r]
+            cell[k] = sum(vals) / len(vals)
+        cell["staleness"], cell["correction"] = key
+        cell["stale_max"] = max(r["stale_max"] for r in runs)
+        cell["rewards"] = [sum(r["rewards"][i] for r in runs) / len(runs) for i in range(n)]
+        cell["last20_each"] = [r["last20"] for r in runs]
+        cells[key] = cell
+    return cells
 
 
 def summarise(s: int, corr: str, rows: list[dict], wall_s: float) -> dict:
@@ -108,6 +134,7 @@ def main() -> None:
     p.add_argument(
         "--corrections", nargs="*", default=["tis", "none", "m2", "ess"], choices=sorted(CORRECTIONS)
     )
+    p.add_argument("--repeats", type=int, default=1, help="runs per cell (repeat k with seed=k)")
     p.add_argument("--out", default="docs")
     p.add_argument("--fresh", action="store_true", help="ignore results already saved")
     p.add_argument("--replot", help="a staleness_study*.json to redraw the figure and table from (no runs)")
@@ -135,27 +162,26 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="slime-study-")
     os.makedirs(args.out, exist_ok=True)
-    for s in args.staleness:
-        for corr in args.corrections:
-            name = _name(s, corr)
-            if name in saved["results"]:
-                continue
-            t0 = time.perf_counter()
-            overrides = [*base, f"buffer.max_staleness={s}", *CORRECTIONS[corr]]
-            try:
-                rows = api.run(overrides, os.path.join(work, name.replace(" ", "_")))
-            except Exception:
-                traceback.print_exc()
-                print(f"{name}: FAILED", flush=True)
-                continue
-            result = summarise(s, corr, rows, time.perf_counter() - t0)
-            result["load"] = os.getloadavg()[0]
-            saved["results"][name] = result
-            print(
-                f"{name}: reward {result['first20']:.3f} -> {result['last20']:.3f} ({result['wall_s']:.0f} s)"
-            )
-            with open(path, "w") as f:
-                json.dump(saved, f, indent=1)
+    cells = [(k, s, corr) for k in range(args.repeats) for s in args.staleness for corr in args.corrections]
+    for k, s, corr in cells:  # every cell once before any cell twice: an early stop leaves a full grid
+        name = _name(s, corr, k)
+        if name in saved["results"]:
+            continue
+        t0 = time.perf_counter()
+        overrides = [*base, f"buffer.max_staleness={s}", *CORRECTIONS[corr], *([f"seed={k}"] if k else [])]
+        try:
+            rows = api.run(overrides, os.path.join(work, name.replace(" ", "_")))
+        except Exception:
+            traceback.print_exc()
+            print(f"{name}: FAILED", flush=True)
+            continue
+        result = summarise(s, corr, rows, time.perf_counter() - t0)
+        result["repeat"] = k
+        result["load"] = os.getloadavg()[0]
+        saved["results"][name] = result
+        print(f"{name}: reward {result['first20']:.3f} -> {result['last20']:.3f} ({result['wall_s']:.0f} s)")
+        with open(path, "w") as f:
+            json.dump(saved, f, indent=1)
     report(saved, args.out, stem)
 
 
@@ -166,15 +192,15 @@ def report(saved: dict, out: str, stem: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = saved["results"]
-    corrs = [c for c in CORRECTIONS if any(r["correction"] == c for r in results.values())]
-    stales = sorted({r["staleness"] for r in results.values()})
-    sync = results.get(_name(0, "tis")) or next((r for r in results.values() if r["staleness"] == 0), None)
+    cells = _cells(saved["results"])  # (staleness, correction) -> its repeats averaged
+    corrs = [c for c in CORRECTIONS if any(corr == c for _, corr in cells)]
+    stales = sorted({s for s, _ in cells})
+    sync = cells.get((0, "tis")) or next((c for (s, _), c in cells.items() if s == 0), None)
     target = sync["last20"] if sync else None
     fig, axes = plt.subplots(1, len(corrs) + 1, figsize=(4.2 * (len(corrs) + 1), 3.8), sharey=True)
     for ax, corr in zip(axes, corrs, strict=False):
         for s in stales:
-            r = results.get(_name(s, corr)) or (results.get(_name(0, "tis")) if s == 0 else None)
+            r = cells.get((s, corr)) or (cells.get((0, "tis")) if s == 0 else None)
             if r is not None:
                 ax.plot(range(1, len(r["rewards"]) + 1), _smooth(r["rewards"]), label=f"staleness {s}")
         if target is not None:
@@ -186,8 +212,8 @@ def report(saved: dict, out: str, stem: str) -> None:
     axes[0].legend(fontsize=8)
     ax = axes[-1]
     for corr in corrs:
-        xs = [s for s in stales if _name(s, corr) in results]
-        ax.plot(xs, [results[_name(s, corr)]["last20"] for s in xs], marker="o", label=corr)
+        xs = [s for s in stales if (s, corr) in cells]
+        ax.plot(xs, [cells[(s, corr)]["last20"] for s in xs], marker="o", label=corr)
     if target is not None:
         ax.axhline(target, color="grey", lw=0.8, ls="--", label="synchronous")
     ax.set_xscale("symlog", linthresh=1)
@@ -202,9 +228,9 @@ def report(saved: dict, out: str, stem: str) -> None:
     fig.savefig(os.path.join(out, f"{stem}.png"), dpi=100)
 
     lines = [
-        "| max_staleness | correction | reward first 20% | reward last 20% | steps to sync final | "
+        "| max_staleness | correction | runs | reward first 20% | reward last 20% (each run) | steps to sync final | "
         "staleness mean / max | ESS | ESS raw | log-ratio M2 | masked | lr scale | mismatch | train s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def num(r: dict, key: str, fmt: str = ".3f") -> str:
@@ -212,12 +238,13 @@ def report(saved: dict, out: str, stem: str) -> None:
 
     for s in stales:
         for corr in corrs:
-            r = results.get(_name(s, corr))
+            r = cells.get((s, corr))
             if r is None:
                 continue
             reach = _steps_to(r["rewards"], target) if target is not None else None
+            each = ", ".join(f"{x:.2f}" for x in r["last20_each"])
             lines.append(
-                f"| {s} | {corr} | {r['first20']:.3f} | {r['last20']:.3f} | "
+                f"| {s} | {corr} | {len(r['last20_each'])} | {r['first20']:.3f} | {r['last20']:.3f} ({each}) | "
                 f"{reach if reach is not None else 'never'} | {r['stale_mean']:.2f} / {r['stale_max']:.0f} | "
                 f"{num(r, 'offpolicy/ess')} | {num(r, 'offpolicy/ess_raw')} | {num(r, 'offpolicy/log_ratio_m2')} | "
                 f"{num(r, 'masked_frac')} | {num(r, 'offpolicy/lr_scale')} | {num(r, 'mismatch/logprob_abs')} | "
