@@ -318,7 +318,8 @@ class Controller:
     async def _maybe_checkpoint(self, step: int) -> None:
         done = step + 1
         every = self.cfg.trainer.save_every
-        if done == self.cfg.trainer.steps or (every and done % every == 0):
+        last = done == self.cfg.trainer.steps and self.cfg.trainer.save_final
+        if last or (every and done % every == 0):
             await self._checkpoint(done)
 
     async def _checkpoint(self, steps_done: int) -> str:

@@ -119,10 +119,16 @@ def test_every_agent_api_has_a_documented_command():
 @pytest.mark.parametrize("agent", sorted(AGENT_COMMANDS))
 def test_the_agent_command_runs_two_steps(agent, tmp_path, ray_cluster):
     rows = api.run(
-        [*overrides_of(AGENT_COMMANDS[agent]), "trainer.steps=2", "logger.mode=disabled"],
+        [
+            *overrides_of(AGENT_COMMANDS[agent]),
+            "trainer.steps=2",
+            "trainer.save_final=false",
+            "logger.mode=disabled",
+        ],
         run_dir=str(tmp_path),
     )
     assert [r["step"] for r in rows] == [0, 1]
     assert all(r["batch/trajectories"] > 0 and r["episode/failed"] == 0 for r in rows), [
         r.get("episode/failure_reasons") for r in rows
     ]
+    assert not (tmp_path / "checkpoints").exists()  # trainer.save_final=false: 2 GB not written

@@ -564,6 +564,9 @@ class TrainerConfig:
         "change the update (sequence-level advantages, no KL, no entropy bonus, no router losses)",
     )
     save_every: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    save_final: bool = opt(
+        True, "checkpoint when the last step is done (false: a smoke test or benchmark that needs none)"
+    )
     keep_checkpoints: int = opt(0, "keep only the newest K complete checkpoints (0 = keep all)")
     on_stop: OnStop = opt(
         OnStop.finish, "on SIGINT/SIGTERM: finish the current step and checkpoint, or abandon it"
