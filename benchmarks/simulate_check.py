@@ -1,4 +1,4 @@
-"""The scheduling simulator (slime/simulate.py) against measured runs: figures in docs/scaling.md.
+"""The scheduling simulator (slime/simulate/) against measured runs: figures in docs/scaling.md.
 
     python -m benchmarks.simulate_check run OUT_DIR [--steps 16] [--only sync ...]   # the runs, one at a time
     python -m benchmarks.simulate_check pack OUT_DIR docs/scaling_runs               # one small JSON per run
@@ -85,7 +85,7 @@ def _load(text: str) -> str:
 
 
 def pack(out: str, to: str) -> None:
-    from slime.simulate import pack_run, read_run
+    from slime.simulate.calibration import pack_run, read_run
 
     os.makedirs(to, exist_ok=True)
     for name in CONFIGS:
@@ -109,7 +109,8 @@ def _runs(where: str) -> dict[str, str]:
 def report(rounds: list[str], reference: str) -> list[dict]:
     """Calibrate on `reference` of the first round, predict every run of every round; then, within
     each round, every run from every other run's calibration (the error matrix)."""
-    from slime.simulate import calibrate, measured_summary, predict, read_run, retarget
+    from slime.simulate.calibration import calibrate, measured_summary, read_run, retarget
+    from slime.simulate.model import predict
 
     ref_params, _ = calibrate(read_run(_runs(rounds[0])[reference]))
     results = []

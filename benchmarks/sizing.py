@@ -1,5 +1,5 @@
 """The sizing study of docs/scaling.md: a GLM-5-shaped agentic workload in the scheduling simulator
-(slime/simulate.py). Every number in GLM5 below is an assumption, said where it comes from in
+(slime/simulate/). Every number in GLM5 below is an assumption, said where it comes from in
 docs/scaling.md; nothing here was measured on such hardware.
 
     python -m benchmarks.sizing [--out docs] [--steps 12]     # the grid, docs/scaling_sizing.json, docs/scaling.png
@@ -18,7 +18,8 @@ import json
 import os
 import time
 
-from slime.simulate import Dist, Params, simulate, summarize
+from slime.simulate.model import simulate, summarize
+from slime.simulate.params import Dist, Params
 
 RANKS = 16
 GLM5 = Params(
@@ -212,7 +213,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...")
     args = ap.parse_args()
     if args.sweep or args.settings:  # other points of GLM5, as slime.simulate's --set/--sweep
-        from slime.simulate import COLUMNS, _figures, _sweep_grid, _table, parse_setting, predict
+        from slime.simulate.cli import COLUMNS, _figures, _sweep_grid, _table
+        from slime.simulate.model import predict
+        from slime.simulate.params import parse_setting
 
         base = GLM5.with_(**dict(parse_setting(x) for x in args.settings))
         grid_ = _sweep_grid(args.sweep) if args.sweep else [{}]

@@ -1,4 +1,4 @@
-"""The scheduling simulator (slime/simulate.py): hand-checkable loops, admission, engine batching,
+"""The scheduling simulator (slime/simulate/): hand-checkable loops, admission, engine batching,
 partial rollouts, shared cores, and calibration recovering the speeds of a run it simulated itself.
 
 No Ray, no engine: pure Python, a second or two.
@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slime import simulate as sim
-from slime.simulate import Dist, Params, RecordedEpisode, simulate, summarize
+from slime.simulate import cli
+from slime.simulate.calibration import calibrate, measured_summary, read_run
+from slime.simulate.model import Simulation, predict, simulate, summarize
+from slime.simulate.params import Dist, Params, RecordedEpisode, parse_setting
 
 INF = 1e12  # b_sat: an engine whose sequences never slow each other down
 
@@ -77,7 +79,7 @@ def test_async_step_is_generation_when_generation_is_longer() -> None:
 def test_admission_never_issues_more_than_the_window(staleness: int) -> None:
     # fast generation, slow training: the loops always want more tickets than admission allows
     p = _params(max_staleness=staleness, max_concurrent_groups=64, seq_tok_s=1000.0, steps=10)
-    s = sim.Simulation(p)
+    s = Simulation(p)
     s.run()
     assert s.max_ahead == (staleness + 1) * p.batch_groups
 
@@ -107,7 +109,7 @@ def test_processor_sharing_speeds_up_the_sequences_left() -> None:
         recorded=rec,
         steps=2,
     )
-    s = sim.Simulation(p)
+    s = Simulation(p)
     s.keep_groups = True
     records = s.run()
     assert records[0].wait_s == pytest.approx(5.0 + 20 / 3)
@@ -215,10 +217,10 @@ def test_distributions_parse_and_sample() -> None:
         Dist.parse("gamma:1")
     with pytest.raises(ValueError, match="recorded episodes"):
         Params(turns=Dist("recorded"))
-    assert sim.parse_setting("latency_s=lognormal:2:1") == ("latency_s", Dist("lognormal", 2.0, 1.0))
-    assert sim.parse_setting("num_workers=4") == ("num_workers", 4)
+    assert parse_setting("latency_s=lognormal:2:1") == ("latency_s", Dist("lognormal", 2.0, 1.0))
+    assert parse_setting("num_workers=4") == ("num_workers", 4)
     with pytest.raises(ValueError, match="expected key=value"):
-        sim.parse_setting("workers=4")
+        parse_setting("workers=4")
 
 
 # ------------------------------------------------------------------------------ calibration
@@ -226,7 +228,7 @@ def test_distributions_parse_and_sample() -> None:
 
 def _write_run(path: Path, p: Params) -> None:
     """A run dir in slime's format whose timings come from simulating `p` (steps 0.. of it)."""
-    s = sim.Simulation(p)
+    s = Simulation(p)
     s.keep_groups = True
     records = s.run()
     path.mkdir(parents=True)
@@ -303,35 +305,35 @@ def test_calibration_recovers_the_speeds_of_a_simulated_run(tmp_path: Path) -> N
         steps=16,
     )
     _write_run(tmp_path / "run", truth)
-    fitted, notes = sim.calibrate(str(tmp_path / "run"), base=Params(b_sat=32.0))
+    fitted, notes = calibrate(str(tmp_path / "run"), base=Params(b_sat=32.0))
     assert notes["engine_fit"] == "episode generate_s"
     assert fitted.seq_tok_s == pytest.approx(12.0, rel=0.05)
     assert fitted.train_fixed_s == pytest.approx(0.5, rel=0.05)
     assert fitted.train_tok_s == pytest.approx(800.0, rel=0.05)
     assert (fitted.export_s, fitted.load_s, fitted.overhead_s) == pytest.approx((0.5, 0.25, 0.1))
     assert fitted.cores == 0  # GPUs in the config
-    measured = sim.measured_summary(sim.read_run(str(tmp_path / "run")))
-    assert sim.predict(fitted)["step_s"] == pytest.approx(measured["step_s"], rel=0.05)
+    measured = measured_summary(read_run(str(tmp_path / "run")))
+    assert predict(fitted)["step_s"] == pytest.approx(measured["step_s"], rel=0.05)
     # another shape from the same fit: synchronous is slower, a wider window no slower
-    assert sim.predict(fitted.with_(max_staleness=0))["step_s"] > measured["step_s"]
-    assert sim.predict(fitted.with_(max_staleness=2))["step_s"] <= measured["step_s"] * 1.02
+    assert predict(fitted.with_(max_staleness=0))["step_s"] > measured["step_s"]
+    assert predict(fitted.with_(max_staleness=2))["step_s"] <= measured["step_s"] * 1.02
 
 
 def test_cli_prints_a_sweep_and_a_comparison(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write_run(tmp_path / "run", _params(max_staleness=1, steps=8))
-    assert sim.main([str(tmp_path / "run"), "--sweep", "num_workers=1,2", "--json"]) == 0
+    assert cli.main([str(tmp_path / "run"), "--sweep", "num_workers=1,2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["num_workers"] for r in rows] == ["1", "2"]
-    assert sim.main([str(tmp_path / "run"), "--compare", str(tmp_path / "run")]) == 0
+    assert cli.main([str(tmp_path / "run"), "--compare", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "measured step s" in out and "from RUN_DIR" in out
-    assert sim.main(["--set", "max_staleness=0", "--set", "steps=5"]) == 0
+    assert cli.main(["--set", "max_staleness=0", "--set", "steps=5"]) == 0
     assert "predicted" in capsys.readouterr().out
     # a run packed into one small JSON file calibrates exactly as its run dir
     packed = str(tmp_path / "run.json")
-    assert sim.main([str(tmp_path / "run"), "--pack", packed]) == 0
+    assert cli.main([str(tmp_path / "run"), "--pack", packed]) == 0
     capsys.readouterr()
-    from_dir, _ = sim.calibrate(str(tmp_path / "run"))
-    from_json, _ = sim.calibrate(packed)
+    from_dir, _ = calibrate(str(tmp_path / "run"))
+    from_json, _ = calibrate(packed)
     assert from_json.seq_tok_s == pytest.approx(from_dir.seq_tok_s, rel=1e-3)
-    assert sim.predict(from_json)["step_s"] == pytest.approx(sim.predict(from_dir)["step_s"], rel=1e-3)
+    assert predict(from_json)["step_s"] == pytest.approx(predict(from_dir)["step_s"], rel=1e-3)
