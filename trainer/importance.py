@@ -37,7 +37,7 @@ Modes, on w = exp(X) (clamped to exp(+-20)):
 Dropped tokens contribute 0 to the loss but stay in the aggregation's denominators (trainer/losses.py).
 
 Where pi_v is not available the caller passes `behavior_train = behavior` for those tokens: the
-discrepancy is taken as 1 and the whole ratio counts as staleness (see `trainer/rank.py`: the trainer
+discrepancy is taken as 1 and the whole ratio counts as staleness (see `trainer/train_step.py`: the trainer
 keeps the weights of the last `algorithm.behavior_snapshots` versions to score stale tokens at their
 own version; fresh tokens, version == current, have pi_v = pi_prox exactly).
 """

@@ -2,7 +2,7 @@
 
 Tensors in, tensors out: nothing here builds a model or needs DeepSpeed; collectives go through a
 `trainer.process.Collectives` (identities for one rank), so all of it runs in unit tests
-(tests/test_objective.py). The rank (trainer/rank.py) runs the forwards and the backward.
+(tests/test_objective.py). The rank's step (trainer/train_step.py) runs the forwards and the backward.
 
 Decisions:
 
@@ -91,7 +91,7 @@ class Scored:
     beh_known: Tensor | None = None
     version: int | None = None  # the policy version being trained (token staleness = version - its own)
     # Sums over the micro-batch's loss tokens of the applied importance weight and of its square, and
-    # the token count (the ESS step control of trainer/rank.py), set by `micro_step_loss`.
+    # the token count (the ESS step control of trainer/train_step.py), set by `micro_step_loss`.
     is_sums: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
