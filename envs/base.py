@@ -22,6 +22,7 @@ imports from here: `from envs.base import Action, Environment, Message, StepResu
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -230,6 +231,17 @@ def one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     reason = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return reason[:300]
+
+
+def import_extra(module: str, needed_by: str, library: str, extra: str, error: type[Exception]) -> Any:
+    """`module`, from a library only one of pyproject's extras installs (the adapters of other
+    ecosystems: openenv, verifiers). Missing, it raises `error` (the adapter's start-up error, so the
+    driver's checks report it before Ray starts) saying what needs it and which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        hint = f"install the extra: pip install -e '.[{extra}]' (make setup installs it)"
+        raise error(f"{needed_by} needs the {library} library ({one_line(e)}): {hint}") from e
 
 
 def tool_message(content: str, call: ToolCall | None = None) -> Message:

@@ -43,10 +43,9 @@ import re
 import typing
 from typing import Any
 
-from envs.base import Action, Environment, StepResult, one_line
+from envs.base import Action, Environment, StepResult, import_extra, one_line
 from slime.core.types import Message, Task
 
-INSTALL_HINT = "install the extra: pip install -e '.[openenv]' (make setup installs it)"
 ACTION_FORMATS = ("text", "json")
 # Fields of OpenEnv's Action base class that are not the agent's to fill.
 _BASE_ACTION_FIELDS = {"metadata"}
@@ -58,13 +57,9 @@ class OpenEnvError(ValueError):
 
 
 def _openenv() -> Any:
-    try:
-        import openenv.core.env_server.interfaces as interfaces
-    except ImportError as e:
-        raise OpenEnvError(
-            f"env=openenv needs the openenv-core library ({one_line(e)}): {INSTALL_HINT}"
-        ) from e
-    return interfaces
+    return import_extra(
+        "openenv.core.env_server.interfaces", "env=openenv", "openenv-core", "openenv", OpenEnvError
+    )
 
 
 def environment_class(path: str) -> type:

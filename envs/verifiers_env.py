@@ -58,11 +58,10 @@ import sys
 import threading
 from typing import Any
 
-from envs.base import one_line
+from envs.base import import_extra, one_line
 from envs.openai_agent import OpenAIAgentEnv
 from slime.core.types import Message, Task
 
-INSTALL_HINT = "install the extra: pip install -e '.[verifiers]' (make setup installs it)"
 LOCAL_RUNTIME = {"type": "subprocess"}
 TASK_KEY = "verifiers_task"  # env_args key holding the verifiers task's data
 
@@ -77,12 +76,7 @@ class VerifiersEpisodeError(RuntimeError):
 
 def import_verifiers() -> Any:
     """`verifiers.v1`, with the harness module registered under the id verifiers resolves."""
-    try:
-        import verifiers.v1 as vf
-    except ImportError as e:
-        raise VerifiersError(
-            f"env=verifiers needs the verifiers library ({one_line(e)}): {INSTALL_HINT}"
-        ) from e
+    vf = import_extra("verifiers.v1", "env=verifiers", "verifiers", "verifiers", VerifiersError)
     from envs import verifiers_harness
 
     sys.modules.setdefault(verifiers_harness.MODULE_NAME, verifiers_harness)
