@@ -19,6 +19,8 @@ Builders (plain functions; test modules import them with `from conftest import .
 - In-process trainers: `tiny_model_cfg`, `trainer_cfg`, `algo_cfg` (config sections), `new_worker`,
   `make_groups` (groups of real-token trajectories), `token_logprobs`, `safetensors_dir`, and
   `restore_weights` (the session engine back on a checkpoint's own weights).
+- `assert_start_up_fails(overrides, words, tmp_path)`: the tiny experiment with `overrides` fails the
+  driver's start-up checks with a message naming each of `words` (the env adapters' bad configs).
 """
 
 from __future__ import annotations
@@ -284,6 +286,19 @@ def publish_files(rank, version: int, out_dir: str, bucket_mb: int):
     under `out_dir` (a manifest any engine loads, and `read_weights` reads)."""
     rank.open_weights("files", out_dir, bucket_mb, "gloo", 60)
     return rank.publish_weights(version)
+
+
+def assert_start_up_fails(overrides: list[str], words: list[str], tmp_path: Path) -> None:
+    """The tiny experiment with `overrides` fails `check_env` (the driver's start-up checks, before Ray)
+    with a ValueError whose message contains every one of `words`."""
+    from slime import api
+    from slime.train import check_env
+
+    cfg = api.compose_config(["+experiment=tiny", *overrides], str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        check_env(cfg)
+    for w in words:
+        assert w in str(info.value), str(info.value)
 
 
 # ------------------------------------------------------------------ the suite's documented duration

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import assert_start_up_fails
 from test_openai_agent import ToolCallingEngine, check_alignment, mask_runs
 
 from envs.openenv_env import OpenEnvEnv, OpenEnvError
@@ -28,7 +29,6 @@ from rollout.episode import run_env_group
 from slime import api
 from slime.core.config import RolloutConfig
 from slime.core.types import SamplingParams, Status
-from slime.train import check_env
 
 REPO = Path(__file__).resolve().parents[1]
 IN_PROCESS = "examples.openenv_guess.env:GuessEnvironment"
@@ -215,11 +215,7 @@ async def test_an_environment_that_raises_fails_only_that_episode(chat, monkeypa
     ],
 )
 def test_bad_configurations_fail_at_start_up_naming_the_fix(overrides, words, tmp_path):
-    cfg = api.compose_config(["+experiment=tiny", "env=openenv", *overrides], str(tmp_path))
-    with pytest.raises(ValueError) as info:
-        check_env(cfg)
-    for w in words:
-        assert w in str(info.value), str(info.value)
+    assert_start_up_fails(["env=openenv", *overrides], words, tmp_path)
 
 
 def documented_commands() -> dict[str, list[str]]:

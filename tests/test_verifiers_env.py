@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from conftest import assert_start_up_fails
 from test_openai_agent import ToolCallingEngine, check_alignment, mask_runs
 
 from envs.verifiers_env import TASK_KEY, VerifiersEnv
@@ -28,7 +29,6 @@ from rollout.chat import ChatFormat
 from slime import api
 from slime.core.config import RolloutConfig
 from slime.core.types import Status
-from slime.train import check_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = "slime-vf-example"
@@ -146,17 +146,11 @@ async def test_a_failing_reward_fails_only_its_episode(chat, fault, words):
     ],
 )
 def test_bad_configurations_fail_at_start_up_naming_the_fix(overrides, words, tmp_path):
-    cfg = api.compose_config(["+experiment=tiny", "env=verifiers", *overrides], str(tmp_path))
-    with pytest.raises(ValueError) as info:
-        check_env(cfg)
-    for w in words:
-        assert w in str(info.value), str(info.value)
+    assert_start_up_fails(["env=verifiers", *overrides], words, tmp_path)
 
 
 def test_env_id_is_refused_for_an_env_that_takes_none(tmp_path):
-    cfg = api.compose_config(["+experiment=tiny", "env.id=slime-vf-example"], str(tmp_path))
-    with pytest.raises(ValueError, match="takes no id"):
-        check_env(cfg)
+    assert_start_up_fails(["env.id=slime-vf-example"], ["takes no id"], tmp_path)
 
 
 def test_envs_list_shows_installed_verifiers_environments():
