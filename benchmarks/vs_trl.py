@@ -14,7 +14,7 @@ ratio clip 0.2, no KL, sequence-mean loss, one AdamW step per batch (`--lr`, bet
 eps 1e-8, no weight decay, gradient clip 1.0), micro-batches of 8. Every run is a child process
 started with the same environment (`OMP_NUM_THREADS`, the same `LD_PRELOAD` of torch's OpenMP
 runtime, glibc malloc everywhere); TRL gets all `--cores` threads (its generation and training
-alternate in one process), slime its automatic thread budgets (slime/core/config.py).
+alternate in one process), slime its automatic thread budgets (slime/core/config/).
 
 Runs go round-robin (trl, slime-sync, slime-async, then again for `--repeats`), and the table
 gives, per framework (means over repeats): completions per second and the seconds per step split

@@ -4,7 +4,7 @@
     python -m slime.config_docs --write    # write docs/config.md
 
 `tests/test_config.py` fails when docs/config.md differs from what this prints, so the page can only
-say what `slime/core/config.py` (types, defaults, choices, descriptions), `configs/` (presets) and the
+say what `slime/core/config/` (types, defaults, choices, descriptions), `configs/` (presets) and the
 environments' signatures (their own arguments' defaults) say.
 """
 

@@ -94,7 +94,8 @@ def _ray_env(threads: int) -> dict[str, str]:
 
 
 def _with_engine_threads(cfg: SlimeConfig) -> SlimeConfig:
-    """`cfg` with rollout.threads_per_worker resolved (0 = auto follows the mode: slime/core/config.py)."""
+    """`cfg` with rollout.threads_per_worker resolved (0 = auto follows the mode:
+    slime/core/config/rollout.py)."""
     threads = engine_threads(cfg.rollout, cfg.buffer.max_staleness, available_cores(cfg.ray.num_cpus))
     if threads != cfg.rollout.threads_per_worker:
         log.info("rollout.threads_per_worker=auto: %d thread(s) per engine", threads)

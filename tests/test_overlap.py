@@ -1,6 +1,6 @@
 """Overlap of generation and training: `perf/overlap_efficiency` (slime/metrics.py), the rollout
 worker's generation clock and core claims (rollout/worker.py), and the automatic thread budgets
-(slime/core/config.py, slime/core/cores.py). No engine, trainer or Ray: the parts alone."""
+(slime/core/config/, slime/core/cores.py). No engine, trainer or Ray: the parts alone."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Config validation (slime/core/config.py) on configs built in Python: every check rejects the first bad
+"""Config validation (slime/core/config/) on configs built in Python: every check rejects the first bad
 value with its exact message and accepts the boundary value (pure, fast; `make mutants` runs it)."""
 
 from __future__ import annotations

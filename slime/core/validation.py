@@ -1,6 +1,6 @@
 """The checks that span config sections, run once before Ray or any actor starts.
 
-`validate(cfg)` runs the choices check, each section's own `validate()` (slime/core/config.py), then the
+`validate(cfg)` runs the choices check, each section's own `validate()` (slime/core/config/), then the
 combinations across sections that could never make progress. They raise ValueError naming the keys
 to change.
 """
