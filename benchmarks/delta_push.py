@@ -66,7 +66,8 @@ def _groups(tokenizer, n: int = 4, length: int = 64) -> list:
 
 async def run(args: argparse.Namespace, lora: bool) -> dict[str, dict[str, float]]:
     from slime.core.model import load_tokenizer
-    from slime.core.transport import BroadcastReceiver, for_engine
+    from slime.core.transport import for_engine
+    from slime.core.transport_broadcast import BroadcastReceiver
 
     model_dir = resolve_model_dir(args)
     w = trainer_worker(model_dir, args, lr=args.lr, lora_rank=16 if lora else 0)

@@ -167,7 +167,7 @@ async def push(cache_dir: str, reps: int, work: str) -> dict[str, Any]:
 
     from rollout.engines.vllm import VLLMEngine
     from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
-    from slime.core.transport import read_weights
+    from slime.core.transport_files import read_weights
     from trainer.actors import TrainerRanks
     from trainer.rank import TrainerSpec
 

@@ -218,7 +218,7 @@ async def measure(args: argparse.Namespace, model_dir: str, work: str) -> tuple[
 
     from rollout.engines.vllm import VLLMEngine
     from slime.core.checkpoint import checkpoint_tensors
-    from slime.core.transport import write_weights
+    from slime.core.transport_files import write_weights
     from slime.core.types import SamplingParams
 
     setup = calculator_setup(model_dir, args.groups, args.seed)

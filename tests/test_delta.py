@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from slime.core import delta
-from slime.core.transport import BroadcastReceiver, BroadcastSender, for_engine
+from slime.core.transport import for_engine
+from slime.core.transport_broadcast import BroadcastReceiver, BroadcastSender
 
 
 def test_xor_delta_roundtrip_skips_unchanged_buckets():

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from slime.core.checkpoint import checkpoint_tensors
-from slime.core.transport import read_weights, write_weights
+from slime.core.transport_files import read_weights, write_weights
 from slime.core.types import SamplingParams
 
 TOL_MEAN = 1e-4

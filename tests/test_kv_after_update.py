@@ -26,7 +26,7 @@ from test_engine import TOL_MAX, TOL_MEAN, hf_logprobs, load_hf, perturbed, prog
 from benchmarks.engine_probe import forward_tokens
 from rollout.engines.base import check_kv_after_update
 from slime.core.checkpoint import checkpoint_tensors
-from slime.core.transport import write_weights
+from slime.core.transport_files import write_weights
 from slime.core.types import SamplingParams
 
 KV_MODES = ("keep", "recompute")

@@ -175,7 +175,7 @@ def test_only_adapters_train_and_the_exports_are_merged(
     from transformers import AutoModelForCausalLM
 
     from slime.core import checkpoint as ck
-    from slime.core.transport import read_weights
+    from slime.core.transport_files import read_weights
 
     w = lora_worker(tiny_dense_dir, zero_stage=stage, lr=1e-2)
     try:

@@ -233,7 +233,7 @@ async def test_tiny_moe_routes_match_transformers(tiny_moe_dir, tokenizer, tmp_p
         # The capture survives a weight reload (vLLM re-processes the MoE layers' weights): perturbed
         # weights in, routes still match transformers on those weights.
         from slime.core.checkpoint import checkpoint_tensors
-        from slime.core.transport import write_weights
+        from slime.core.transport_files import write_weights
 
         pert = _perturbed(hf)
         manifest = write_weights(checkpoint_tensors(pert).items(), 1, str(tmp_path / "w"), bucket_mb=8)

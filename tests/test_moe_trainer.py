@@ -408,7 +408,7 @@ async def test_expert_parallel_matches_one_rank(stage, tiny_moe_dir, tokenizer, 
     same loss (rel 1e-4) and gradient norm (rel 1e-3), each rank holding half the expert parameters, and
     the exported weights equal the one-rank export (abs 2e-4 after one AdamW step at lr 1e-3)."""
     from slime.core.config import MoeConfig
-    from slime.core.transport import read_weights
+    from slime.core.transport_files import read_weights
     from trainer.actors import TrainerRanks
     from trainer.rank import TrainerSpec
 

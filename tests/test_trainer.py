@@ -58,7 +58,7 @@ def checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
 
 
 def manifest_shapes(manifest) -> dict[str, tuple[int, ...]]:
-    from slime.core.transport import read_weights
+    from slime.core.transport_files import read_weights
 
     return {k: tuple(v.shape) for k, v in read_weights(manifest)}
 
@@ -114,7 +114,7 @@ def test_dense_step_and_export(stage: int, tiny_dense_dir: str, tokenizer, tmp_p
         ref = AutoModelForCausalLM.from_pretrained(tiny_dense_dir).state_dict()
         assert set(shapes) == set(ref) - {"lm_head.weight"}
         assert all(shapes[k] == tuple(ref[k].shape) for k in shapes)
-        from slime.core.transport import read_weights
+        from slime.core.transport_files import read_weights
 
         exported = dict(read_weights(manifest))
         assert all(torch.equal(exported[k], after[k]) for k in exported)  # fp32 model: exact
@@ -241,7 +241,7 @@ def test_bf16_path(tiny_dense_dir: str, tokenizer, tmp_path, monkeypatch) -> Non
         metrics = w.train_step(make_groups(tokenizer, num_groups=1, n=2), version=0)
         assert metrics["grad_norm"] > 0 and metrics["loss/policy"] == metrics["loss/policy"]
         manifest = publish_files(w, 1, str(tmp_path), 64)
-        from slime.core.transport import read_weights
+        from slime.core.transport_files import read_weights
 
         assert {v.dtype for _, v in read_weights(manifest)} == {torch.bfloat16}
     finally:
@@ -641,7 +641,7 @@ async def test_ranks_two_ranks_match_one_rank(
             assert g["is_ratio/max"] == pytest.approx(r["is_ratio/max"], rel=1e-4)
         await ranks.open_weights("files", str(tmp_path / "w"), 4, "gloo", 60)
         manifest = await ranks.publish_weights(2)
-        from slime.core.transport import read_weights
+        from slime.core.transport_files import read_weights
 
         exported = dict(read_weights(manifest))
         assert set(exported) == set(ref_weights)

@@ -34,15 +34,9 @@ from test_engine import perturbed
 
 from slime.core.checkpoint import checkpoint_tensors
 from slime.core.config import Transport
-from slime.core.transport import (
-    BroadcastSender,
-    ShmReceiver,
-    ShmSender,
-    choose_backend,
-    choose_transport,
-    for_engine,
-    open_receiver,
-)
+from slime.core.transport import choose_backend, choose_transport, for_engine, open_receiver
+from slime.core.transport_broadcast import BroadcastSender
+from slime.core.transport_shm import ShmReceiver, ShmSender
 from slime.core.types import SamplingParams
 
 TOL_MEAN = 1e-4

@@ -3,8 +3,8 @@
 Why: vLLM's in-place reload on CPU materialises every layer in fresh memory, copies the new weights
 in, and repacks every linear weight into oneDNN's blocked layout (`create_onednn_mm`): about 7x a
 memory copy for SmolLM2, plus 2x for the tied head (docs/benchmarks.md). The trainer already writes
-each version into one of two shared-memory slots that the engine maps (slime/core/transport.py). With
-`weights.cpu_alias`, the engine's parameters become views of the slot and its linear layers multiply
+each version into one of two shared-memory slots that the engine maps (slime/core/transport_shm.py).
+With `weights.cpu_alias`, the engine's parameters become views of the slot and its linear layers multiply
 with torch's `F.linear` on those plain weights, so loading a version is pointing every parameter at
 the other slot: no copy, no repack. The cost is decode speed where oneDNN's packed GEMM beats torch's
 (measured in docs/benchmarks.md).

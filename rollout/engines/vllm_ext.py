@@ -516,7 +516,7 @@ class SlimeWorkerExtension:
         vLLM's reload (not asked, not an shm slot, or a model the aliases cannot cover: the reason is
         logged once and the engine keeps reloading). Once bound, a slot that cannot be bound raises."""
         from rollout.engines.cpu_alias import plan_aliases
-        from slime.core.transport import ShmReceiver
+        from slime.core.transport_shm import ShmReceiver
 
         receiver = getattr(self, "_slime_receiver", None)
         if not getattr(self, "_slime_alias", False) or not isinstance(receiver, ShmReceiver):

@@ -295,7 +295,7 @@ def write_buckets(
     """Write `named_tensors` into `directory` as safetensors files of about `bucket_bytes` each.
 
     The one bucketed writer behind the transformers export (`write_hf_checkpoint`) and the files
-    weight transport (`slime.core.transport.write_weights`). Tensors are consumed one at a time (a gathering generator
+    weight transport (`slime.core.transport_files.write_weights`). Tensors are consumed one at a time (a gathering generator
     keeps memory to one bucket), moved to CPU, cast to `dtype` when floating-point (None keeps them),
     and made contiguous; views are cloned so no two saved tensors alias. A tensor larger than a bucket
     gets a bucket of its own. Names in `skip` are left out, and so is a tensor that shares storage,

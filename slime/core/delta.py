@@ -8,7 +8,7 @@ whose XOR is all zero are not sent at all; the others are sent zstd-compressed. 
 one into its copy of v - 1, and every bucket is then checked against the sender's checksum of v; a
 mismatch raises (the engine is restarted and gets the full version).
 
-Pure functions over numpy byte arrays; the transport (slime/core/transport.py) moves the bytes.
+Pure functions over numpy byte arrays; the broadcast transport (slime/core/transport_broadcast.py) moves the bytes.
 """
 
 from __future__ import annotations

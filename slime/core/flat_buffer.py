@@ -8,7 +8,8 @@ version is copied into memory that is already allocated and touched, with no ser
 per tensor, plus a cast where the export dtype differs).
 
 `WeightSlots` holds two such buffers in files (trainer rank 0, /dev/shm by default) and writes versions
-into them alternately; the shm and broadcast transports (slime/core/transport.py) send from them.
+into them alternately; the shm and broadcast transports (slime/core/transport_shm.py,
+slime/core/transport_broadcast.py) send from them.
 """
 
 from __future__ import annotations
