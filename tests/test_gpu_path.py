@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rollout.engines.base import EngineSettings
-from rollout.engines.vllm import GiB, engine_arguments
+from rollout.engines.vllm_args import GiB, engine_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 

