@@ -19,7 +19,23 @@ from rollout.engines import Engine, make_engine
 from slime.core.config import EnvConfig, ModelConfig, RolloutConfig
 from slime.core.cores import CoreClaim, available_cores, engine_threads, set_thread_budget
 from slime.core.logs import send_output_to
-from slime.core.types import Group, SamplingParams, Task, Trajectory, WeightChannel, WeightManifest
+from slime.core.types import Group, SamplingParams, Status, Task, Trajectory, WeightChannel, WeightManifest
+
+TRUNCATED_UNDER_TEACHER = (
+    "sampled with top_p/top_k under algorithm.distill.teacher: a truncated student's logprobs cannot be "
+    "paired with the teacher's full-distribution ones; send no top_p/top_k from the agent while distilling"
+)
+
+
+def fail_if_truncated(t: Trajectory) -> Trajectory:
+    """`t`, or a FAILED copy of it (reason in info["error"], counted in episode/failed) when any of its
+    tokens was sampled from a truncated distribution: an agent's own top_p/top_k (the config's are
+    refused at start-up, slime/core/validation.py) would pair its nucleus logprob with the teacher's
+    full one, a per-token penalty instead of the reverse KL (docs/algorithms.md)."""
+    if t.status == Status.FAILED or not t.sample_kept or not any(t.sample_kept):
+        return t
+    info = {**t.info, "error": TRUNCATED_UNDER_TEACHER, "end_reason": "error"}
+    return dataclasses.replace(t, status=Status.FAILED, reward=0.0, info=info)
 
 
 class TaskSchedule:
@@ -220,9 +236,15 @@ class RolloutWorker:
 
     async def _teacher_scores(self, trajs: list[Trajectory], ticket: int) -> list[Trajectory]:
         """The trajectories with the teacher's logprob of each generated token (0.0 elsewhere); all of
-        a group's sequences are scored concurrently (one prefill each on the teacher's engine)."""
+        a group's sequences are scored concurrently (one prefill each on the teacher's engine). Those an
+        agent sampled with its own top_p/top_k fail instead (`fail_if_truncated`)."""
         t0 = time.perf_counter()
-        todo = [i for i, t in enumerate(trajs) if t.num_generated and len(t.token_ids) >= 2]
+        trajs = [fail_if_truncated(t) for t in trajs]
+        todo = [
+            i
+            for i, t in enumerate(trajs)
+            if t.num_generated and len(t.token_ids) >= 2 and t.status != Status.FAILED
+        ]
         scores = await asyncio.gather(
             *(self.teacher.score(trajs[i].token_ids, f"teacher-{ticket}-{i}") for i in todo)
         )

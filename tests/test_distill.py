@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_trajectory
 
 from trainer.advantages import distill_advantages
 from trainer.batching import SeqRef, collate, trim_leading
@@ -56,7 +57,6 @@ def test_the_advantage_descends_the_exact_reverse_kl():
 
 
 def test_teacher_logprobs_travel_into_the_micro_batch(tokenizer):
-    from tests.conftest import make_trajectory
 
     scored = make_trajectory([1, 2, 3], [4, 5])
     scored.teacher_logprobs = [0.0, 0.0, 0.0, -0.7, -0.9]
@@ -105,6 +105,33 @@ def test_a_bad_teacher_is_refused_before_ray_starts(tmp_path, tiny_dense_dir, mo
     tok.save_pretrained(str(other))
     with pytest.raises(ValueError, match=r"algorithm\.distill\.teacher=.*another tokenizer"):
         api.run([*base, f"algorithm.distill.teacher={other}"], str(tmp_path / "b"))
+    # A top-p or top-k student against a full-distribution teacher: refused, naming the keys.
+    for sampling in ("rollout.top_p=0.9", "rollout.top_k=20"):
+        with pytest.raises(ValueError, match=r"rollout\.top_p=1\.0 rollout\.top_k=0"):
+            api.run([*base, f"algorithm.distill.teacher={tiny_dense_dir}", sampling], str(tmp_path / "c"))
+
+
+def test_an_agents_truncated_episode_fails_under_a_teacher():
+    """An agent's own top_p on the endpoint: the episode fails with the reason, counted like any
+    failure; full-distribution and already failed episodes pass through unchanged."""
+    import dataclasses
+
+    from rollout.worker import TRUNCATED_UNDER_TEACHER, fail_if_truncated
+    from slime.core.types import Status
+
+    full = make_trajectory([1, 2], [3, 4, 5], reward=1.0)
+    assert fail_if_truncated(full) is full
+    assert fail_if_truncated(dataclasses.replace(full, sample_kept=[0] * 5)).status == Status.COMPLETED
+    truncated = dataclasses.replace(full, sample_kept=[0, 0, 7, 9, 7])
+    failed = fail_if_truncated(truncated)
+    assert (failed.status, failed.reward, failed.info["error"]) == (
+        Status.FAILED,
+        0.0,
+        TRUNCATED_UNDER_TEACHER,
+    )
+    assert failed.token_ids == truncated.token_ids
+    already = dataclasses.replace(truncated, status=Status.FAILED, info={"error": "env raised"})
+    assert fail_if_truncated(already) is already
 
 
 # ------------------------------------------------------------------------------------ the real loop

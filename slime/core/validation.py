@@ -217,6 +217,16 @@ def _check_off_policy(cfg: SlimeConfig) -> None:
             cfg.rollout.engine == Engine.vllm,
             "algorithm.distill.teacher scores with a vLLM engine beside each worker's: set rollout.engine=vllm",
         )
+        # A truncated student's logprob is of its nucleus, the teacher's of the whole vocabulary: a
+        # student equal to its teacher would see log(nucleus mass) < 0 on every token, a per-token
+        # penalty, not a KL. Pairing them exactly needs the teacher's mass over the student's kept
+        # tokens, which one logprob per token does not give (docs/algorithms.md).
+        _require(
+            cfg.rollout.top_p == 1.0 and not cfg.rollout.top_k,
+            f"algorithm.distill.teacher needs full-distribution sampling, got rollout.top_p={cfg.rollout.top_p} "
+            f"rollout.top_k={cfg.rollout.top_k}: set rollout.top_p=1.0 rollout.top_k=0, or turn distillation off "
+            "(algorithm.distill.teacher='')",
+        )
 
 
 def _check_lora(cfg: SlimeConfig) -> None:
