@@ -21,6 +21,7 @@ Builders (plain functions; test modules import them with `from conftest import .
   `restore_weights` (the session engine back on a checkpoint's own weights).
 - `assert_start_up_fails(overrides, words, tmp_path)`: the tiny experiment with `overrides` fails the
   driver's start-up checks with a message naming each of `words` (the env adapters' bad configs).
+- `first_and_best_window(scores)`: what the tiny models' learning tests compare.
 """
 
 from __future__ import annotations
@@ -286,6 +287,14 @@ def publish_files(rank, version: int, out_dir: str, bucket_mb: int):
     under `out_dir` (a manifest any engine loads, and `read_weights` reads)."""
     rank.open_weights("files", out_dir, bucket_mb, "gloo", 60)
     return rank.publish_weights(version)
+
+
+def first_and_best_window(scores: list[float], window: int = 3) -> tuple[float, float]:
+    """(mean of the first `window` rewards, best `window`-step mean after them). Tiny random models
+    take off at a step that varies from run to run and may fall back after it, so their learning
+    tests compare the best window, not the last one."""
+    means = [sum(scores[i : i + window]) / window for i in range(len(scores) - window + 1)]
+    return means[0], max(means[window:])
 
 
 def assert_start_up_fails(overrides: list[str], words: list[str], tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import first_and_best_window
 
 from slime.core import keysets
 from slime.core.config import AlgorithmConfig, ModelConfig, TrainerConfig
@@ -602,9 +603,7 @@ def test_glm5_dsa_tiny_learns_with_indexer_and_routing_replay(tmp_path, ray_clus
     rows = api.run(["+experiment=glm5_dsa_tiny", f"trainer.steps={DSA_STEPS}"], run_dir=str(run_dir))
     assert [r["step"] for r in rows] == list(range(DSA_STEPS))
     scores = [r["reward/mean"] for r in rows]
-    # As test_moe_e2e: the best 3-step mean after the first three steps, not the last one.
-    first = sum(scores[:3]) / 3
-    best = max(sum(scores[i : i + 3]) / 3 for i in range(3, DSA_STEPS - 2))
+    first, best = first_and_best_window(scores)
     print(f"glm5_dsa_tiny reward: {first:.3f} -> best {best:.3f}: {[round(s, 3) for s in scores]}")
     print("dsa/index_mismatch per step:", [round(r["dsa/index_mismatch"], 3) for r in rows])
     assert best > first + 0.15, scores
